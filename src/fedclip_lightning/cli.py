@@ -1,0 +1,105 @@
+"""Command line: ``fedclip-lightning [--print-config] key=value ...``.
+
+Overrides are Hydra's (``federation.rounds=5``, ``data=pacs``,
+``experiment=pacs_paper``). A user mistake prints one message and exits with
+status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import warnings
+
+from .errors import UserError
+
+USAGE = """\
+usage: fedclip-lightning [--print-config] [key=value ...]
+
+Runs federated CLIP training as configured by conf/ (Hydra). With no
+arguments: the embedded demo (synthetic data, tiny random backbone, CPU).
+
+examples:
+  fedclip-lightning                                   # the demo
+  fedclip-lightning experiment=pacs_mini_debug        # 40 real PACS images, tiny backbone
+  fedclip-lightning experiment=pacs_paper data.root=/data/PACS data.unseen=[sketch]
+  fedclip-lightning algorithm=zeroshot backbone=vit_b32_openai data=pacs data.root=/data/PACS
+  fedclip-lightning fabric.devices=2 federation.rounds=20 logger=csv
+
+presets:
+{presets}
+options:
+  --print-config   print the composed config and exit
+  -h, --help       this message
+"""
+
+
+def _presets() -> str:
+    from .config import conf_dir
+
+    try:
+        root = conf_dir()
+    except UserError:
+        return "  (config folder not found)\n"
+    lines = []
+    for group in sorted(p for p in root.iterdir() if p.is_dir()):
+        names = sorted(f.stem for f in group.glob("*.yaml"))
+        lines.append(f"  {group.name + '=':12} {' | '.join(names)}")
+    return "\n".join(lines) + "\n"
+
+
+def _quiet() -> None:
+    """Keep the console for what matters: our header, the progress bar, the table."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"lightning.*")
+    warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated.*")
+    for name in ("lightning", "lightning.fabric", "lightning.pytorch", "wandb"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _user_message(exc: UserError) -> str:
+    text = str(exc)
+    # An error raised in a DataLoader worker comes back wrapped with its traceback text.
+    m = re.search(r"Original Traceback.*\n.*?(\w+Error: .*)\Z", text, flags=re.S)
+    return m.group(1) if m else text
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE.format(presets=_presets()))
+        return 0
+    flags = [a for a in argv if a.startswith("-")]
+    unknown = [f for f in flags if f != "--print-config"]
+    if unknown:
+        print(f"fedclip-lightning: unknown option {unknown[0]!r}. Fix: see `fedclip-lightning --help`; "
+              "settings are passed as key=value.", file=sys.stderr)
+        return 2
+    overrides = [a for a in argv if not a.startswith("-")]
+    _quiet()
+    try:
+        from .config import load_config, to_dict
+
+        cfg = load_config(overrides)
+        if "--print-config" in flags:
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(to_dict(cfg)))
+            return 0
+        from .federation.orchestrator import run
+
+        run(cfg)
+    except UserError as exc:
+        print(f"fedclip-lightning: {_user_message(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedclip-lightning: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

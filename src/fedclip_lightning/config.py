@@ -1,0 +1,291 @@
+"""Typed configuration.
+
+Hydra composes YAML from ``conf/``; :func:`to_config` turns the result into
+these dataclasses (OmegaConf checks the types) and :func:`validate` checks the
+values, collecting every problem into one :class:`ConfigError` that names each
+bad value, the key that set it and the fix. Library code only ever sees these
+frozen-in-spirit dataclasses, never a mutable DictConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+
+ALGORITHMS = ("fedclip", "zeroshot")
+LOSSES = ("contrastive", "prototype")
+AGGREGATIONS = ("uniform", "samples")
+OPTIMIZER_STATES = ("reset", "keep")
+SPLIT_MODES = ("random", "official")
+ON_CORRUPT = ("error", "skip")
+CLASS_NAME_STYLES = ("verbatim", "spaces")
+LOGGERS = ("wandb", "csv", "none")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+PRECISIONS = ("fp32", "bf16", "fp16")
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
+
+
+@dataclass
+class BackboneConfig:
+    # Any open_clip model name (``open_clip.list_models()``), e.g. ViT-B-32.
+    name: str = "fedclip-tiny-vit"
+    # An open_clip pretrained tag (e.g. ``openai``), a local checkpoint file,
+    # or null for random initialisation (tests and the demo only).
+    pretrained: str | None = None
+    # Where open_clip / Hugging Face look for (and would download) weights.
+    cache_dir: str | None = None
+    # Precision of the frozen encoders; the adapter always runs in fp32.
+    precision: str = "fp32"
+    # QuickGELU activations (OpenAI weights need them); null: as the tag says.
+    quick_gelu: bool | None = None
+    # Try to download a tag that is not in the local caches.
+    download: bool = True
+
+
+@dataclass
+class SplitConfig:
+    mode: str = "random"  # random: seeded 60/20/20; official: PACS lists
+    ratios: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+    official_dir: str | None = None
+
+
+@dataclass
+class DataConfig:
+    # Preset name (pacs, vlcs, office_home, domainnet, pacs_mini, synthetic,
+    # custom); informational except ``synthetic``, which generates the demo set.
+    dataset: str = "synthetic"
+    root: str | None = None
+    domains: list[str] | None = None  # null: every sub-folder of root
+    unseen: list[str] = field(default_factory=list)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    num_workers: int = 0
+    on_corrupt: str = "error"
+    check_images: bool = True
+    prompt: str = "a picture of a {}"
+    class_names: str = "verbatim"  # verbatim (reference) or spaces (_ -> ' ')
+    # Synthetic demo set only.
+    synthetic_per_class: int = 24
+    synthetic_image_size: int = 64
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "fedclip"
+    loss: str = "contrastive"  # contrastive (reference) or prototype
+    lr: float = 5e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.2
+    local_epochs: int = 1
+    optimizer_state: str = "reset"  # reset each round (reference) or keep
+
+
+@dataclass
+class FederationConfig:
+    rounds: int = 10
+    aggregation: str = "uniform"  # uniform (reference) or samples
+    eval_interval: int = 1
+
+
+@dataclass
+class FabricConfig:
+    accelerator: str = "cpu"
+    devices: Any = 1  # int, "auto" or a list of device indices
+    num_nodes: int = 1
+    strategy: str = "auto"
+
+
+@dataclass
+class WandbConfig:
+    project: str = "fedclip-lightning"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "auto"  # auto: offline when no API key is configured
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb, csv or none (metrics.csv is always written)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    output_dir: str = "outputs"
+    run_name: str | None = None
+    progress: bool = True
+    # Printed at start: why this run's accuracy means what it means.
+    note: str | None = None
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    fabric: FabricConfig = field(default_factory=FabricConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def to_config(cfg: DictConfig | dict) -> Config:
+    """Merge composed YAML into the typed schema; type mistakes become ConfigError."""
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}. Fix the value of '{key}' (see conf/ for the expected type).") from None
+    assert isinstance(obj, Config)
+    return obj
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict of a config (for logging and summary.json)."""
+    return dataclasses.asdict(cfg)
+
+
+def validate(cfg: Config) -> Config:
+    """Check every value; raise one ConfigError listing all problems."""
+    problems: list[str] = []
+
+    def bad(key: str, value: Any, why: str, fix: str) -> None:
+        problems.append(f"{key}={value!r}: {why}. Fix: {fix}.")
+
+    def choice(key: str, value: Any, options: tuple[str, ...]) -> None:
+        if value not in options:
+            bad(key, value, "unknown value", f"use one of {', '.join(options)}")
+
+    def positive_int(key: str, value: int, minimum: int = 1) -> None:
+        if value < minimum:
+            bad(key, value, f"must be >= {minimum}", f"set {key}={minimum} or more")
+
+    choice("algorithm.name", cfg.algorithm.name, ALGORITHMS)
+    choice("algorithm.loss", cfg.algorithm.loss, LOSSES)
+    choice("algorithm.optimizer_state", cfg.algorithm.optimizer_state, OPTIMIZER_STATES)
+    a = cfg.algorithm
+    if not (a.lr > 0 and math.isfinite(a.lr)):
+        bad("algorithm.lr", a.lr, "the learning rate must be a positive number", "e.g. algorithm.lr=5e-5")
+    if len(a.betas) != 2 or not all(0 <= b < 1 for b in a.betas):
+        bad("algorithm.betas", a.betas, "Adam needs two betas in [0, 1)", "e.g. algorithm.betas=[0.9,0.98]")
+    if not a.eps > 0:
+        bad("algorithm.eps", a.eps, "must be > 0", "e.g. algorithm.eps=1e-6")
+    if a.weight_decay < 0:
+        bad("algorithm.weight_decay", a.weight_decay, "must be >= 0", "e.g. algorithm.weight_decay=0.2")
+    positive_int("algorithm.local_epochs", a.local_epochs)
+
+    f = cfg.federation
+    positive_int("federation.rounds", f.rounds)
+    choice("federation.aggregation", f.aggregation, AGGREGATIONS)
+    positive_int("federation.eval_interval", f.eval_interval)
+
+    d = cfg.data
+    if d.dataset != "synthetic" and not d.root:
+        bad("data.root", d.root, "no data folder given", "pass data.root=/path/to/dataset (folders domain/class/image)")
+    choice("data.split.mode", d.split.mode, SPLIT_MODES)
+    r = d.split.ratios
+    if len(r) != 3 or any(x < 0 for x in r) or abs(sum(r) - 1.0) > 1e-6:
+        bad(
+            "data.split.ratios", list(r),
+            f"need three non-negative train/val/test fractions summing to 1 (they sum to {sum(r):g})",
+            "e.g. data.split.ratios=[0.6,0.2,0.2]",
+        )
+    elif r[0] == 0:
+        bad("data.split.ratios", list(r), "the train fraction is 0", "give train a positive share")
+    if d.split.mode == "official" and not d.split.official_dir:
+        bad("data.split.official_dir", None, "split.mode=official needs the folder of the official lists",
+            "pass data.split.official_dir=/path/to/PACS_splits")
+    positive_int("data.batch_size", d.batch_size, 2)
+    positive_int("data.eval_batch_size", d.eval_batch_size)
+    positive_int("data.num_workers", d.num_workers, 0)
+    choice("data.on_corrupt", d.on_corrupt, ON_CORRUPT)
+    choice("data.class_names", d.class_names, CLASS_NAME_STYLES)
+    if "{}" not in d.prompt:
+        bad("data.prompt", d.prompt, "the prompt has no '{}' for the class name", "e.g. data.prompt='a picture of a {}'")
+    if d.domains is not None and len(set(d.domains)) != len(d.domains):
+        bad("data.domains", d.domains, "a domain is listed twice", "list each domain once")
+    if len(set(d.unseen)) != len(d.unseen):
+        bad("data.unseen", d.unseen, "a domain is listed twice", "list each unseen domain once")
+    if d.domains is not None:
+        missing = [u for u in d.unseen if u not in d.domains]
+        if missing:
+            bad("data.unseen", d.unseen, f"{missing} not among data.domains={d.domains}",
+                "name unseen domains from data.domains")
+    positive_int("data.synthetic_per_class", d.synthetic_per_class, 5)
+    positive_int("data.synthetic_image_size", d.synthetic_image_size, 16)
+
+    choice("backbone.precision", cfg.backbone.precision, PRECISIONS)
+    if not cfg.backbone.name:
+        bad("backbone.name", cfg.backbone.name, "empty model name", "e.g. backbone.name=ViT-B-32")
+
+    fb = cfg.fabric
+    choice("fabric.accelerator", fb.accelerator, ACCELERATORS)
+    positive_int("fabric.num_nodes", fb.num_nodes)
+    dev = fb.devices
+    if not (dev == "auto" or (isinstance(dev, int) and dev >= 1) or
+            (isinstance(dev, (list, tuple)) and len(dev) > 0 and all(isinstance(i, int) for i in dev))):
+        bad("fabric.devices", dev, "must be a positive count, 'auto' or a list of device indices",
+            "e.g. fabric.devices=2")
+
+    choice("logger.name", cfg.logger.name, LOGGERS)
+    choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
+
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def conf_dir() -> "Path":
+    """The Hydra config folder: $FEDCLIP_CONF_DIR, else the repository's conf/."""
+    import os
+    from pathlib import Path
+
+    env = os.environ.get("FEDCLIP_CONF_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "conf")
+    for c in candidates:
+        if (c / "config.yaml").is_file():
+            return c
+    raise ConfigError(
+        f"no config folder found (looked in {', '.join(map(str, candidates))}). "
+        "Fix: install from the repository with `pip install -e .`, or set FEDCLIP_CONF_DIR=/path/to/conf."
+    )
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> Config:
+    """Compose ``conf/<config_name>.yaml`` with Hydra overrides, type-check and validate it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            composed = compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_hydra_message(exc, overrides)) from None
+    missing = sorted(OmegaConf.missing_keys(composed))
+    if missing:
+        raise ConfigError([f"{k} is required and has no value. Fix: pass {k}=..." for k in missing])
+    return validate(to_config(composed))
+
+
+def _hydra_message(exc: Exception, overrides) -> str:
+    msg = str(exc).strip()
+    # Hydra chains the interesting cause; keep the first lines, never a traceback.
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause).strip() and str(cause).strip() not in msg:
+        msg = f"{msg} ({str(cause).strip().splitlines()[0]})"
+    first = " ".join(line.strip() for line in msg.splitlines()[:3] if line.strip())
+    hint = "Fix: check the spelling of the key (`fedclip-lightning --print-config` shows every key) or the value."
+    if "Could not find" in msg or "not found in the defaults list" in msg or "Could not load" in msg:
+        hint = "Fix: pick one of the presets listed by `fedclip-lightning --help`."
+    return f"{first}. {hint}"

@@ -1,0 +1,66 @@
+"""From config to a federated task: resolve the data set, scan it, split it.
+
+Runs identically in every process (before Fabric launches, so a bad input
+stops every rank with the same message and nothing half-starts).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import Config
+from ..errors import DataError
+from .domains import DomainSet, ImageDataset, Sample, scan_domains
+from .partition import Task, leave_one_domain_out, official_split, stable_seed
+from .synthetic import default_cache_dir, ensure_synthetic_dataset
+
+
+def resolve_root(cfg: Config) -> Path:
+    d = cfg.data
+    if d.dataset == "synthetic" and not d.root:
+        return ensure_synthetic_dataset(
+            default_cache_dir(), per_class=d.synthetic_per_class, image_size=d.synthetic_image_size,
+            seed=cfg.seed,
+        )
+    if not d.root:
+        raise DataError("data.root is not set. Fix: pass data.root=/path/to/dataset (folders domain/class/image).")
+    return Path(d.root).expanduser()
+
+
+def build_task(cfg: Config) -> tuple[Task, DomainSet]:
+    """Scan the image folders named by ``cfg.data`` and split them into clients and unseen domains."""
+    d = cfg.data
+    ds = scan_domains(resolve_root(cfg), d.domains, on_corrupt=d.on_corrupt, check_images=d.check_images)
+    if d.split.mode == "official":
+        return official_split(ds, list(d.unseen), Path(d.split.official_dir).expanduser()), ds
+    return leave_one_domain_out(ds, list(d.unseen), ratios=tuple(d.split.ratios), seed=cfg.seed), ds
+
+
+def class_prompt_names(classes: list[str], style: str) -> list[str]:
+    """Class names as they go into the prompt: verbatim (reference) or with ``_`` as spaces."""
+    return [c.replace("_", " ") for c in classes] if style == "spaces" else list(classes)
+
+
+def make_loader(samples: list[Sample], transform, batch_size: int, *, num_workers: int, shuffle_seed: tuple | None,
+                pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over ``samples``; shuffled by a generator seeded from ``shuffle_seed`` when given.
+
+    The shuffle order depends only on the seed parts (run seed, round, client),
+    never on the process that runs the client.
+    """
+    generator = None
+    if shuffle_seed is not None:
+        generator = torch.Generator()
+        generator.manual_seed(stable_seed(*shuffle_seed))
+    return DataLoader(
+        ImageDataset(samples, transform),
+        batch_size=batch_size,
+        shuffle=shuffle_seed is not None,
+        generator=generator,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )

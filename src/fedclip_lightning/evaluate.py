@@ -1,0 +1,83 @@
+"""The local loops: one client's training epochs, and accuracy on a split.
+
+These play the part of Lightning's Trainer for a client (Fabric gives us the
+device and the process group; we drive the LightningModule's hooks). Metrics are
+torchmetrics, computed on the rank that owns the data and never synced by
+torchmetrics itself: the orchestrator assembles them across ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+from torchmetrics.aggregation import SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from .client import ClientModule
+
+
+@dataclass
+class SplitResult:
+    accuracy: float
+    loss: float
+    n: int
+
+    def as_row(self) -> torch.Tensor:
+        return torch.tensor([self.accuracy, self.loss, float(self.n)], dtype=torch.float64)
+
+    @classmethod
+    def from_row(cls, row: torch.Tensor) -> "SplitResult":
+        return cls(accuracy=float(row[0]), loss=float(row[1]), n=int(row[2]))
+
+
+def _metrics(num_classes: int, device: torch.device) -> tuple[MulticlassAccuracy, SumMetric]:
+    acc = MulticlassAccuracy(num_classes=num_classes, average="micro", sync_on_compute=False).to(device)
+    loss = SumMetric(sync_on_compute=False).to(device)
+    return acc, loss
+
+
+def train_epochs(client: ClientModule, loader: DataLoader, optimizer: torch.optim.Optimizer, epochs: int,
+                 device: torch.device, progress=None) -> SplitResult:
+    """Run ``epochs`` passes of ``training_step`` + Adam; return mean loss and running accuracy."""
+    client.train()
+    num_classes = client.text_features.shape[0]
+    acc, loss_sum = _metrics(num_classes, device)
+    n_batches = 0
+    for _ in range(epochs):
+        for i, (x, y) in enumerate(loader):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            out = client.training_step((x, y), i)
+            if out is None:
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            optimizer.step()
+            acc.update(out["preds"], out["target"])
+            loss_sum.update(out["loss"].detach())
+            n_batches += 1
+            if progress is not None:
+                progress.update(1)
+    if n_batches == 0:
+        return SplitResult(accuracy=float("nan"), loss=float("nan"), n=0)
+    return SplitResult(accuracy=float(acc.compute()), loss=float(loss_sum.compute()) / n_batches,
+                       n=int(acc.tp.sum() + acc.fn.sum()))
+
+
+@torch.no_grad()
+def evaluate(client: ClientModule, loader: DataLoader, device: torch.device) -> SplitResult:
+    """Accuracy and mean class-prototype cross-entropy of ``client`` on a split."""
+    client.eval()
+    num_classes = client.text_features.shape[0]
+    acc, loss_sum = _metrics(num_classes, device)
+    n = 0
+    for i, (x, y) in enumerate(loader):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out = client.validation_step((x, y), i)
+        acc.update(out["preds"], out["target"])
+        loss_sum.update(out["loss_sum"])
+        n += y.numel()
+    if n == 0:
+        return SplitResult(accuracy=float("nan"), loss=float("nan"), n=0)
+    return SplitResult(accuracy=float(acc.compute()), loss=float(loss_sum.compute()) / n, n=n)

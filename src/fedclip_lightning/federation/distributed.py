@@ -1,0 +1,26 @@
+"""The only place that calls collectives.
+
+Each round, every rank fills the rows of the clients it owns in a zero
+``[num_clients, width]`` buffer and one ``all_reduce(sum)`` assembles the full
+table on every rank. Adding zeros is exact, so every rank then holds bit-for-bit
+the values each client produced, and the aggregation that follows (a weighted
+sum in fixed client order) is the same arithmetic whether 1 or N processes ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from lightning.fabric import Fabric
+
+
+def gather_rows(fabric: Fabric, rows: Mapping[int, torch.Tensor], num_rows: int, width: int,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Assemble ``{row index: vector}`` from all ranks into a ``[num_rows, width]`` CPU tensor."""
+    buf = torch.zeros(num_rows, width, dtype=dtype, device=fabric.device)
+    for i, v in rows.items():
+        buf[i] = v.to(device=fabric.device, dtype=dtype)
+    if fabric.world_size > 1:
+        buf = fabric.all_reduce(buf, reduce_op="sum")
+    return buf.cpu()

@@ -1,0 +1,348 @@
+"""The federated round loop.
+
+config -> task (clients, unseen domains) -> frozen backbone + prompt features
+(once per process) -> clients placed on ranks -> rounds of
+(broadcast -> local fit -> reduce -> aggregate -> evaluate -> log) -> report.
+
+Every process runs this same function. A rank trains only the clients placed on
+it; client models are never wrapped in DDP (ranks train *different* clients).
+Random streams come from the seed and the (round, client) pair alone, and the
+aggregation sums clients in a fixed order, so the result is the same with 1 or
+N processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from lightning.fabric import Fabric
+from tqdm.auto import tqdm
+
+from ..client import ClientModule
+from ..config import Config, to_dict, validate
+from ..data.domains import DomainSet
+from ..data.partition import Task, stable_seed
+from ..data.pipeline import build_task, class_prompt_names, make_loader
+from ..evaluate import SplitResult, evaluate, train_epochs
+from ..loggers import build_loggers, finish_loggers, wandb_mode
+from ..model.adapter import AttentionAdapter
+from ..model.backbone import load_backbone
+from ..report import MetricsCSV, ModelSelection, RoundMetrics, Summary, format_table
+from .distributed import gather_rows
+from .placement import assign
+from .strategy import aggregation_weights, flatten, state_bytes, unflatten, weighted_sum_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Participant:
+    """A participating client (trains and evaluates) or an unseen domain (evaluated only)."""
+
+    index: int  # position in the fixed order: clients first, then unseen domains
+    name: str
+    kind: str  # "client" or "unseen"
+    rank: int
+
+
+def resolve_run_dir(cfg: Config) -> Path:
+    """One run directory shared by all ranks of a run.
+
+    Precedence: ``run_name``; ``FEDCLIP_RUN_DIR`` (exported by the first
+    process, so processes launched by Fabric inherit it); the SLURM job id;
+    otherwise a new timestamped name, exported for the processes launched later.
+    """
+    out = Path(cfg.output_dir).expanduser()
+    if cfg.run_name:
+        return out / cfg.run_name
+    if os.environ.get("FEDCLIP_RUN_DIR"):
+        return Path(os.environ["FEDCLIP_RUN_DIR"])
+    tag = f"{cfg.algorithm.name}-{cfg.data.dataset}"
+    if os.environ.get("SLURM_JOB_ID"):
+        job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ["SLURM_JOB_ID"]
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return out / (f"{tag}-slurm{job}" + (f"_{task}" if task else ""))
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = out / f"{stamp}-{tag}-{os.getpid()}"
+    os.environ["FEDCLIP_RUN_DIR"] = str(path)
+    return path
+
+
+def build_fabric(cfg: Config, loggers: list) -> Fabric:
+    f = cfg.fabric
+    devices = list(f.devices) if isinstance(f.devices, (list, tuple)) else f.devices
+    strategy = f.strategy
+    if strategy == "auto" and f.accelerator == "cpu" and (devices not in (1, "auto") or f.num_nodes > 1):
+        strategy = "ddp"  # gloo on the CPU; Fabric's own choice here would be an interactive fork
+    return Fabric(accelerator=f.accelerator, devices=devices, num_nodes=f.num_nodes, strategy=strategy,
+                  precision="32-true", loggers=loggers)
+
+
+def run(cfg: Config) -> dict:
+    """Run one federated experiment; returns summary.json's content (on every rank)."""
+    validate(cfg)
+    started = time.perf_counter()
+    # Data problems surface here, in every process, before anything launches.
+    task, domains = build_task(cfg)
+    run_dir = resolve_run_dir(cfg)
+    run_name = run_dir.name
+    loggers = build_loggers(cfg, run_dir, run_name)
+    fabric = build_fabric(cfg, loggers)
+    fabric.launch()
+    rank0 = fabric.is_global_zero
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    fabric.barrier()
+    exit_code = 1
+    try:
+        summary = _federate(cfg, fabric, task, domains, run_dir, started)
+        exit_code = 0
+        return summary
+    finally:
+        if rank0:
+            finish_loggers(loggers, exit_code)
+
+
+def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_dir: Path, started: float) -> dict:
+    rank0 = fabric.is_global_zero
+    device = fabric.device
+    algo = cfg.algorithm
+    zeroshot = algo.name == "zeroshot"
+
+    # -- the frozen backbone and the prompt features: once per process ----------
+    backbone = load_backbone(cfg.backbone, device=device, seed=cfg.seed)
+    prompts = class_prompt_names(task.classes, cfg.data.class_names)
+    text = backbone.text_features(prompts, cfg.data.prompt)
+    random_init = backbone.weights_file is None and not backbone.name.startswith(("hf-hub:", "local-dir:"))
+
+    # -- placement: clients and unseen domains over ranks, by sample count ------
+    clients = task.clients
+    names = [c.name for c in clients] + list(task.unseen)
+    sizes = [len(c.train) + len(c.val) + len(c.test) for c in clients] + [len(v) for v in task.unseen.values()]
+    ranks = assign(sizes, names, fabric.world_size)
+    parts = [Participant(i, n, "client" if i < len(clients) else "unseen", r)
+             for i, (n, r) in enumerate(zip(names, ranks))]
+    mine = [p for p in parts if p.rank == fabric.global_rank]
+    num_clients = len(clients)
+
+    # -- the server adapter: the same initialisation for every client ----------
+    torch.manual_seed(stable_seed(cfg.seed, "adapter-init"))
+    template = AttentionAdapter(backbone.embed_dim).state_dict()
+    global_state = {k: v.clone() for k, v in template.items()}
+    adapter_params = sum(t.numel() for t in template.values())
+    per_copy_bytes = state_bytes(template)
+    weights = aggregation_weights([len(c.train) for c in clients], cfg.federation.aggregation)
+
+    modules: dict[int, ClientModule] = {
+        p.index: ClientModule(p.name, backbone, text, algo, use_adapter=not zeroshot) for p in mine
+    }
+    pin = device.type == "cuda"
+    transform = backbone.preprocess
+    d = cfg.data
+
+    def eval_loader(samples):
+        return make_loader(samples, transform, d.eval_batch_size, num_workers=d.num_workers, shuffle_seed=None,
+                           pin_memory=pin)
+
+    eval_loaders: dict[tuple[int, str], object] = {}
+    for p in mine:
+        if p.kind == "client":
+            c = clients[p.index]
+            eval_loaders[(p.index, "val")] = eval_loader(c.val)
+            eval_loaders[(p.index, "test")] = eval_loader(c.test)
+        else:
+            eval_loaders[(p.index, "unseen")] = eval_loader(task.unseen[p.name])
+
+    summary = Summary(
+        algorithm=algo.name,
+        backbone={"name": backbone.name, "pretrained": backbone.pretrained, "weights_file": backbone.weights_file,
+                  "random_init": random_init, "embed_dim": backbone.embed_dim, "precision": cfg.backbone.precision},
+        dataset=cfg.data.dataset,
+        data_root=str(domains.root),
+        clients=[c.name for c in clients],
+        unseen=list(task.unseen),
+        classes=list(task.classes),
+        num_samples={**{c.name: {"train": len(c.train), "val": len(c.val), "test": len(c.test)} for c in clients},
+                     **{u: {"test": len(v)} for u, v in task.unseen.items()}},
+        trainable_params=0 if zeroshot else adapter_params,
+        bytes_per_client_per_round=0 if zeroshot else per_copy_bytes,
+        world_size=fabric.world_size,
+        config=to_dict(cfg),
+        skipped_images=list(domains.skipped),
+    )
+    metrics_csv = MetricsCSV(run_dir / "metrics.csv") if rank0 else None
+    if rank0:
+        _print_header(cfg, summary, run_dir, random_init, fabric)
+        for lg in fabric.loggers:
+            lg.log_hyperparams(summary.config)
+        summary.write(run_dir / "summary.json")
+
+    selection = ModelSelection()
+    rounds = 0 if zeroshot else cfg.federation.rounds
+    bar = tqdm(total=max(rounds, 1), desc="rounds", unit="round", dynamic_ncols=True,
+               disable=not (rank0 and cfg.progress))
+    try:
+        if zeroshot:
+            metrics = _evaluate_round(fabric, 0, parts, modules, eval_loaders, None, None, summary, metrics_csv)
+            selection.update(metrics)
+            summary.selected, summary.final = metrics, metrics
+            bar.update(1)
+        for rnd in range(1, rounds + 1):
+            # 1. broadcast + 2. local fit: each rank trains its own clients, one after another.
+            rows: dict[int, torch.Tensor] = {}
+            train_rows: dict[int, torch.Tensor] = {}
+            for p in mine:
+                if p.kind != "client":
+                    continue
+                m = modules[p.index]
+                m.set_adapter_state(global_state)
+                m.to(device)
+                optimizer = m.configure_optimizers()
+                if algo.optimizer_state == "keep" and m.optimizer_state is not None:
+                    optimizer.load_state_dict(m.optimizer_state)
+                loader = make_loader(clients[p.index].train, transform, d.batch_size, num_workers=d.num_workers,
+                                     shuffle_seed=(cfg.seed, "train", rnd, p.name), pin_memory=pin)
+                res = train_epochs(m, loader, optimizer, algo.local_epochs, device)
+                if algo.optimizer_state == "keep":
+                    m.optimizer_state = _to_cpu(optimizer.state_dict())
+                rows[p.index] = flatten(m.get_adapter_state())
+                train_rows[p.index] = res.as_row()
+                m.to("cpu")  # a client's state waits off the accelerator between turns
+            # 3. reduce: one all_reduce assembles every client's adapter on every rank.
+            table = gather_rows(fabric, rows, num_clients, adapter_params)
+            # 4. aggregate in fixed client order, and send the result back to every client.
+            global_state = unflatten(weighted_sum_rows(table, weights), template)
+            summary.bytes_up_total += num_clients * per_copy_bytes
+            summary.bytes_down_total += num_clients * per_copy_bytes
+            summary.rounds_run = rnd
+            # 5. evaluate (every eval_interval rounds, and always the last).
+            if rnd % cfg.federation.eval_interval == 0 or rnd == rounds:
+                metrics = _evaluate_round(fabric, rnd, parts, modules, eval_loaders, global_state, train_rows,
+                                          summary, metrics_csv)
+                selection.update(metrics)
+                summary.selected, summary.final = selection.best, metrics
+                bar.set_postfix(val=f"{metrics.mean_client_val_acc:.3f}", test=f"{metrics.mean_client_test_acc:.3f}",
+                                unseen=f"{metrics.mean_unseen_acc:.3f}")
+                if rank0:
+                    summary.wall_time_s = time.perf_counter() - started
+                    summary.write(run_dir / "summary.json")
+            bar.update(1)
+        summary.status = "finished"
+    except BaseException as exc:
+        summary.status = "failed"
+        summary.error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        bar.close()
+        summary.wall_time_s = time.perf_counter() - started
+        if rank0:
+            summary.write(run_dir / "summary.json")
+            if metrics_csv is not None:
+                metrics_csv.close()
+    result = summary.as_dict()
+    if rank0:
+        print("\n" + format_table(summary))
+        print(f"\nrun directory: {run_dir}\n  summary.json, metrics.csv"
+              + (f", W&B run under {run_dir / 'wandb'}" if cfg.logger.name == "wandb" and
+                 wandb_mode(cfg) != "disabled" else ""))
+    return result
+
+
+def _evaluate_round(fabric: Fabric, rnd: int, parts: list[Participant], modules: dict[int, ClientModule],
+                    eval_loaders: dict, global_state: dict | None, train_rows: dict[int, torch.Tensor] | None,
+                    summary: Summary, metrics_csv: MetricsCSV | None) -> RoundMetrics:
+    """Each rank evaluates what it holds; one all_reduce assembles the table; rank 0 logs it."""
+    device = fabric.device
+    n = len(parts)
+    # Rows: [train | val | test] of each participant, 3 numbers each (accuracy, loss, n).
+    local: dict[int, torch.Tensor] = {}
+    for p in parts:
+        if p.rank != fabric.global_rank:
+            continue
+        m = modules[p.index]
+        if global_state is not None:
+            m.set_adapter_state(global_state)  # the model each client holds after aggregation
+        m.to(device)
+        if p.kind == "client":
+            if train_rows is not None and p.index in train_rows:
+                local[p.index] = train_rows[p.index]
+            local[n + p.index] = evaluate(m, eval_loaders[(p.index, "val")], device).as_row()
+            local[2 * n + p.index] = evaluate(m, eval_loaders[(p.index, "test")], device).as_row()
+        else:
+            local[2 * n + p.index] = evaluate(m, eval_loaders[(p.index, "unseen")], device).as_row()
+        m.to("cpu")
+    # A fourth column marks rows that some rank filled (a train row is absent in round 0, say).
+    present_col = torch.ones(1, dtype=torch.float64)
+    table = gather_rows(fabric, {i: torch.cat([v, present_col]) for i, v in local.items()}, 3 * n, 4,
+                        torch.float64)
+
+    def row(i: int) -> SplitResult | None:
+        return SplitResult.from_row(table[i]) if table[i, 3] > 0 else None
+
+    val, test, unseen = {}, {}, {}
+    csv_rows = []
+    logd: dict[str, float] = {"round": rnd}
+    for p in parts:
+        if p.kind == "client":
+            tr, va, te = row(p.index), row(n + p.index), row(2 * n + p.index)
+            val[p.name], test[p.name] = va.accuracy, te.accuracy
+            for split, res in (("train", tr), ("val", va), ("test", te)):
+                if res is not None:
+                    csv_rows.append((rnd, p.name, split, res.accuracy, res.loss))
+                    logd[f"client/{p.name}/{split}_acc"] = res.accuracy
+                    logd[f"client/{p.name}/{split}_loss"] = res.loss
+        else:
+            te = row(2 * n + p.index)
+            unseen[p.name] = te.accuracy
+            csv_rows.append((rnd, p.name, "unseen", te.accuracy, te.loss))
+            logd[f"unseen/{p.name}/acc"] = te.accuracy
+            logd[f"unseen/{p.name}/loss"] = te.loss
+    metrics = RoundMetrics(rnd, val, test, unseen)
+    if fabric.is_global_zero:
+        logd.update({
+            "mean/client_val_acc": metrics.mean_client_val_acc,
+            "mean/client_test_acc": metrics.mean_client_test_acc,
+            "comm/bytes_up_total": summary.bytes_up_total,
+            "comm/bytes_down_total": summary.bytes_down_total,
+        })
+        if unseen:
+            logd["mean/unseen_acc"] = metrics.mean_unseen_acc
+        fabric.log_dict({k: v for k, v in logd.items() if not (isinstance(v, float) and math.isnan(v))}, step=rnd)
+        if metrics_csv is not None:
+            metrics_csv.write(csv_rows)
+    return metrics
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj
+
+
+def _print_header(cfg: Config, s: Summary, run_dir: Path, random_init: bool, fabric: Fabric) -> None:
+    w = 0 if s.algorithm == "zeroshot" else cfg.federation.rounds
+    print(f"fedclip-lightning: {s.algorithm} on {s.dataset} ({s.data_root})")
+    print(f"  backbone {s.backbone['name']} ({'random init' if random_init else s.backbone['weights_file'] or s.backbone['name']}),"
+          f" {s.trainable_params:,} trainable parameters, {s.bytes_per_client_per_round:,} bytes per client per round")
+    listed = ", ".join(f"{c} ({s.num_samples[c]['train']} train)" for c in s.clients)
+    print(f"  clients: {listed}")
+    print(f"  unseen:  {', '.join(s.unseen) or '-'}")
+    print(f"  {w} rounds on {fabric.world_size} process(es), {fabric.device.type}; run directory {run_dir}")
+    if s.skipped_images:
+        print(f"  skipped {len(s.skipped_images)} unreadable image(s) (data.on_corrupt=skip); listed in summary.json")
+    if random_init:
+        print("  NOTE: the backbone is RANDOMLY initialised (backbone.pretrained=null): accuracies here check the "
+              "pipeline and say nothing about CLIP.")
+    if cfg.note:
+        print(f"  {cfg.note}")

@@ -1,0 +1,73 @@
+"""Aggregation, as pure functions on dicts of CPU tensors.
+
+FedAvg over client adapters: ``w_global = sum_k a_k * w_k`` with
+
+* ``uniform`` (the reference release): ``a_k = 1 / K``;
+* ``samples`` (standard FedAvg): ``a_k = n_k / sum_j n_j``, ``n_k`` the
+  number of training samples of client ``k``.
+
+Sums always run in the fixed client order ``k = 0..K-1`` so the result does
+not depend on how many processes computed the client updates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+State = dict[str, torch.Tensor]
+
+
+def aggregation_weights(num_samples: Sequence[int], mode: str) -> list[float]:
+    if not num_samples:
+        raise ValueError("no clients to aggregate")
+    if mode == "uniform":
+        return [1.0 / len(num_samples)] * len(num_samples)
+    if mode == "samples":
+        total = sum(num_samples)
+        if total <= 0:
+            raise ValueError("sample-weighted aggregation needs clients with training samples")
+        return [n / total for n in num_samples]
+    raise ValueError(f"unknown aggregation {mode!r}")
+
+
+def weighted_sum_rows(rows: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """``sum_k weights[k] * rows[k]``, accumulated in row order."""
+    if rows.shape[0] != len(weights):
+        raise ValueError(f"{rows.shape[0]} rows but {len(weights)} weights")
+    acc = torch.zeros_like(rows[0])
+    for k, w in enumerate(weights):
+        acc.add_(rows[k], alpha=float(w))
+    return acc
+
+
+def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> State:
+    """Average of state dicts with the given weights (keys and shapes must agree)."""
+    keys = list(states[0].keys())
+    for s in states[1:]:
+        if list(s.keys()) != keys:
+            raise ValueError("client states have different keys")
+    return {k: weighted_sum_rows(torch.stack([s[k] for s in states]), weights) for k in keys}
+
+
+def flatten(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """All tensors of a state dict as one flat fp32 vector (in key order)."""
+    return torch.cat([t.detach().reshape(-1).float() for t in state.values()])
+
+
+def unflatten(vector: torch.Tensor, template: Mapping[str, torch.Tensor]) -> State:
+    out: State = {}
+    offset = 0
+    for k, t in template.items():
+        n = t.numel()
+        out[k] = vector[offset : offset + n].view_as(t).to(t.dtype).clone()
+        offset += n
+    if offset != vector.numel():
+        raise ValueError(f"vector has {vector.numel()} values, template needs {offset}")
+    return out
+
+
+def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Bytes on the wire for one copy of a state: counted from the tensors themselves."""
+    return sum(t.numel() * t.element_size() for t in state.values())

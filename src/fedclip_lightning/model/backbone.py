@@ -1,0 +1,267 @@
+"""The frozen CLIP backbone, loaded once per process and shared by every client.
+
+``pretrained`` may be an open_clip tag (``openai``, ``laion2b_s34b_b79k``...),
+a local checkpoint file, or ``None`` for random initialisation. Tags are looked
+up in the local caches first (open_clip's URL cache and the Hugging Face hub
+cache) so a machine without internet uses weights it already has; a missing
+checkpoint ends in a :class:`BackboneError` that says where we looked and how
+to pass a local file.
+
+Every parameter is frozen (``logit_scale`` too) and the model stays in eval mode
+whatever ``.train()`` is called with: RN backbones carry BatchNorm, which the
+reference release wrongly runs in train mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import BackboneConfig
+from ..errors import BackboneError
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+_registered = False
+
+
+def register_tiny_configs() -> None:
+    """Register the project's tiny model configs (fedclip-tiny-vit, fedclip-tiny-rn) with open_clip."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+class FrozenCLIP(nn.Module):
+    """A CLIP model with no trainable parameter that never leaves eval mode."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> "FrozenCLIP":  # noqa: ARG002 - frozen means eval, always
+        self.training = False
+        self.model.eval()
+        return self
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw (un-normalised) image features, returned in fp32."""
+        dtype = next(self.model.visual.parameters()).dtype
+        return self.model.encode_image(images.to(dtype)).float()
+
+    @torch.no_grad()
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(tokens).float()
+
+
+@dataclass
+class Backbone:
+    """What clients share: the frozen model, its eval transform and tokenizer."""
+
+    name: str
+    pretrained: str | None
+    clip: FrozenCLIP
+    preprocess: Callable
+    tokenizer: Callable
+    embed_dim: int
+    logit_scale: float  # exp(logit_scale) of the frozen model, a plain float
+    weights_file: str | None  # the checkpoint actually loaded (None: random init)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.clip.parameters()).device
+
+    def to(self, device: torch.device | str) -> "Backbone":
+        self.clip.to(device)
+        return self
+
+    @torch.no_grad()
+    def text_features(self, class_names: list[str], prompt: str = "a picture of a {}") -> torch.Tensor:
+        """L2-normalised prompt features, one row per class, fp32 on the backbone's device."""
+        tokens = self.tokenizer([prompt.format(c) for c in class_names]).to(self.device)
+        feats = self.clip.encode_text(tokens)
+        return feats / feats.norm(dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(images.to(self.device, non_blocking=True))
+
+
+_PRECISION = {"fp32": "fp32", "bf16": "pure_bf16", "fp16": "pure_fp16"}
+_CACHE: dict[tuple, Backbone] = {}
+
+
+def load_backbone(cfg: BackboneConfig, device: torch.device | str = "cpu", seed: int = 0) -> Backbone:
+    """Load (once per process) the frozen backbone that ``cfg`` names.
+
+    Random initialisation is seeded with ``seed`` so that every process of a
+    run builds the same random model.
+    """
+    key = (cfg.name, cfg.pretrained, cfg.cache_dir, cfg.precision, cfg.quick_gelu, str(device), seed)
+    if key not in _CACHE:
+        _CACHE[key] = _load(cfg, device, seed)
+    return _CACHE[key]
+
+
+def _load(cfg: BackboneConfig, device: torch.device | str, seed: int) -> Backbone:
+    import open_clip
+
+    register_tiny_configs()
+    name = cfg.name
+    is_schema = name.startswith(("hf-hub:", "local-dir:"))
+    if not is_schema and name.replace("/", "-") not in open_clip.list_models():
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise BackboneError(
+            f"backbone.name={name!r} is not an open_clip model.{hint} "
+            "Fix: pick one of open_clip.list_models() (e.g. ViT-B-32), or fedclip-tiny-vit for a tiny random test model."
+        )
+
+    kwargs: dict = dict(precision=_PRECISION[cfg.precision], device=device, cache_dir=cfg.cache_dir)
+    weights_file: str | None = None
+    pretrained = cfg.pretrained if cfg.pretrained not in (None, "", "none", "None") else None
+    quick_gelu = cfg.quick_gelu
+    if is_schema:
+        if pretrained:
+            log.warning("backbone.pretrained is ignored for %s: the weights come with the schema", name)
+        pretrained = None
+    elif pretrained is not None:
+        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if tag_cfg:
+            weights_file = _find_cached(tag_cfg, cfg.cache_dir) or _download(name, pretrained, tag_cfg, cfg)
+            if quick_gelu is None:
+                quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+            for k in ("mean", "std", "interpolation", "resize_mode"):
+                if k in tag_cfg:
+                    kwargs[f"image_{k}"] = tag_cfg[k]
+        elif Path(pretrained).expanduser().is_file():
+            weights_file = str(Path(pretrained).expanduser())
+        else:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise BackboneError(
+                f"backbone.pretrained={pretrained!r} is neither a pretrained tag of {name} nor an existing file. "
+                f"Fix: pass a checkpoint file (backbone.pretrained=/path/to/{name}.pt), one of the tags "
+                f"{tags or '(none for this model)'}, or backbone.pretrained=null for random weights."
+            )
+    if quick_gelu:
+        kwargs["force_quick_gelu"] = True
+
+    torch.manual_seed(seed)
+    try:
+        with _quiet_open_clip():
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights_file, **kwargs)
+    except BackboneError:
+        raise
+    except Exception as exc:  # a corrupt or mismatched checkpoint, an unreachable hf-hub repo...
+        where = weights_file or name
+        raise BackboneError(
+            f"could not load backbone.name={name!r} with weights {where!r}: {exc}. "
+            "Fix: check that the checkpoint matches the model architecture and is a complete file."
+        ) from None
+    tokenizer = open_clip.get_tokenizer(name)
+    clip = FrozenCLIP(model)
+    embed_dim = int(clip.encode_text(tokenizer(["x"]).to(device)).shape[-1])
+    return Backbone(
+        name=name,
+        pretrained=pretrained,
+        clip=clip,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        embed_dim=embed_dim,
+        logit_scale=float(model.logit_scale.detach().float().exp()),
+        weights_file=weights_file,
+    )
+
+
+def _hf_candidates(tag_cfg: dict) -> list[tuple[str, str]]:
+    hub = tag_cfg.get("hf_hub", "")
+    if not hub:
+        return []
+    repo, filename = os.path.split(hub)
+    names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    if filename.endswith((".bin", ".pth")):
+        names.insert(0, filename[:-4] + ".safetensors")
+    return [(repo, n) for n in names]
+
+
+def _url_cache_paths(tag_cfg: dict, cache_dir: str | None) -> list[Path]:
+    url = tag_cfg.get("url", "")
+    if not url:
+        return []
+    base = os.path.basename(url)
+    dirs = [Path(cache_dir)] if cache_dir else []
+    dirs.append(Path("~/.cache/clip").expanduser())
+    return [d / base for d in dirs]
+
+
+def _find_cached(tag_cfg: dict, cache_dir: str | None) -> str | None:
+    """A checkpoint for this tag already on disk, found without any network access."""
+    for path in _url_cache_paths(tag_cfg, cache_dir):
+        if path.is_file():
+            return str(path)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub ships with open_clip
+        return None
+    for repo, filename in _hf_candidates(tag_cfg):
+        found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
+        if isinstance(found, str) and os.path.isfile(found):
+            return found
+    return None
+
+
+def _download(name: str, tag: str, tag_cfg: dict, cfg: BackboneConfig) -> str:
+    import open_clip
+
+    looked = [str(p) for p in _url_cache_paths(tag_cfg, cfg.cache_dir)]
+    looked += [f"Hugging Face cache: {repo}/{fn}" for repo, fn in _hf_candidates(tag_cfg)]
+    offline = not cfg.download or os.environ.get("HF_HUB_OFFLINE") == "1"
+    reason = "downloads are off (backbone.download=false or HF_HUB_OFFLINE=1)"
+    if not offline:
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(30)
+        try:
+            with _quiet_open_clip():
+                path = open_clip.download_pretrained(tag_cfg, cache_dir=cfg.cache_dir)
+            if path and os.path.isfile(path):
+                return path
+            reason = "the download returned no file"
+        except Exception as exc:  # no network, a proxy, a missing repo...
+            reason = f"the download failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        finally:
+            socket.setdefaulttimeout(old)
+    raise BackboneError(
+        f"no weights for backbone.name={name!r} with backbone.pretrained={tag!r}: not in the local caches "
+        f"({'; '.join(looked)}) and {reason}. "
+        f"Fix: download the checkpoint on a machine with internet and pass it as "
+        f"backbone.pretrained=/path/to/checkpoint (a .pt/.bin/.safetensors file), or put it in one of the caches "
+        f"above (backbone.cache_dir sets the folder)."
+    )
+
+
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """open_clip logs a WARNING for every random init; we say it once ourselves."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)

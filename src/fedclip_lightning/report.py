@@ -1,0 +1,206 @@
+"""What a run leaves behind: metrics.csv (appended every round, so a crash
+loses nothing already evaluated), summary.json (rewritten atomically after each
+evaluation, ``status`` telling running/finished/failed) and a table for people.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METRIC_COLUMNS = ["round", "client", "split", "accuracy", "loss"]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe: NaN becomes null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _mean(values: list[float]) -> float:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+@dataclass
+class RoundMetrics:
+    """Accuracies of one evaluated round."""
+
+    round: int
+    client_val_acc: dict[str, float]
+    client_test_acc: dict[str, float]
+    unseen_acc: dict[str, float]
+
+    @property
+    def mean_client_val_acc(self) -> float:
+        return _mean(list(self.client_val_acc.values()))
+
+    @property
+    def mean_client_test_acc(self) -> float:
+        return _mean(list(self.client_test_acc.values()))
+
+    @property
+    def mean_unseen_acc(self) -> float:
+        return _mean(list(self.unseen_acc.values()))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "client_test_acc": dict(self.client_test_acc),
+            "client_val_acc": dict(self.client_val_acc),
+            "unseen_acc": dict(self.unseen_acc),
+            "mean_client_test_acc": self.mean_client_test_acc,
+            "mean_client_val_acc": self.mean_client_val_acc,
+            "mean_unseen_acc": self.mean_unseen_acc,
+        }
+
+
+@dataclass
+class ModelSelection:
+    """Keeps the round of best mean validation accuracy (earliest on ties)."""
+
+    best: RoundMetrics | None = None
+
+    def update(self, m: RoundMetrics) -> bool:
+        score = m.mean_client_val_acc
+        if self.best is None or (math.isfinite(score) and
+                                 (not math.isfinite(self.best.mean_client_val_acc) or
+                                  score > self.best.mean_client_val_acc)):
+            self.best = m
+            return True
+        return False
+
+
+class MetricsCSV:
+    """metrics.csv: one row per round, client and split; flushed every round."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        new = not path.exists() or path.stat().st_size == 0
+        self._f = open(path, "a", newline="")
+        self._w = csv.writer(self._f)
+        if new:
+            self._w.writerow(METRIC_COLUMNS)
+            self._f.flush()
+
+    def write(self, rows: list[tuple[int, str, str, float, float]]) -> None:
+        for r, client, split, acc, loss in rows:
+            self._w.writerow([r, client, split, _fmt(acc), _fmt(loss)])
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _fmt(x: float) -> str:
+    return "" if x is None or not math.isfinite(x) else f"{x:.6f}"
+
+
+@dataclass
+class Summary:
+    algorithm: str
+    backbone: dict[str, Any]
+    dataset: str
+    data_root: str
+    clients: list[str]
+    unseen: list[str]
+    classes: list[str]
+    num_samples: dict[str, dict[str, int]]
+    trainable_params: int
+    bytes_per_client_per_round: int
+    world_size: int
+    config: dict[str, Any]
+    skipped_images: list[str] = field(default_factory=list)
+    status: str = "running"
+    rounds_run: int = 0
+    selected: RoundMetrics | None = None
+    final: RoundMetrics | None = None
+    bytes_up_total: int = 0
+    bytes_down_total: int = 0
+    wall_time_s: float = 0.0
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return _clean({
+            "status": self.status,
+            "algorithm": self.algorithm,
+            "backbone": self.backbone,
+            "dataset": self.dataset,
+            "data_root": self.data_root,
+            "clients": self.clients,
+            "unseen": self.unseen,
+            "classes": self.classes,
+            "num_samples": self.num_samples,
+            "rounds_run": self.rounds_run,
+            "selected_round": self.selected.round if self.selected else None,
+            "selected": self.selected.as_dict() if self.selected else None,
+            "final": self.final.as_dict() if self.final else None,
+            "trainable_params": self.trainable_params,
+            "bytes_per_client_per_round": self.bytes_per_client_per_round,
+            "bytes_up_total": self.bytes_up_total,
+            "bytes_down_total": self.bytes_down_total,
+            "wall_time_s": round(self.wall_time_s, 3),
+            "world_size": self.world_size,
+            "skipped_images": self.skipped_images,
+            "error": self.error,
+            "config": self.config,
+        })
+
+    def write(self, path: Path) -> None:
+        atomic_write_text(path, json.dumps(self.as_dict(), indent=2) + "\n")
+
+
+def _pct(x: float | None) -> str:
+    return "   -  " if x is None or not math.isfinite(x) else f"{100 * x:6.2f}"
+
+
+def format_table(s: Summary) -> str:
+    """The end-of-run table: per-client and unseen-domain accuracy (%), selected and final round."""
+    sel, fin = s.selected, s.final
+    if fin is None:
+        return "no round was evaluated"
+    name_w = max([len(n) for n in s.clients + s.unseen] + [len("mean (unseen)")]) + 2
+    head = (f"{'':{name_w}}  {'selected round ' + str(sel.round) if sel else '':>24}  "
+            f"{'final round ' + str(fin.round):>24}")
+    sub = f"{'domain':{name_w}}  {'val':>8} {'test':>8}        {'val':>8} {'test':>8}"
+    lines = [head, sub, "-" * len(sub)]
+    for c in s.clients:
+        lines.append(
+            f"{c:{name_w}}  {_pct(sel.client_val_acc.get(c) if sel else None):>8} "
+            f"{_pct(sel.client_test_acc.get(c) if sel else None):>8}        "
+            f"{_pct(fin.client_val_acc.get(c)):>8} {_pct(fin.client_test_acc.get(c)):>8}"
+        )
+    lines.append(
+        f"{'mean (clients)':{name_w}}  {_pct(sel.mean_client_val_acc if sel else None):>8} "
+        f"{_pct(sel.mean_client_test_acc if sel else None):>8}        "
+        f"{_pct(fin.mean_client_val_acc):>8} {_pct(fin.mean_client_test_acc):>8}"
+    )
+    if s.unseen:
+        lines.append("-" * len(sub))
+        for u in s.unseen:
+            lines.append(f"{u + ' (unseen)':{name_w}}  {'':>8} {_pct(sel.unseen_acc.get(u) if sel else None):>8}"
+                         f"        {'':>8} {_pct(fin.unseen_acc.get(u)):>8}")
+        if len(s.unseen) > 1:
+            lines.append(f"{'mean (unseen)':{name_w}}  {'':>8} {_pct(sel.mean_unseen_acc if sel else None):>8}"
+                         f"        {'':>8} {_pct(fin.mean_unseen_acc):>8}")
+    return "\n".join(lines)
