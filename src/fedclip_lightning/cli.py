@@ -67,6 +67,13 @@ def _user_message(exc: UserError) -> str:
     return m.group(1) if m else text
 
 
+def _is_rank_zero() -> bool:
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var, "0") != "0":
+            return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -93,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
         run(cfg)
     except UserError as exc:
-        print(f"fedclip-lightning: {_user_message(exc)}", file=sys.stderr)
+        if _is_rank_zero():  # every process of a job hits the same mistake; one says it
+            print(f"fedclip-lightning: {_user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedclip-lightning: interrupted", file=sys.stderr)

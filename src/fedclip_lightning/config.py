@@ -226,6 +226,12 @@ def validate(cfg: Config) -> Config:
     choice("backbone.precision", cfg.backbone.precision, PRECISIONS)
     if not cfg.backbone.name:
         bad("backbone.name", cfg.backbone.name, "empty model name", "e.g. backbone.name=ViT-B-32")
+    else:
+        from .model.backbone import model_name_problem
+
+        problem = model_name_problem(cfg.backbone.name)
+        if problem:
+            problems.append(problem)
 
     fb = cfg.fabric
     choice("fabric.accelerator", fb.accelerator, ACCELERATORS)
@@ -284,7 +290,8 @@ def _hydra_message(exc: Exception, overrides) -> str:
     cause = exc.__cause__ or exc.__context__
     if cause is not None and str(cause).strip() and str(cause).strip() not in msg:
         msg = f"{msg} ({str(cause).strip().splitlines()[0]})"
-    first = " ".join(line.strip() for line in msg.splitlines()[:3] if line.strip())
+    msg = msg.split("Config search path")[0]
+    first = " ".join(line.strip() for line in msg.splitlines()[:12] if line.strip()).rstrip(".")
     hint = "Fix: check the spelling of the key (`fedclip-lightning --print-config` shows every key) or the value."
     if "Could not find" in msg or "not found in the defaults list" in msg or "Could not load" in msg:
         hint = "Fix: pick one of the presets listed by `fedclip-lightning --help`."

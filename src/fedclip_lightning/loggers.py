@@ -57,18 +57,19 @@ def build_loggers(cfg: Config, run_dir: Path, run_name: str) -> list[Any]:
 
     w = cfg.logger.wandb
     os.environ.setdefault("WANDB_SILENT", "true")
-    return [
-        WandbLogger(
-            project=w.project,
-            entity=w.entity,
-            name=run_name,
-            group=w.group,
-            job_type=cfg.algorithm.name,
-            tags=list(w.tags) or None,
-            save_dir=str(run_dir),
-            offline=(mode == "offline"),
-        )
-    ]
+    logger = WandbLogger(
+        project=w.project,
+        entity=w.entity,
+        name=run_name,
+        group=w.group,
+        job_type=cfg.algorithm.name,
+        tags=list(w.tags) or None,
+        save_dir=str(run_dir),
+        offline=(mode == "offline"),
+    )
+    # Lightning always passes `anonymous`, which current wandb warns about on every run.
+    logger._wandb_init.pop("anonymous", None)
+    return [logger]
 
 
 def finish_loggers(loggers: list[Any], exit_code: int = 0) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from lightning.fabric import Fabric
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from ..client import ClientModule
@@ -33,8 +34,8 @@ from ..data.pipeline import build_task, class_prompt_names, make_loader
 from ..evaluate import SplitResult, evaluate, train_epochs
 from ..loggers import build_loggers, finish_loggers, wandb_mode
 from ..model.adapter import AttentionAdapter
-from ..model.backbone import load_backbone
-from ..report import MetricsCSV, ModelSelection, RoundMetrics, Summary, format_table
+from ..model.backbone import load_backbone, resolve_weights
+from ..report import atomic_write_text, MetricsCSV, ModelSelection, RoundMetrics, Summary, format_table
 from .distributed import gather_rows
 from .placement import assign
 from .strategy import aggregation_weights, flatten, state_bytes, unflatten, weighted_sum_rows
@@ -91,6 +92,7 @@ def run(cfg: Config) -> dict:
     started = time.perf_counter()
     # Data problems surface here, in every process, before anything launches.
     task, domains = build_task(cfg)
+    resolve_weights(cfg.backbone)
     run_dir = resolve_run_dir(cfg)
     run_name = run_dir.name
     loggers = build_loggers(cfg, run_dir, run_name)
@@ -180,8 +182,12 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
     metrics_csv = MetricsCSV(run_dir / "metrics.csv") if rank0 else None
     if rank0:
         _print_header(cfg, summary, run_dir, random_init, fabric)
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(summary.config))
         for lg in fabric.loggers:
-            lg.log_hyperparams(summary.config)
+            try:
+                lg.log_hyperparams(summary.config)
+            except NotImplementedError:  # Fabric's CSVLogger; config.yaml above has it
+                pass
         summary.write(run_dir / "summary.json")
 
     selection = ModelSelection()
@@ -226,7 +232,8 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
             if rnd % cfg.federation.eval_interval == 0 or rnd == rounds:
                 metrics = _evaluate_round(fabric, rnd, parts, modules, eval_loaders, global_state, train_rows,
                                           summary, metrics_csv)
-                selection.update(metrics)
+                if selection.update(metrics) and rank0:
+                    _save_adapter(run_dir / "adapter_selected.pt", global_state, metrics.round)
                 summary.selected, summary.final = selection.best, metrics
                 bar.set_postfix(val=f"{metrics.mean_client_val_acc:.3f}", test=f"{metrics.mean_client_test_acc:.3f}",
                                 unseen=f"{metrics.mean_unseen_acc:.3f}")
@@ -234,6 +241,8 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
                     summary.wall_time_s = time.perf_counter() - started
                     summary.write(run_dir / "summary.json")
             bar.update(1)
+        if rank0 and not zeroshot:
+            _save_adapter(run_dir / "adapter_final.pt", global_state, summary.rounds_run)
         summary.status = "finished"
     except BaseException as exc:
         summary.status = "failed"
@@ -249,7 +258,8 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
     result = summary.as_dict()
     if rank0:
         print("\n" + format_table(summary))
-        print(f"\nrun directory: {run_dir}\n  summary.json, metrics.csv"
+        print(f"\nrun directory: {run_dir}\n  summary.json, metrics.csv, config.yaml"
+              + (", adapter_selected.pt, adapter_final.pt" if not zeroshot else "")
               + (f", W&B run under {run_dir / 'wandb'}" if cfg.logger.name == "wandb" and
                  wandb_mode(cfg) != "disabled" else ""))
     return result
@@ -318,6 +328,13 @@ def _evaluate_round(fabric: Fabric, rnd: int, parts: list[Participant], modules:
         if metrics_csv is not None:
             metrics_csv.write(csv_rows)
     return metrics
+
+
+def _save_adapter(path: Path, state: dict[str, torch.Tensor], rnd: int) -> None:
+    """The global adapter as a plain state dict (load with torch.load(..., weights_only=True))."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"round": rnd, "adapter": {k: v.detach().cpu() for k, v in state.items()}}, tmp)
+    os.replace(tmp, path)
 
 
 def _to_cpu(obj):

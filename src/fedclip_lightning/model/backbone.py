@@ -119,21 +119,36 @@ def load_backbone(cfg: BackboneConfig, device: torch.device | str = "cpu", seed:
     return _CACHE[key]
 
 
-def _load(cfg: BackboneConfig, device: torch.device | str, seed: int) -> Backbone:
+def model_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a model open_clip can build (None when it is)."""
+    import open_clip
+
+    register_tiny_configs()
+    if name.startswith(("hf-hub:", "local-dir:")) or name.replace("/", "-") in open_clip.list_models():
+        return None
+    close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return (f"backbone.name={name!r} is not an open_clip model.{hint} Fix: pick one of open_clip.list_models() "
+            "(e.g. ViT-B-32), or fedclip-tiny-vit for a tiny random test model.")
+
+
+def resolve_weights(cfg: BackboneConfig) -> tuple[str | None, dict]:
+    """Check the model name and find its weights, without building the model.
+
+    Returns ``(checkpoint file or None, extra create_model kwargs)``; raises
+    BackboneError for an unknown model, an unknown tag or absent weights.
+    Cheap, so the command line calls it before any process is launched.
+    """
     import open_clip
 
     register_tiny_configs()
     name = cfg.name
     is_schema = name.startswith(("hf-hub:", "local-dir:"))
-    if not is_schema and name.replace("/", "-") not in open_clip.list_models():
-        close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise BackboneError(
-            f"backbone.name={name!r} is not an open_clip model.{hint} "
-            "Fix: pick one of open_clip.list_models() (e.g. ViT-B-32), or fedclip-tiny-vit for a tiny random test model."
-        )
+    problem = model_name_problem(name)
+    if problem:
+        raise BackboneError(problem)
 
-    kwargs: dict = dict(precision=_PRECISION[cfg.precision], device=device, cache_dir=cfg.cache_dir)
+    kwargs: dict = {}
     weights_file: str | None = None
     pretrained = cfg.pretrained if cfg.pretrained not in (None, "", "none", "None") else None
     quick_gelu = cfg.quick_gelu
@@ -161,7 +176,17 @@ def _load(cfg: BackboneConfig, device: torch.device | str, seed: int) -> Backbon
             )
     if quick_gelu:
         kwargs["force_quick_gelu"] = True
+    return weights_file, kwargs
 
+
+def _load(cfg: BackboneConfig, device: torch.device | str, seed: int) -> Backbone:
+    import open_clip
+
+    weights_file, extra = resolve_weights(cfg)
+    name = cfg.name
+    pretrained = None if name.startswith(("hf-hub:", "local-dir:")) else (
+        cfg.pretrained if cfg.pretrained not in (None, "", "none", "None") else None)
+    kwargs: dict = dict(precision=_PRECISION[cfg.precision], device=device, cache_dir=cfg.cache_dir, **extra)
     torch.manual_seed(seed)
     try:
         with _quiet_open_clip():
@@ -233,6 +258,8 @@ def _download(name: str, tag: str, tag_cfg: dict, cfg: BackboneConfig) -> str:
     looked += [f"Hugging Face cache: {repo}/{fn}" for repo, fn in _hf_candidates(tag_cfg)]
     offline = not cfg.download or os.environ.get("HF_HUB_OFFLINE") == "1"
     reason = "downloads are off (backbone.download=false or HF_HUB_OFFLINE=1)"
+    if not offline and not _reachable(tag_cfg):
+        offline, reason = True, "the download servers cannot be reached from this machine"
     if not offline:
         old = socket.getdefaulttimeout()
         socket.setdefaulttimeout(30)
@@ -253,6 +280,25 @@ def _download(name: str, tag: str, tag_cfg: dict, cfg: BackboneConfig) -> str:
         f"backbone.pretrained=/path/to/checkpoint (a .pt/.bin/.safetensors file), or put it in one of the caches "
         f"above (backbone.cache_dir sets the folder)."
     )
+
+
+def _reachable(tag_cfg: dict, timeout: float = 5.0) -> bool:
+    """A quick TCP check, so a machine without internet fails in seconds, not after minutes of retries."""
+    from urllib.parse import urlparse
+
+    hosts = []
+    if tag_cfg.get("hf_hub"):
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        hosts.append(urlparse(endpoint).hostname)
+    if tag_cfg.get("url"):
+        hosts.append(urlparse(tag_cfg["url"]).hostname)
+    for host in filter(None, hosts):
+        try:
+            with socket.create_connection((host, 443), timeout=timeout):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 @contextlib.contextmanager

@@ -1,0 +1,214 @@
+"""Tests of the federation layer: aggregation, placement of clients on ranks, row gathering."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from lightning.fabric import Fabric
+
+from fedclip_lightning.federation.distributed import gather_rows
+from fedclip_lightning.federation.placement import assign
+from fedclip_lightning.federation.strategy import (
+    aggregation_weights,
+    flatten,
+    state_bytes,
+    unflatten,
+    weighted_average,
+    weighted_sum_rows,
+)
+
+
+def random_states(k: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"fc1.weight": (6, 6), "fc1.bias": (6,), "fc2.weight": (6, 6), "fc2.bias": (6,)}
+    return [{n: torch.randn(s, generator=g).to(dtype) for n, s in shapes.items()} for _ in range(k)]
+
+
+# -- weights -------------------------------------------------------------------------------------
+
+def test_uniform_weights():
+    assert aggregation_weights([10, 200, 3], "uniform") == pytest.approx([1 / 3] * 3)
+    assert aggregation_weights([5], "uniform") == [1.0]
+
+
+def test_sample_weights():
+    w = aggregation_weights([10, 30, 60], "samples")
+    assert w == pytest.approx([0.1, 0.3, 0.6])
+    assert sum(w) == pytest.approx(1.0)
+    assert aggregation_weights([0, 4], "samples") == pytest.approx([0.0, 1.0])
+
+
+def test_weight_errors():
+    with pytest.raises(ValueError):
+        aggregation_weights([], "uniform")
+    with pytest.raises(ValueError):
+        aggregation_weights([0, 0], "samples")
+    with pytest.raises(ValueError, match="median"):
+        aggregation_weights([1, 2], "median")
+
+
+# -- averaging -----------------------------------------------------------------------------------
+
+def test_weighted_average_uniform_is_mean():
+    states = random_states(4, seed=1)
+    avg = weighted_average(states, aggregation_weights([1, 1, 1, 1], "uniform"))
+    assert list(avg) == list(states[0])
+    for k in avg:
+        by_hand = (states[0][k] + states[1][k] + states[2][k] + states[3][k]) / 4
+        torch.testing.assert_close(avg[k], by_hand, rtol=1e-6, atol=1e-6)
+        assert avg[k].shape == states[0][k].shape and avg[k].dtype == torch.float32
+
+
+def test_weighted_average_by_samples():
+    states = random_states(3, seed=2)
+    n = [12, 3, 45]
+    avg = weighted_average(states, aggregation_weights(n, "samples"))
+    for k in avg:
+        by_hand = sum(n_i * s[k].double() for n_i, s in zip(n, states)) / sum(n)
+        torch.testing.assert_close(avg[k].double(), by_hand, rtol=1e-6, atol=1e-6)
+        # Differs from the uniform mean for such unequal clients.
+        assert not torch.allclose(avg[k], sum(s[k] for s in states) / 3, atol=1e-4)
+
+
+def test_weighted_average_does_not_modify_inputs_and_checks_keys():
+    states = random_states(2, seed=3)
+    copies = [{k: v.clone() for k, v in s.items()} for s in states]
+    weighted_average(states, [0.5, 0.5])
+    for s, c in zip(states, copies):
+        assert all(torch.equal(s[k], c[k]) for k in s)
+    bad = dict(states[1])
+    bad.pop("fc2.bias")
+    with pytest.raises(ValueError):
+        weighted_average([states[0], bad], [0.5, 0.5])
+
+
+def test_weighted_sum_rows():
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randn(5, 17, generator=g)
+    w = [0.1, 0.2, 0.3, 0.25, 0.15]
+    by_hand = sum(w[k] * rows[k].double() for k in range(5))
+    torch.testing.assert_close(weighted_sum_rows(rows, w).double(), by_hand, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(weighted_sum_rows(rows, [1 / 5] * 5), rows.mean(0), rtol=1e-6, atol=1e-6)
+    assert torch.equal(weighted_sum_rows(rows, [0, 0, 1, 0, 0]), rows[2])
+    with pytest.raises(ValueError):
+        weighted_sum_rows(rows, [0.5, 0.5])
+
+
+def test_rows_and_states_agree():
+    """Averaging flattened rows equals averaging the state dicts (what the orchestrator relies on)."""
+    states = random_states(3, seed=5)
+    w = aggregation_weights([7, 1, 2], "samples")
+    rows = torch.stack([flatten(s) for s in states])
+    from_rows = unflatten(weighted_sum_rows(rows, w), states[0])
+    from_states = weighted_average(states, w)
+    for k in from_states:
+        assert torch.equal(from_rows[k], from_states[k])
+
+
+# -- flatten / bytes -----------------------------------------------------------------------------
+
+def test_flatten_unflatten_round_trip():
+    state = random_states(1, seed=6)[0]
+    vec = flatten(state)
+    assert vec.dim() == 1 and vec.dtype == torch.float32
+    assert vec.numel() == sum(t.numel() for t in state.values())
+    assert torch.equal(vec[:36], state["fc1.weight"].reshape(-1))  # key order
+    back = unflatten(vec, state)
+    assert list(back) == list(state)
+    for k in state:
+        assert back[k].shape == state[k].shape and back[k].dtype == state[k].dtype
+        assert torch.equal(back[k], state[k])
+    # A copy, not a view of the vector.
+    vec.zero_()
+    assert not torch.equal(back["fc1.weight"], torch.zeros(6, 6))
+    with pytest.raises(ValueError):
+        unflatten(torch.zeros(vec.numel() + 1), state)
+
+
+def test_flatten_unflatten_keeps_fp16_dtype():
+    state = random_states(1, seed=7, dtype=torch.float16)[0]
+    back = unflatten(flatten(state), state)
+    for k in state:
+        assert back[k].dtype == torch.float16 and torch.equal(back[k], state[k])
+
+
+@pytest.mark.parametrize("dtype,size", [(torch.float32, 4), (torch.float16, 2), (torch.float64, 8)])
+def test_state_bytes(dtype, size):
+    state = random_states(1, seed=8, dtype=dtype)[0]
+    numel = 2 * 36 + 2 * 6
+    assert state_bytes(state) == numel * size == sum(t.numel() * t.element_size() for t in state.values())
+    # The ViT-B-32 adapter: 525,312 fp32 values.
+    adapter = {"w1": torch.zeros(512, 512), "b1": torch.zeros(512), "w2": torch.zeros(512, 512), "b2": torch.zeros(512)}
+    assert state_bytes(adapter) == 525_312 * 4
+    assert state_bytes({}) == 0
+
+
+# -- placement -----------------------------------------------------------------------------------
+
+def loads(sizes, ranks, world_size):
+    out = [0] * world_size
+    for s, r in zip(sizes, ranks):
+        out[r] += s
+    return out
+
+
+def test_assign_deterministic_and_complete():
+    rng = random.Random(0)
+    for trial in range(50):
+        n = rng.randint(1, 12)
+        world = rng.randint(1, 6)
+        sizes = [rng.randint(0, 1000) for _ in range(n)]
+        names = [f"client{i}" for i in range(n)]
+        ranks = assign(sizes, names, world)
+        assert ranks == assign(list(sizes), list(names), world)  # deterministic
+        assert len(ranks) == n and all(0 <= r < world for r in ranks)
+        ld = loads(sizes, ranks, world)
+        assert sum(ld) == sum(sizes)
+        assert max(ld) - min(ld) <= max(sizes), (sizes, world, ranks)
+
+
+def test_assign_is_balanced_example():
+    sizes = [100, 90, 50, 40, 30, 20]
+    ranks = assign(sizes, list("abcdef"), 2)
+    assert sorted(loads(sizes, ranks, 2)) == [160, 170]
+    # Largest first, ties broken by name then lowest rank.
+    assert assign([5, 5], ["b", "a"], 2) == [1, 0]
+
+
+def test_assign_more_ranks_than_items():
+    ranks = assign([10, 20, 30], ["x", "y", "z"], 5)
+    assert sorted(ranks) == [0, 1, 2]  # each item alone; ranks 3 and 4 idle
+    assert len(set(ranks)) == 3
+    assert assign([], [], 3) == []
+
+
+def test_assign_single_rank():
+    assert assign([3, 1, 4, 1, 5], list("abcde"), 1) == [0] * 5
+    with pytest.raises(ValueError):
+        assign([1], ["a"], 0)
+
+
+# -- gather_rows ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fabric() -> Fabric:
+    return Fabric(accelerator="cpu", devices=1)
+
+
+def test_gather_rows_single_process(fabric):
+    assert fabric.world_size == 1
+    g = torch.Generator().manual_seed(9)
+    rows = {0: torch.randn(5, generator=g), 2: torch.randn(5, generator=g)}
+    out = gather_rows(fabric, rows, num_rows=4, width=5)
+    assert out.shape == (4, 5) and out.dtype == torch.float32 and out.device.type == "cpu"
+    assert torch.equal(out[0], rows[0]) and torch.equal(out[2], rows[2])
+    assert torch.equal(out[1], torch.zeros(5)) and torch.equal(out[3], torch.zeros(5))
+
+
+def test_gather_rows_dtype_and_empty(fabric):
+    v = torch.randn(3, dtype=torch.float64)
+    out = gather_rows(fabric, {1: v}, num_rows=2, width=3, dtype=torch.float64)
+    assert out.dtype == torch.float64 and torch.equal(out[1], v) and torch.equal(out[0], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(gather_rows(fabric, {}, num_rows=3, width=2), torch.zeros(3, 2))
