@@ -1,0 +1,94 @@
+"""Config composition and validation: every preset, every value check."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedclip_lightning.config import Config, conf_dir, load_config, to_config, validate
+from fedclip_lightning.errors import ConfigError
+
+CONF = conf_dir()
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+
+
+def _options(group: str) -> list[str]:
+    return sorted(f.stem for f in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_preset_composes_and_validates(group, option, tmp_path):
+    cfg = load_config([f"{group}={option}", f"data.root={tmp_path}"])
+    assert isinstance(cfg, Config)
+    if group == "experiment" and option == "pacs_paper":
+        assert cfg.backbone.name == "ViT-B-32" and cfg.backbone.pretrained == "openai"
+        assert cfg.federation.rounds == 200 and cfg.algorithm.lr == 5e-5
+        assert cfg.data.domains == ["art_painting", "cartoon", "photo", "sketch"]
+
+
+def test_default_is_the_demo():
+    cfg = load_config([])
+    assert cfg.data.dataset == "synthetic" and cfg.backbone.pretrained is None
+    assert cfg.fabric.accelerator == "cpu"
+
+
+def test_reference_hyperparameters():
+    a = load_config([]).algorithm
+    assert (a.lr, list(a.betas), a.eps, a.weight_decay) == (5e-5, [0.9, 0.98], 1e-6, 0.2)
+    assert a.loss == "contrastive" and a.optimizer_state == "reset" and a.local_epochs == 1
+    assert load_config([]).federation.aggregation == "uniform"
+    assert load_config([]).data.prompt == "a picture of a {}" and load_config([]).data.batch_size == 32
+
+
+def test_dataset_presets_name_their_domains(tmp_path):
+    expected = {
+        "pacs": ["art_painting", "cartoon", "photo", "sketch"],
+        "vlcs": ["Caltech101", "LabelMe", "SUN09", "VOC2007"],
+        "office_home": ["Art", "Clipart", "Product", "Real_World"],
+        "domainnet": ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"],
+    }
+    for name, domains in expected.items():
+        cfg = load_config([f"data={name}", f"data.root={tmp_path}"])
+        assert cfg.data.domains == domains and cfg.data.unseen[0] in domains
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        load_config(["federation.rounds=0", "algorithm.lr=0", "data.split.ratios=[0.5,0.2,0.2]",
+                     "backbone.name=ViT-B-99", "algorithm.loss=hinge"])
+    msg = str(err.value)
+    assert "5 problems" in msg
+    for key in ("federation.rounds=0", "algorithm.lr=0.0", "data.split.ratios=[0.5, 0.2, 0.2]",
+                "backbone.name='ViT-B-99'", "algorithm.loss='hinge'"):
+        assert key in msg
+    assert msg.count("Fix:") == 5
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("algorithm.lr=-1", "algorithm.lr=-1"),
+    ("federation.rounds=-3", "federation.rounds=-3"),
+    ("data.split.ratios=[0.6,0.2]", "data.split.ratios"),
+    ("data.batch_size=1", "data.batch_size=1"),
+    ("data.unseen=[nowhere]", "data.unseen"),
+    ("fabric.devices=0", "fabric.devices=0"),
+    ("data.prompt=hello", "data.prompt"),
+])
+def test_invalid_values(override, needle):
+    with pytest.raises(ConfigError, match="Fix:") as err:
+        load_config([override])
+    assert needle in str(err.value)
+
+
+def test_type_errors_and_unknown_keys_name_the_key():
+    with pytest.raises(ConfigError, match="federation.rounds"):
+        load_config(["federation.rounds=abc"])
+    with pytest.raises(ConfigError, match="federation.roundz"):
+        load_config(["federation.roundz=3"])
+    with pytest.raises(ConfigError, match="pacs_mini"):  # lists the options that exist
+        load_config(["data=nope"])
+    with pytest.raises(ConfigError, match="data.root"):
+        load_config(["data=pacs"])
+
+
+def test_to_config_round_trip():
+    cfg = validate(to_config({"federation": {"rounds": 4}}))
+    assert cfg.federation.rounds == 4 and cfg.algorithm.name == "fedclip"
