@@ -349,12 +349,8 @@ def test_known_tag_without_weights_offline(tmp_path, no_real_caches):
     assert not any(k[0] == "ViT-B-32" and k[1] == "openai" for k in backbone_mod._CACHE)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG backbone.py _load: the name check accepts 'ViT-B/32' (name.replace('/', '-')), but the tag "
-    "lookup open_clip.get_pretrained_cfg(name, pretrained) uses the raw name and finds nothing, so "
-    "ViT-B/32 + openai is reported as 'neither a pretrained tag of ViT-B/32 nor an existing file ... "
-    "tags (none for this model)' instead of being looked up (and, offline, reported as missing weights)."))
 def test_slash_model_name_with_known_tag(tmp_path, no_real_caches):
+    """ViT-B/32 is open_clip's ViT-B-32: its tags are looked up, not refused."""
     cfg = BackboneConfig(name="ViT-B/32", pretrained="openai", cache_dir=str(tmp_path), download=False)
     with pytest.raises(BackboneError) as info:
         load_backbone(cfg)

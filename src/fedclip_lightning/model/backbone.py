@@ -119,6 +119,11 @@ def load_backbone(cfg: BackboneConfig, device: torch.device | str = "cpu", seed:
     return _CACHE[key]
 
 
+def _canonical(name: str) -> str:
+    """open_clip spells ViT-B/32 as ViT-B-32 in its registries."""
+    return name if name.startswith(("hf-hub:", "local-dir:")) else name.replace("/", "-")
+
+
 def model_name_problem(name: str) -> str | None:
     """Why ``name`` is not a model open_clip can build (None when it is)."""
     import open_clip
@@ -142,7 +147,7 @@ def resolve_weights(cfg: BackboneConfig) -> tuple[str | None, dict]:
     import open_clip
 
     register_tiny_configs()
-    name = cfg.name
+    name = _canonical(cfg.name)
     is_schema = name.startswith(("hf-hub:", "local-dir:"))
     problem = model_name_problem(name)
     if problem:
@@ -183,13 +188,14 @@ def _load(cfg: BackboneConfig, device: torch.device | str, seed: int) -> Backbon
     import open_clip
 
     weights_file, extra = resolve_weights(cfg)
-    name = cfg.name
+    name = _canonical(cfg.name)
     pretrained = None if name.startswith(("hf-hub:", "local-dir:")) else (
         cfg.pretrained if cfg.pretrained not in (None, "", "none", "None") else None)
     kwargs: dict = dict(precision=_PRECISION[cfg.precision], device=device, cache_dir=cfg.cache_dir, **extra)
-    torch.manual_seed(seed)
     try:
-        with _quiet_open_clip():
+        # A private RNG stream: the random init depends on `seed` alone, and the caller's RNG is untouched.
+        with _quiet_open_clip(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights_file, **kwargs)
     except BackboneError:
         raise
