@@ -20,6 +20,9 @@ from omegaconf.errors import OmegaConfBaseException
 from .errors import ConfigError
 
 ALGORITHMS = ("fedclip", "zeroshot")
+# Algorithms whose image encoder stays frozen: cached features are exact for them.
+FROZEN_ENCODER_ALGORITHMS = ("fedclip", "zeroshot")
+FEATURE_CACHE_MODES = ("auto", "on", "off")
 LOSSES = ("contrastive", "prototype")
 AGGREGATIONS = ("uniform", "samples")
 OPTIMIZER_STATES = ("reset", "keep")
@@ -90,6 +93,21 @@ class AlgorithmConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    # auto: encode each image once and train on cached frozen features wherever
+    # that is exact (frozen encoders, no augmentation: fedclip, zeroshot);
+    # on: the same, refused where not exact; off: run the encoder on every batch
+    # of every round, as the reference release does.
+    cache: str = "auto"
+    # Where feature files live; null: <FEDCLIP_CACHE_DIR or ~/.cache/fedclip-lightning>/features.
+    dir: str | None = None
+    # false: keep features in memory for this run only.
+    persist: bool = True
+    batch_size: int = 256
+    num_workers: int = 0
+
+
+@dataclass
 class FederationConfig:
     rounds: int = 10
     aggregation: str = "uniform"  # uniform (reference) or samples
@@ -131,6 +149,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     fabric: FabricConfig = field(default_factory=FabricConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
@@ -147,6 +166,11 @@ def to_config(cfg: DictConfig | dict) -> Config:
         raise ConfigError(f"{key}: {msg}. Fix the value of '{key}' (see conf/ for the expected type).") from None
     assert isinstance(obj, Config)
     return obj
+
+
+def uses_feature_cache(cfg: Config) -> bool:
+    """Train on cached frozen features? (Only where that is exact.)"""
+    return cfg.features.cache != "off" and cfg.algorithm.name in FROZEN_ENCODER_ALGORITHMS
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -222,6 +246,14 @@ def validate(cfg: Config) -> Config:
                 "name unseen domains from data.domains")
     positive_int("data.synthetic_per_class", d.synthetic_per_class, 5)
     positive_int("data.synthetic_image_size", d.synthetic_image_size, 16)
+
+    fc = cfg.features
+    choice("features.cache", fc.cache, FEATURE_CACHE_MODES)
+    if fc.cache == "on" and cfg.algorithm.name not in FROZEN_ENCODER_ALGORITHMS:
+        bad("features.cache", fc.cache, f"cached features are not exact for algorithm.name={cfg.algorithm.name!r}, "
+            "which trains the image encoder", "set features.cache=off (or auto)")
+    positive_int("features.batch_size", fc.batch_size)
+    positive_int("features.num_workers", fc.num_workers, 0)
 
     choice("backbone.precision", cfg.backbone.precision, PRECISIONS)
     if not cfg.backbone.name:

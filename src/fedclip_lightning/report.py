@@ -131,6 +131,7 @@ class Summary:
     world_size: int
     config: dict[str, Any]
     skipped_images: list[str] = field(default_factory=list)
+    features: dict[str, Any] = field(default_factory=dict)
     status: str = "running"
     rounds_run: int = 0
     selected: RoundMetrics | None = None
@@ -162,6 +163,7 @@ class Summary:
             "wall_time_s": round(self.wall_time_s, 3),
             "world_size": self.world_size,
             "skipped_images": self.skipped_images,
+            "features": self.features,
             "error": self.error,
             "config": self.config,
         })

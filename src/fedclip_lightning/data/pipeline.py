@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..config import Config
 from ..errors import DataError
@@ -44,19 +44,20 @@ def class_prompt_names(classes: list[str], style: str) -> list[str]:
     return [c.replace("_", " ") for c in classes] if style == "spaces" else list(classes)
 
 
-def make_loader(samples: list[Sample], transform, batch_size: int, *, num_workers: int, shuffle_seed: tuple | None,
+def make_loader(dataset: Dataset, batch_size: int, *, num_workers: int, shuffle_seed: tuple | None,
                 pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over ``samples``; shuffled by a generator seeded from ``shuffle_seed`` when given.
+    """A DataLoader over ``dataset``; shuffled by a generator seeded from ``shuffle_seed`` when given.
 
     The shuffle order depends only on the seed parts (run seed, round, client),
-    never on the process that runs the client.
+    never on the process that runs the client, nor on whether the data set
+    holds images or their cached features.
     """
     generator = None
     if shuffle_seed is not None:
         generator = torch.Generator()
         generator.manual_seed(stable_seed(*shuffle_seed))
     return DataLoader(
-        ImageDataset(samples, transform),
+        dataset,
         batch_size=batch_size,
         shuffle=shuffle_seed is not None,
         generator=generator,
@@ -64,3 +65,8 @@ def make_loader(samples: list[Sample], transform, batch_size: int, *, num_worker
         pin_memory=pin_memory,
         persistent_workers=False,
     )
+
+
+def feature_dataset(features: torch.Tensor, samples: list[Sample]) -> TensorDataset:
+    """Cached frozen features with their labels: items ``(feature [d], label)``."""
+    return TensorDataset(features, torch.tensor([s.label for s in samples], dtype=torch.long))

@@ -27,14 +27,17 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from ..client import ClientModule
-from ..config import Config, to_dict, validate
+from ..config import Config, to_dict, uses_feature_cache, validate
 from ..data.domains import DomainSet
 from ..data.partition import Task, stable_seed
-from ..data.pipeline import build_task, class_prompt_names, make_loader
+from ..data.domains import ImageDataset
+from ..data.pipeline import build_task, class_prompt_names, feature_dataset, make_loader
+from ..data.synthetic import default_cache_dir
 from ..evaluate import SplitResult, evaluate, train_epochs
 from ..loggers import build_loggers, finish_loggers, wandb_mode
 from ..model.adapter import AttentionAdapter
 from ..model.backbone import load_backbone, resolve_weights
+from ..model.features import FeatureCache, model_identity
 from ..report import atomic_write_text, MetricsCSV, ModelSelection, RoundMetrics, Summary, format_table
 from .distributed import gather_rows
 from .placement import assign
@@ -146,21 +149,17 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
         p.index: ClientModule(p.name, backbone, text, algo, use_adapter=not zeroshot) for p in mine
     }
     pin = device.type == "cuda"
-    transform = backbone.preprocess
     d = cfg.data
 
-    def eval_loader(samples):
-        return make_loader(samples, transform, d.eval_batch_size, num_workers=d.num_workers, shuffle_seed=None,
-                           pin_memory=pin)
+    # -- data: cached frozen features (each image encoded once) or images ------
+    datasets, feature_stats = _build_datasets(cfg, fabric, backbone, clients, task, mine)
+    train_workers = 0 if uses_feature_cache(cfg) else d.num_workers
 
-    eval_loaders: dict[tuple[int, str], object] = {}
-    for p in mine:
-        if p.kind == "client":
-            c = clients[p.index]
-            eval_loaders[(p.index, "val")] = eval_loader(c.val)
-            eval_loaders[(p.index, "test")] = eval_loader(c.test)
-        else:
-            eval_loaders[(p.index, "unseen")] = eval_loader(task.unseen[p.name])
+    def loader(ds, batch_size, shuffle_seed=None):
+        return make_loader(ds, batch_size, num_workers=train_workers, shuffle_seed=shuffle_seed,
+                           pin_memory=pin and not uses_feature_cache(cfg))
+
+    eval_loaders = {key: loader(ds, d.eval_batch_size) for key, ds in datasets.items() if key[1] != "train"}
 
     summary = Summary(
         algorithm=algo.name,
@@ -178,6 +177,7 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
         world_size=fabric.world_size,
         config=to_dict(cfg),
         skipped_images=list(domains.skipped),
+        features=feature_stats,
     )
     metrics_csv = MetricsCSV(run_dir / "metrics.csv") if rank0 else None
     if rank0:
@@ -213,9 +213,9 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
                 optimizer = m.configure_optimizers()
                 if algo.optimizer_state == "keep" and m.optimizer_state is not None:
                     optimizer.load_state_dict(m.optimizer_state)
-                loader = make_loader(clients[p.index].train, transform, d.batch_size, num_workers=d.num_workers,
-                                     shuffle_seed=(cfg.seed, "train", rnd, p.name), pin_memory=pin)
-                res = train_epochs(m, loader, optimizer, algo.local_epochs, device)
+                train_loader = loader(datasets[(p.index, "train")], d.batch_size,
+                                      shuffle_seed=(cfg.seed, "train", rnd, p.name))
+                res = train_epochs(m, train_loader, optimizer, algo.local_epochs, device)
                 if algo.optimizer_state == "keep":
                     m.optimizer_state = _to_cpu(optimizer.state_dict())
                 rows[p.index] = flatten(m.get_adapter_state())
@@ -330,6 +330,55 @@ def _evaluate_round(fabric: Fabric, rnd: int, parts: list[Participant], modules:
     return metrics
 
 
+def _build_datasets(cfg: Config, fabric: Fabric, backbone, clients, task: Task, mine: list[Participant]):
+    """Per (participant index, split): a data set of cached features, or of images.
+
+    With the cache, each rank encodes the images of its own participants once
+    (or loads them from disk) before the first round.
+    """
+    datasets: dict[tuple[int, str], object] = {}
+    use_cache = uses_feature_cache(cfg)
+    cache = None
+    if use_cache:
+        fc = cfg.features
+        root = None
+        if fc.persist:
+            root = Path(fc.dir).expanduser() if fc.dir else default_cache_dir() / "features"
+        cache = FeatureCache(root, backbone, model_identity(backbone, cfg.backbone.precision, cfg.seed),
+                             batch_size=fc.batch_size, num_workers=fc.num_workers,
+                             progress=cfg.progress and fabric.is_global_zero)
+    for p in mine:
+        if p.kind == "client":
+            c = clients[p.index]
+            splits = {"train": c.train, "val": c.val, "test": c.test}
+        else:
+            splits = {"unseen": task.unseen[p.name]}
+        if cache is None:
+            for split, samples in splits.items():
+                datasets[(p.index, split)] = ImageDataset(samples, backbone.preprocess)
+            continue
+        everything = [s for samples in splits.values() for s in samples]
+        feats = cache.get(everything, desc=f"encoding {p.name}")
+        offset = 0
+        for split, samples in splits.items():
+            datasets[(p.index, split)] = feature_dataset(feats[offset : offset + len(samples)], samples)
+            offset += len(samples)
+    stats = {"cache": use_cache}
+    if cache is not None:
+        # Summed over ranks: how many images this run encoded, and how many came from disk.
+        local = torch.tensor([[cache.stats.encoded_images, cache.stats.cached_images, cache.stats.rebuilt_files,
+                               cache.stats.encode_seconds]], dtype=torch.float64)
+        total = gather_rows(fabric, {fabric.global_rank: local[0]}, fabric.world_size, 4, torch.float64)
+        stats.update({
+            "dir": str(cache.root) if cache.root else None,
+            "encoded_images": int(total[:, 0].sum()),
+            "cached_images": int(total[:, 1].sum()),
+            "rebuilt_files": int(total[:, 2].sum()),
+            "encode_seconds_max_rank": round(float(total[:, 3].max()), 3),
+        })
+    return datasets, stats
+
+
 def _save_adapter(path: Path, state: dict[str, torch.Tensor], rnd: int) -> None:
     """The global adapter as a plain state dict (load with torch.load(..., weights_only=True))."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -356,6 +405,10 @@ def _print_header(cfg: Config, s: Summary, run_dir: Path, random_init: bool, fab
     print(f"  clients: {listed}")
     print(f"  unseen:  {', '.join(s.unseen) or '-'}")
     print(f"  {w} rounds on {fabric.world_size} process(es), {fabric.device.type}; run directory {run_dir}")
+    f = s.features
+    if f.get("cache"):
+        print(f"  features: {f['encoded_images']} images encoded ({f['encode_seconds_max_rank']:.1f} s), "
+              f"{f['cached_images']} read from the cache {f['dir'] or '(in memory)'}")
     if s.skipped_images:
         print(f"  skipped {len(s.skipped_images)} unreadable image(s) (data.on_corrupt=skip); listed in summary.json")
     if random_init:

@@ -1,0 +1,155 @@
+"""Frozen-feature cache: encode each image once, train the adapter on features.
+
+FedCLIP freezes both encoders and its preprocessing has no augmentation, so the
+frozen image feature of an image never changes during training. Encoding every
+image once before the first round, and training and evaluating the adapter on
+those features, gives the same model as running the encoder on every batch of
+every round, for a fraction of the work.
+
+On disk, one file per image set (a client's images, an unseen domain) under
+``<cache dir>/features/``, named by a SHA-256 of everything that changes a
+feature: the model (name, weights file path+size+mtime or the random-init
+seed), its precision, the preprocessing transform, and each image's path, size
+and mtime. A changed input gets a new name (a miss); later runs and sweeps over
+learning rates or seeds reuse the file. Files are written atomically (temp file,
+then rename) and checked on load: a truncated or mismatched file is rebuilt,
+never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data.domains import ImageDataset, Sample
+from .backbone import Backbone
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+def model_identity(backbone: Backbone, precision: str, seed: int) -> dict:
+    """Everything about the encoder that changes its output."""
+    ident: dict = {"name": backbone.name, "precision": precision, "preprocess": repr(backbone.preprocess)}
+    if backbone.weights_file:
+        st = os.stat(backbone.weights_file)
+        ident["weights"] = [os.path.abspath(backbone.weights_file), st.st_size, st.st_mtime_ns]
+    elif backbone.name.startswith(("hf-hub:", "local-dir:")):
+        ident["weights"] = backbone.name
+    else:
+        ident["weights"] = ["random-init", seed]
+    return ident
+
+
+def images_identity(samples: list[Sample]) -> list:
+    out = []
+    for s in samples:
+        st = os.stat(s.path)
+        out.append([s.path, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def cache_key(model_ident: dict, samples: list[Sample]) -> str:
+    blob = json.dumps({"v": FORMAT_VERSION, "model": model_ident, "images": images_identity(samples)},
+                      sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+@dataclass
+class CacheStats:
+    encoded_images: int = 0
+    cached_images: int = 0
+    encode_seconds: float = 0.0
+    rebuilt_files: int = 0
+
+
+@torch.inference_mode()
+def encode_images(backbone: Backbone, samples: list[Sample], *, batch_size: int, num_workers: int,
+                  desc: str = "encoding", progress: bool = True) -> torch.Tensor:
+    """Raw frozen image features ``[N, d]`` (fp32, CPU) in the order of ``samples``.
+
+    DataLoader workers decode in parallel, pinned memory feeds the GPU, the
+    encoder runs in its configured precision under inference mode.
+    """
+    device = backbone.device
+    loader = DataLoader(ImageDataset(samples, backbone.preprocess), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False)
+    out = torch.empty(len(samples), backbone.embed_dim, dtype=torch.float32)
+    i = 0
+    with tqdm(total=len(samples), desc=desc, unit="img", dynamic_ncols=True, disable=not progress,
+              leave=False) as bar:
+        for x, _ in loader:
+            f = backbone.image_features(x)
+            out[i : i + len(f)] = f.float().cpu()
+            i += len(f)
+            bar.update(len(f))
+    return out
+
+
+class FeatureCache:
+    """Features of image sets, on disk under ``root`` (or in memory only when ``root`` is None)."""
+
+    def __init__(self, root: Path | None, backbone: Backbone, model_ident: dict, *, batch_size: int = 256,
+                 num_workers: int = 0, progress: bool = True):
+        self.root = root
+        self.backbone = backbone
+        self.model_ident = model_ident
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.progress = progress
+        self.stats = CacheStats()
+        if root is not None:
+            root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, key: str) -> Path | None:
+        return None if self.root is None else self.root / f"{key}.pt"
+
+    def get(self, samples: list[Sample], desc: str = "encoding") -> torch.Tensor:
+        """Features of ``samples`` (in order): from disk when a valid file exists, else encoded and saved."""
+        key = cache_key(self.model_ident, samples)
+        path = self.path_for(key)
+        if path is not None and path.exists():
+            feats = self._load(path, key, len(samples))
+            if feats is not None:
+                self.stats.cached_images += len(samples)
+                return feats
+            self.stats.rebuilt_files += 1
+        t0 = time.perf_counter()
+        feats = encode_images(self.backbone, samples, batch_size=self.batch_size, num_workers=self.num_workers,
+                              desc=desc, progress=self.progress)
+        self.stats.encode_seconds += time.perf_counter() - t0
+        self.stats.encoded_images += len(samples)
+        if path is not None:
+            self._save(path, key, feats)
+        return feats
+
+    def _load(self, path: Path, key: str, n: int) -> torch.Tensor | None:
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            feats = blob["features"]
+            ok = (blob.get("key") == key and blob.get("version") == FORMAT_VERSION and isinstance(feats, torch.Tensor)
+                  and tuple(feats.shape) == (n, self.backbone.embed_dim) and feats.dtype == torch.float32
+                  and bool(torch.isfinite(feats).all()))
+        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file is rebuilt
+            log.warning("feature cache file %s is unreadable (%s); rebuilding it", path, exc)
+            return None
+        if not ok:
+            log.warning("feature cache file %s does not match its key; rebuilding it", path)
+            return None
+        return feats
+
+    def _save(self, path: Path, key: str, feats: torch.Tensor) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"version": FORMAT_VERSION, "key": key, "model": json.dumps(self.model_ident, sort_keys=True),
+                    "features": feats}, tmp)
+        os.replace(tmp, path)

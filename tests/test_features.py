@@ -1,0 +1,107 @@
+"""The frozen-feature cache: exact, reused, invalidated, never trusted blindly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import PACS_MINI
+from fedclip_lightning.config import load_config, to_config, validate
+from fedclip_lightning.data.domains import scan_domains
+from fedclip_lightning.errors import ConfigError
+from fedclip_lightning.federation.orchestrator import run
+from fedclip_lightning.model.backbone import load_backbone
+from fedclip_lightning.model.features import FeatureCache, encode_images, model_identity
+
+
+def _run(tmp_path, name, root=PACS_MINI, *more):
+    cfg = load_config(["experiment=pacs_mini_debug", f"data.root={root}", "progress=false", "logger=none",
+                       f"output_dir={tmp_path / 'outputs'}", f"run_name={name}",
+                       f"features.dir={tmp_path / 'features'}", *more])
+    return run(cfg)
+
+
+def test_cached_features_give_the_same_results_as_the_encoder(tmp_path):
+    cached = _run(tmp_path, "cached")
+    reference = _run(tmp_path, "reference", PACS_MINI, "features=reference")
+    assert cached["features"]["cache"] is True and reference["features"] == {"cache": False}
+    for block in ("selected", "final"):
+        for key in ("client_test_acc", "client_val_acc", "unseen_acc"):
+            for name, v in reference[block][key].items():
+                assert cached[block][key][name] == pytest.approx(v, abs=1e-5)
+    assert cached["selected_round"] == reference["selected_round"]
+    # the losses too, row by row
+    rows = lambda n: (tmp_path / "outputs" / n / "metrics.csv").read_text().splitlines()[1:]  # noqa: E731
+    for a, b in zip(rows("cached"), rows("reference"), strict=True):
+        ra, rb = a.split(","), b.split(",")
+        assert ra[:3] == rb[:3]
+        for x, y in zip(ra[3:], rb[3:]):
+            assert (x == y == "") or float(x) == pytest.approx(float(y), abs=1e-5)
+
+
+def test_second_run_encodes_nothing_and_a_changed_image_invalidates(tmp_path):
+    root = tmp_path / "mini"
+    shutil.copytree(PACS_MINI, root)
+    first = _run(tmp_path, "a", root)["features"]
+    assert first["encoded_images"] == 40 and first["cached_images"] == 0
+    second = _run(tmp_path, "b", root, "seed=0", "algorithm.lr=1e-3")["features"]
+    assert second["encoded_images"] == 0 and second["cached_images"] == 40
+    # touch one photo image: its client's set is encoded again, nothing else
+    img = next((root / "photo" / "dog").iterdir())
+    st = img.stat()
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    third = _run(tmp_path, "c", root)["features"]
+    assert third["encoded_images"] == 10 and third["cached_images"] == 30
+
+
+def test_truncated_or_mismatched_file_is_rebuilt(tmp_path):
+    backbone = load_backbone(load_config([]).backbone)
+    samples = scan_domains(PACS_MINI, ["photo"]).samples["photo"]
+    ident = model_identity(backbone, "fp32", 0)
+    cache = FeatureCache(tmp_path, backbone, ident, batch_size=4, progress=False)
+    want = cache.get(samples)
+    (path,) = tmp_path.glob("*.pt")
+    # truncated
+    path.write_bytes(path.read_bytes()[:100])
+    again = FeatureCache(tmp_path, backbone, ident, batch_size=4, progress=False)
+    assert torch.equal(again.get(samples), want)
+    assert again.stats.rebuilt_files == 1 and again.stats.encoded_images == len(samples)
+    # a file whose content does not match its name (wrong shape)
+    blob = torch.load(path, weights_only=True)
+    blob["features"] = blob["features"][:3]
+    torch.save(blob, path)
+    third = FeatureCache(tmp_path, backbone, ident, batch_size=4, progress=False)
+    assert torch.equal(third.get(samples), want) and third.stats.rebuilt_files == 1
+    # and a valid file is used as is
+    fourth = FeatureCache(tmp_path, backbone, ident, batch_size=4, progress=False)
+    assert torch.equal(fourth.get(samples), want) and fourth.stats.cached_images == len(samples)
+
+
+def test_encode_matches_the_backbone_batch_by_batch():
+    backbone = load_backbone(load_config([]).backbone)
+    samples = scan_domains(PACS_MINI, ["sketch"]).samples["sketch"]
+    feats = encode_images(backbone, samples, batch_size=3, num_workers=0, progress=False)
+    from fedclip_lightning.data.domains import ImageDataset
+
+    ds = ImageDataset(samples, backbone.preprocess)
+    direct = backbone.image_features(torch.stack([ds[i][0] for i in range(len(ds))]))
+    torch.testing.assert_close(feats, direct, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_refused_where_it_is_not_exact():
+    cfg = to_config({"algorithm": {"name": "fedavg"}, "features": {"cache": "on"}})
+    with pytest.raises(ConfigError, match="features.cache") as err:
+        validate(cfg)
+    assert "not exact" in str(err.value)
+
+
+def test_a_different_model_never_shares_files(tmp_path):
+    backbone = load_backbone(load_config([]).backbone)
+    a = model_identity(backbone, "fp32", 0)
+    b = model_identity(backbone, "fp32", 1)  # another random init
+    c = model_identity(backbone, "bf16", 0)
+    assert len({json.dumps(x, sort_keys=True) for x in (a, b, c)}) == 3
