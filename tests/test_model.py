@@ -166,7 +166,8 @@ def test_training_leaves_backbone_untouched(name, mini):
     algo = AlgorithmConfig(lr=1e-2, weight_decay=0.0)
     client = ClientModule("photo", bb, text, algo)
     adapter_before = {k: v.clone() for k, v in client.get_adapter_state().items()}
-    loader = make_loader(mini.samples["photo"], bb.preprocess, 4, num_workers=0, shuffle_seed=(0, 0, "photo"))
+    loader = make_loader(ImageDataset(mini.samples["photo"], bb.preprocess), 4, num_workers=0,
+                         shuffle_seed=(0, 0, "photo"))
     bb.clip.train()  # what the reference release does before training: must be a no-op
     client.train()
     result = train_epochs(client, loader, client.configure_optimizers(), epochs=2, device=torch.device("cpu"))
