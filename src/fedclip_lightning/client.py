@@ -25,6 +25,8 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchmetrics.aggregation import SumMetric
+from torchmetrics.classification import MulticlassAccuracy
 
 from .config import AlgorithmConfig
 from .model.adapter import AttentionAdapter
@@ -43,6 +45,10 @@ class ClientModule(L.LightningModule):
         self.adapter = AttentionAdapter(backbone.embed_dim) if use_adapter else None
         # Adam state between rounds (optimizer_state=keep), kept on the CPU.
         self.optimizer_state: dict[str, Any] | None = None
+        # Metrics live with the client (created once; their state is not part of state_dict()).
+        num_classes = text_features.shape[0]
+        self.accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro", sync_on_compute=False)
+        self.loss_sum = SumMetric(sync_on_compute=False)
 
     # -- model ---------------------------------------------------------------
     def features(self, x: torch.Tensor) -> torch.Tensor:

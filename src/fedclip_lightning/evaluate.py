@@ -32,9 +32,14 @@ class SplitResult:
         return cls(accuracy=float(row[0]), loss=float(row[1]), n=int(row[2]))
 
 
-def _metrics(num_classes: int, device: torch.device) -> tuple[MulticlassAccuracy, SumMetric]:
-    acc = MulticlassAccuracy(num_classes=num_classes, average="micro", sync_on_compute=False).to(device)
-    loss = SumMetric(sync_on_compute=False).to(device)
+def _metrics(client: ClientModule, device: torch.device) -> tuple[MulticlassAccuracy, SumMetric]:
+    """The client's own metric objects, reset and on ``device`` (creating them per call is costly)."""
+    acc, loss = client.accuracy, client.loss_sum
+    if acc.device != device:
+        acc.to(device)
+        loss.to(device)
+    acc.reset()
+    loss.reset()
     return acc, loss
 
 
@@ -42,8 +47,7 @@ def train_epochs(client: ClientModule, loader: DataLoader, optimizer: torch.opti
                  device: torch.device, progress=None) -> SplitResult:
     """Run ``epochs`` passes of ``training_step`` + Adam; return mean loss and running accuracy."""
     client.train()
-    num_classes = client.text_features.shape[0]
-    acc, loss_sum = _metrics(num_classes, device)
+    acc, loss_sum = _metrics(client, device)
     n_batches = 0
     for _ in range(epochs):
         for i, (x, y) in enumerate(loader):
@@ -69,8 +73,7 @@ def train_epochs(client: ClientModule, loader: DataLoader, optimizer: torch.opti
 def evaluate(client: ClientModule, loader: DataLoader, device: torch.device) -> SplitResult:
     """Accuracy and mean class-prototype cross-entropy of ``client`` on a split."""
     client.eval()
-    num_classes = client.text_features.shape[0]
-    acc, loss_sum = _metrics(num_classes, device)
+    acc, loss_sum = _metrics(client, device)
     n = 0
     for i, (x, y) in enumerate(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

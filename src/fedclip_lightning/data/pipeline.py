@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config
 from ..errors import DataError
@@ -64,9 +64,35 @@ def make_loader(dataset: Dataset, batch_size: int, *, num_workers: int, shuffle_
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=False,
+        collate_fn=_batched if isinstance(dataset, FeatureDataset) else None,
     )
 
 
-def feature_dataset(features: torch.Tensor, samples: list[Sample]) -> TensorDataset:
-    """Cached frozen features with their labels: items ``(feature [d], label)``."""
-    return TensorDataset(features, torch.tensor([s.label for s in samples], dtype=torch.long))
+class FeatureDataset(Dataset):
+    """Cached frozen features with their labels: items ``(feature [d], label)``.
+
+    Batches are gathered with one indexing operation (``__getitems__``) rather
+    than one item at a time; the sampler, and so the order, is the DataLoader's
+    own, exactly as for images.
+    """
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features[i], self.labels[i]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.features[idx], self.labels[idx]
+
+
+def _batched(batch):
+    return batch
+
+
+def feature_dataset(features: torch.Tensor, samples: list[Sample]) -> FeatureDataset:
+    return FeatureDataset(features, torch.tensor([s.label for s in samples], dtype=torch.long))

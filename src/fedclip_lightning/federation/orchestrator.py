@@ -209,7 +209,7 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
                     continue
                 m = modules[p.index]
                 m.set_adapter_state(global_state)
-                m.to(device)
+                _move(m, device)
                 optimizer = m.configure_optimizers()
                 if algo.optimizer_state == "keep" and m.optimizer_state is not None:
                     optimizer.load_state_dict(m.optimizer_state)
@@ -220,7 +220,7 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
                     m.optimizer_state = _to_cpu(optimizer.state_dict())
                 rows[p.index] = flatten(m.get_adapter_state())
                 train_rows[p.index] = res.as_row()
-                m.to("cpu")  # a client's state waits off the accelerator between turns
+                _move(m, "cpu")  # a client's state waits off the accelerator between turns
             # 3. reduce: one all_reduce assembles every client's adapter on every rank.
             table = gather_rows(fabric, rows, num_clients, adapter_params)
             # 4. aggregate in fixed client order, and send the result back to every client.
@@ -279,7 +279,7 @@ def _evaluate_round(fabric: Fabric, rnd: int, parts: list[Participant], modules:
         m = modules[p.index]
         if global_state is not None:
             m.set_adapter_state(global_state)  # the model each client holds after aggregation
-        m.to(device)
+        _move(m, device)
         if p.kind == "client":
             if train_rows is not None and p.index in train_rows:
                 local[p.index] = train_rows[p.index]
@@ -287,7 +287,7 @@ def _evaluate_round(fabric: Fabric, rnd: int, parts: list[Participant], modules:
             local[2 * n + p.index] = evaluate(m, eval_loaders[(p.index, "test")], device).as_row()
         else:
             local[2 * n + p.index] = evaluate(m, eval_loaders[(p.index, "unseen")], device).as_row()
-        m.to("cpu")
+        _move(m, "cpu")
     # A fourth column marks rows that some rank filled (a train row is absent in round 0, say).
     present_col = torch.ones(1, dtype=torch.float64)
     table = gather_rows(fabric, {i: torch.cat([v, present_col]) for i, v in local.items()}, 3 * n, 4,
@@ -377,6 +377,12 @@ def _build_datasets(cfg: Config, fabric: Fabric, backbone, clients, task: Task, 
             "encode_seconds_max_rank": round(float(total[:, 3].max()), 3),
         })
     return datasets, stats
+
+
+def _move(module: ClientModule, device) -> None:
+    """Move a client between the accelerator and the CPU (a no-op, skipped, on a CPU-only run)."""
+    if torch.device(device) != module.device:
+        module.to(device)
 
 
 def _save_adapter(path: Path, state: dict[str, torch.Tensor], rnd: int) -> None:
