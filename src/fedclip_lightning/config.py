@@ -31,7 +31,7 @@ ON_CORRUPT = ("error", "skip")
 CLASS_NAME_STYLES = ("verbatim", "spaces")
 LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 
 
@@ -45,7 +45,8 @@ class BackboneConfig:
     # Where open_clip / Hugging Face look for (and would download) weights.
     cache_dir: str | None = None
     # Precision of the frozen encoders; the adapter always runs in fp32.
-    precision: str = "fp32"
+    # auto: fp16 on a GPU (as the reference's clip.load), fp32 on the CPU.
+    precision: str = "auto"
     # QuickGELU activations (OpenAI weights need them); null: as the tag says.
     quick_gelu: bool | None = None
     # Try to download a tag that is not in the local caches.
@@ -71,6 +72,8 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: int = 128
     num_workers: int = 0
+    # Use at most this many images per domain (a seeded subset); null: all.
+    max_per_domain: int | None = None
     on_corrupt: str = "error"
     check_images: bool = True
     prompt: str = "a picture of a {}"
@@ -104,7 +107,8 @@ class FeaturesConfig:
     # false: keep features in memory for this run only.
     persist: bool = True
     batch_size: int = 256
-    num_workers: int = 0
+    # Image-decoding workers for the encoder pass; null: min(8, CPU cores).
+    num_workers: int | None = None
 
 
 @dataclass
@@ -231,6 +235,8 @@ def validate(cfg: Config) -> Config:
     positive_int("data.batch_size", d.batch_size, 2)
     positive_int("data.eval_batch_size", d.eval_batch_size)
     positive_int("data.num_workers", d.num_workers, 0)
+    if d.max_per_domain is not None:
+        positive_int("data.max_per_domain", d.max_per_domain, 5)
     choice("data.on_corrupt", d.on_corrupt, ON_CORRUPT)
     choice("data.class_names", d.class_names, CLASS_NAME_STYLES)
     if "{}" not in d.prompt:
@@ -253,7 +259,8 @@ def validate(cfg: Config) -> Config:
         bad("features.cache", fc.cache, f"cached features are not exact for algorithm.name={cfg.algorithm.name!r}, "
             "which trains the image encoder", "set features.cache=off (or auto)")
     positive_int("features.batch_size", fc.batch_size)
-    positive_int("features.num_workers", fc.num_workers, 0)
+    if fc.num_workers is not None:
+        positive_int("features.num_workers", fc.num_workers, 0)
 
     choice("backbone.precision", cfg.backbone.precision, PRECISIONS)
     if not cfg.backbone.name:
@@ -305,6 +312,11 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = 
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from hydra.core.config_store import ConfigStore
+
+    # The typed schema underlies conf/config.yaml, so every key exists (with its
+    # default) whatever a preset spells out, and types are checked as Hydra composes.
+    ConfigStore.instance().store(name="fedclip_schema", node=Config)
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
             composed = compose(config_name=config_name, overrides=list(overrides))

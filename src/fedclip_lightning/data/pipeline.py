@@ -6,6 +6,7 @@ stops every rank with the same message and nothing half-starts).
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -34,9 +35,22 @@ def build_task(cfg: Config) -> tuple[Task, DomainSet]:
     """Scan the image folders named by ``cfg.data`` and split them into clients and unseen domains."""
     d = cfg.data
     ds = scan_domains(resolve_root(cfg), d.domains, on_corrupt=d.on_corrupt, check_images=d.check_images)
+    if d.max_per_domain is not None:
+        ds = subsample(ds, d.max_per_domain, cfg.seed)
     if d.split.mode == "official":
         return official_split(ds, list(d.unseen), Path(d.split.official_dir).expanduser()), ds
     return leave_one_domain_out(ds, list(d.unseen), ratios=tuple(d.split.ratios), seed=cfg.seed), ds
+
+
+def subsample(ds: DomainSet, max_per_domain: int, seed: int) -> DomainSet:
+    """At most ``max_per_domain`` images of each domain: a seeded random subset, kept in path order."""
+    samples = {}
+    for domain, items in ds.samples.items():
+        if len(items) > max_per_domain:
+            keep = sorted(random.Random(stable_seed(seed, "subset", domain)).sample(range(len(items)), max_per_domain))
+            items = [items[i] for i in keep]
+        samples[domain] = items
+    return DomainSet(root=ds.root, classes=ds.classes, samples=samples, skipped=ds.skipped)
 
 
 def class_prompt_names(classes: list[str], style: str) -> list[str]:

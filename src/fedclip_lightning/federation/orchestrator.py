@@ -164,7 +164,7 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
     summary = Summary(
         algorithm=algo.name,
         backbone={"name": backbone.name, "pretrained": backbone.pretrained, "weights_file": backbone.weights_file,
-                  "random_init": random_init, "embed_dim": backbone.embed_dim, "precision": cfg.backbone.precision},
+                  "random_init": random_init, "embed_dim": backbone.embed_dim, "precision": backbone.precision},
         dataset=cfg.data.dataset,
         data_root=str(domains.root),
         clients=[c.name for c in clients],
@@ -344,8 +344,9 @@ def _build_datasets(cfg: Config, fabric: Fabric, backbone, clients, task: Task, 
         root = None
         if fc.persist:
             root = Path(fc.dir).expanduser() if fc.dir else default_cache_dir() / "features"
-        cache = FeatureCache(root, backbone, model_identity(backbone, cfg.backbone.precision, cfg.seed),
-                             batch_size=fc.batch_size, num_workers=fc.num_workers,
+        cache = FeatureCache(root, backbone, model_identity(backbone, backbone.precision, cfg.seed),
+                             batch_size=fc.batch_size,
+                             num_workers=fc.num_workers if fc.num_workers is not None else min(8, os.cpu_count() or 1),
                              progress=cfg.progress and fabric.is_global_zero)
     for p in mine:
         if p.kind == "client":

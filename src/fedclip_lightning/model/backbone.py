@@ -82,6 +82,7 @@ class Backbone:
     embed_dim: int
     logit_scale: float  # exp(logit_scale) of the frozen model, a plain float
     weights_file: str | None  # the checkpoint actually loaded (None: random init)
+    precision: str = "fp32"  # what the frozen encoder runs in
 
     @property
     def device(self) -> torch.device:
@@ -104,6 +105,13 @@ class Backbone:
 
 
 _PRECISION = {"fp32": "fp32", "bf16": "pure_bf16", "fp16": "pure_fp16"}
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``auto``: fp16 on a GPU (what the reference's clip.load gives), fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    return "fp16" if torch.device(device).type == "cuda" else "fp32"
 _CACHE: dict[tuple, Backbone] = {}
 
 
@@ -191,7 +199,8 @@ def _load(cfg: BackboneConfig, device: torch.device | str, seed: int) -> Backbon
     name = _canonical(cfg.name)
     pretrained = None if name.startswith(("hf-hub:", "local-dir:")) else (
         cfg.pretrained if cfg.pretrained not in (None, "", "none", "None") else None)
-    kwargs: dict = dict(precision=_PRECISION[cfg.precision], device=device, cache_dir=cfg.cache_dir, **extra)
+    precision = resolve_precision(cfg.precision, device)
+    kwargs: dict = dict(precision=_PRECISION[precision], device=device, cache_dir=cfg.cache_dir, **extra)
     try:
         # A private RNG stream: the random init depends on `seed` alone, and the caller's RNG is untouched.
         with _quiet_open_clip(), torch.random.fork_rng(devices=[]):
@@ -217,6 +226,7 @@ def _load(cfg: BackboneConfig, device: torch.device | str, seed: int) -> Backbon
         embed_dim=embed_dim,
         logit_scale=float(model.logit_scale.detach().float().exp()),
         weights_file=weights_file,
+        precision=precision,
     )
 
 
