@@ -61,6 +61,20 @@ class SplitConfig:
 
 
 @dataclass
+class PartitionConfig:
+    # domain: one client per participating domain (the paper's setting);
+    # dirichlet: label skew over the pooled participating images, num_clients clients;
+    # domain_dirichlet: clients_per_domain clients per domain, label skew inside each domain;
+    # iid: num_clients uniform random shards of the pooled images.
+    scheme: str = "domain"
+    num_clients: int = 4
+    clients_per_domain: int = 2
+    alpha: float = 0.5  # Dirichlet concentration: small = strong label skew
+    min_size: int = 10  # every client gets at least this many images
+    max_retries: int = 100  # Dirichlet draws before giving up with a clear message
+
+
+@dataclass
 class DataConfig:
     # Preset name (pacs, vlcs, office_home, domainnet, pacs_mini, synthetic,
     # custom); informational except ``synthetic``, which generates the demo set.
@@ -69,6 +83,7 @@ class DataConfig:
     domains: list[str] | None = None  # null: every sub-folder of root
     unseen: list[str] = field(default_factory=list)
     split: SplitConfig = field(default_factory=SplitConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
     batch_size: int = 32
     eval_batch_size: int = 128
     num_workers: int = 0
@@ -116,6 +131,8 @@ class FederationConfig:
     rounds: int = 10
     aggregation: str = "uniform"  # uniform (reference) or samples
     eval_interval: int = 1
+    # Fraction of clients that train in a round (seeded draw per round); evaluation covers every client.
+    client_fraction: float = 1.0
 
 
 @dataclass

@@ -112,6 +112,33 @@ class MetricsCSV:
         self._f.close()
 
 
+ROUND_COLUMNS = ["round", "mean_client_val_acc", "mean_client_test_acc", "mean_unseen_acc", "bytes_up",
+                 "bytes_down", "bytes_up_total", "bytes_down_total", "wall_time_s"]
+
+
+class RoundsCSV:
+    """rounds.csv: one row per evaluated round: mean accuracies, bytes sent, elapsed time."""
+
+    def __init__(self, path: Path):
+        new = not path.exists() or path.stat().st_size == 0
+        self._f = open(path, "a", newline="")
+        self._w = csv.writer(self._f)
+        if new:
+            self._w.writerow(ROUND_COLUMNS)
+            self._f.flush()
+
+    def write(self, m: "RoundMetrics", bytes_up: int, bytes_down: int, bytes_up_total: int, bytes_down_total: int,
+              wall_time_s: float) -> None:
+        self._w.writerow([m.round, _fmt(m.mean_client_val_acc), _fmt(m.mean_client_test_acc),
+                          _fmt(m.mean_unseen_acc), bytes_up, bytes_down, bytes_up_total, bytes_down_total,
+                          f"{wall_time_s:.3f}"])
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+
 def _fmt(x: float) -> str:
     return "" if x is None or not math.isfinite(x) else f"{x:.6f}"
 

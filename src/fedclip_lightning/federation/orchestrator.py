@@ -38,7 +38,7 @@ from ..loggers import build_loggers, finish_loggers, wandb_mode
 from ..model.adapter import AttentionAdapter
 from ..model.backbone import load_backbone, resolve_weights
 from ..model.features import FeatureCache, model_identity
-from ..report import atomic_write_text, MetricsCSV, ModelSelection, RoundMetrics, Summary, format_table
+from ..report import atomic_write_text, MetricsCSV, RoundsCSV, ModelSelection, RoundMetrics, Summary, format_table
 from .distributed import gather_rows
 from .placement import assign
 from .strategy import aggregation_weights, flatten, state_bytes, unflatten, weighted_sum_rows
@@ -101,6 +101,10 @@ def run(cfg: Config) -> dict:
     loggers = build_loggers(cfg, run_dir, run_name)
     fabric = build_fabric(cfg, loggers)
     fabric.launch()
+    if fabric.device.type == "cpu" and fabric.world_size > 1:
+        # Processes sharing a node share its cores: no oversubscription.
+        local = max(1, fabric.world_size // max(1, cfg.fabric.num_nodes))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     rank0 = fabric.is_global_zero
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +184,8 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
         features=feature_stats,
     )
     metrics_csv = MetricsCSV(run_dir / "metrics.csv") if rank0 else None
+    rounds_csv = RoundsCSV(run_dir / "rounds.csv") if rank0 else None
+    last_bytes = (0, 0)  # totals at the previous evaluation, for bytes per evaluated interval
     if rank0:
         _print_header(cfg, summary, run_dir, random_init, fabric)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(summary.config))
@@ -199,6 +205,8 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
             metrics = _evaluate_round(fabric, 0, parts, modules, eval_loaders, None, None, summary, metrics_csv)
             selection.update(metrics)
             summary.selected, summary.final = metrics, metrics
+            if rank0:
+                rounds_csv.write(metrics, 0, 0, 0, 0, time.perf_counter() - started)
             bar.update(1)
         for rnd in range(1, rounds + 1):
             # 1. broadcast + 2. local fit: each rank trains its own clients, one after another.
@@ -239,6 +247,10 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
                                 unseen=f"{metrics.mean_unseen_acc:.3f}")
                 if rank0:
                     summary.wall_time_s = time.perf_counter() - started
+                    rounds_csv.write(metrics, summary.bytes_up_total - last_bytes[0],
+                                     summary.bytes_down_total - last_bytes[1], summary.bytes_up_total,
+                                     summary.bytes_down_total, summary.wall_time_s)
+                    last_bytes = (summary.bytes_up_total, summary.bytes_down_total)
                     summary.write(run_dir / "summary.json")
             bar.update(1)
         if rank0 and not zeroshot:
@@ -255,10 +267,11 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
             summary.write(run_dir / "summary.json")
             if metrics_csv is not None:
                 metrics_csv.close()
+                rounds_csv.close()
     result = summary.as_dict()
     if rank0:
         print("\n" + format_table(summary))
-        print(f"\nrun directory: {run_dir}\n  summary.json, metrics.csv, config.yaml"
+        print(f"\nrun directory: {run_dir}\n  summary.json, metrics.csv, rounds.csv, config.yaml"
               + (", adapter_selected.pt, adapter_final.pt" if not zeroshot else "")
               + (f", W&B run under {run_dir / 'wandb'}" if cfg.logger.name == "wandb" and
                  wandb_mode(cfg) != "disabled" else ""))
