@@ -70,7 +70,7 @@ def test_run_writes_summary_metrics_and_table(one_process):
     assert "RANDOMLY initialised" in proc.stdout
     assert str(run_dir.relative_to(tmp)) in proc.stdout
     adapter = torch.load(run_dir / "adapter_final.pt", weights_only=True)
-    assert adapter["round"] == 3 and set(adapter["adapter"]) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+    assert adapter["round"] == 3 and set(adapter["state"]) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
 
 
 def test_wandb_offline_run_holds_per_client_metrics(one_process):
@@ -104,8 +104,8 @@ def test_two_processes_equal_one(one_process, tmp_path):
                 assert two[block][key][name] == pytest.approx(v, abs=1e-6)
     assert two["selected_round"] == one["selected_round"]
     assert two["bytes_up_total"] == one["bytes_up_total"]
-    a1 = torch.load(tmp / "outputs" / "r" / "adapter_final.pt", weights_only=True)["adapter"]
-    a2 = torch.load(tmp_path / "outputs" / "r" / "adapter_final.pt", weights_only=True)["adapter"]
+    a1 = torch.load(tmp / "outputs" / "r" / "adapter_final.pt", weights_only=True)["state"]
+    a2 = torch.load(tmp_path / "outputs" / "r" / "adapter_final.pt", weights_only=True)["state"]
     for k in a1:
         torch.testing.assert_close(a1[k], a2[k], atol=1e-6, rtol=0)
 

@@ -93,7 +93,7 @@ def test_encode_matches_the_backbone_batch_by_batch():
 
 
 def test_cache_refused_where_it_is_not_exact():
-    cfg = to_config({"algorithm": {"name": "fedavg"}, "features": {"cache": "on"}})
+    cfg = to_config({"algorithm": {"name": "fedavg", "trainable": "all"}, "features": {"cache": "on"}})
     with pytest.raises(ConfigError, match="features.cache") as err:
         validate(cfg)
     assert "not exact" in str(err.value)

@@ -165,7 +165,7 @@ def test_training_leaves_backbone_untouched(name, mini):
     text = bb.text_features(mini.classes)
     algo = AlgorithmConfig(lr=1e-2, weight_decay=0.0)
     client = ClientModule("photo", bb, text, algo)
-    adapter_before = {k: v.clone() for k, v in client.get_adapter_state().items()}
+    adapter_before = {k: v.clone() for k, v in client.get_state().items()}
     loader = make_loader(ImageDataset(mini.samples["photo"], bb.preprocess), 4, num_workers=0,
                          shuffle_seed=(0, 0, "photo"))
     bb.clip.train()  # what the reference release does before training: must be a no-op
@@ -180,7 +180,7 @@ def test_training_leaves_backbone_untouched(name, mini):
     assert all(p.grad is None for p in bb.clip.parameters())
     assert not bb.clip.training and not any(m.training for m in bb.clip.modules())
     # The adapter did train (and has gradients).
-    adapter_after = client.get_adapter_state()
+    adapter_after = client.get_state()
     assert any(not torch.equal(adapter_before[k], adapter_after[k]) for k in adapter_before)
     assert all(p.grad is not None for p in client.adapter.parameters())
 
@@ -227,7 +227,7 @@ def test_clients_share_backbone_by_reference():
         assert set(m.state_dict()) == ADAPTER_KEYS
         ids = [id(p) for p in m.parameters()]
         assert ids == [id(p) for p in m.adapter.parameters()] and len(ids) == 4
-        assert set(m.get_adapter_state()) == {k.removeprefix("adapter.") for k in ADAPTER_KEYS}
+        assert set(m.get_state()) == {k.removeprefix("adapter.") for k in ADAPTER_KEYS}
     assert a.adapter is not b.adapter
     # Moving a client to eval/train does not go through the backbone (not a submodule).
     a.train()

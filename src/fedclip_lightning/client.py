@@ -33,6 +33,23 @@ from .model.adapter import AttentionAdapter
 from .model.backbone import Backbone
 
 
+def clip_loss(kind: str, scale: float, feats: torch.Tensor, text: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``contrastive``: symmetric in-batch CLIP loss against each image's own prompt;
+    ``prototype``: cross-entropy over all class prompts."""
+    if kind == "contrastive":
+        logits = scale * feats @ text[y].T
+        targets = torch.arange(y.numel(), device=y.device)
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    return F.cross_entropy(scale * feats @ text.T, y)
+
+
+def proximal_term(mu: float, params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor] | None) -> torch.Tensor | float:
+    """FedProx: ``(mu / 2) * sum_k ||w_k - w_global_k||^2`` over the trainable tensors."""
+    if mu == 0 or anchor is None:
+        return 0.0
+    return (mu / 2) * sum(((p - anchor[k]) ** 2).sum() for k, p in params.items())
+
+
 def make_adam(params, a: AlgorithmConfig) -> torch.optim.Optimizer:
     """Adam with coupled L2 weight decay (torch.optim.Adam's), fused where this torch supports it.
 
@@ -59,6 +76,10 @@ class ClientModule(L.LightningModule):
         self.adapter = AttentionAdapter(backbone.embed_dim) if use_adapter else None
         # Adam state between rounds (optimizer_state=keep), kept on the CPU.
         self.optimizer_state: dict[str, Any] | None = None
+        # FedProx: the global weights of this round, on the training device (None: no proximal term).
+        self.prox_anchor: dict[str, torch.Tensor] | None = None
+        # local / fedclip_ft: the client's own adapter between rounds, on the CPU.
+        self.own_state: dict[str, torch.Tensor] | None = None
         # Metrics live with the client (created once; their state is not part of state_dict()).
         num_classes = text_features.shape[0]
         self.accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro", sync_on_compute=False)
@@ -82,13 +103,9 @@ class ClientModule(L.LightningModule):
         if y.numel() < 2:  # the reference skips batches of one
             return None
         feats = self.features(x)
-        scale = self.backbone.logit_scale
-        if self.algorithm.loss == "contrastive":
-            logits = scale * feats @ self.text_features[y].T
-            targets = torch.arange(y.numel(), device=y.device)
-            loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-        else:
-            loss = F.cross_entropy(scale * feats @ self.text_features.T, y)
+        loss = clip_loss(self.algorithm.loss, self.backbone.logit_scale, feats, self.text_features, y)
+        if self.prox_anchor is not None:
+            loss = loss + proximal_term(self.algorithm.mu, dict(self.adapter.named_parameters()), self.prox_anchor)
         with torch.no_grad():
             preds = (feats @ self.text_features.T).argmax(dim=-1)
         return {"loss": loss, "preds": preds, "target": y}
@@ -111,10 +128,107 @@ class ClientModule(L.LightningModule):
         return make_adam(self.adapter.parameters(), a)
 
     # -- federation interface ------------------------------------------------
-    def get_adapter_state(self) -> dict[str, torch.Tensor]:
+    def get_state(self) -> dict[str, torch.Tensor]:
+        """The tensors that train and travel: the adapter's."""
         assert self.adapter is not None
         return {k: v.detach().clone() for k, v in self.adapter.state_dict().items()}
 
-    def set_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+    def set_state(self, state: dict[str, torch.Tensor]) -> None:
         assert self.adapter is not None
         self.adapter.load_state_dict(state)
+
+
+class FullCLIPClient(L.LightningModule):
+    """A client that fine-tunes CLIP itself (the paper's FedAvg / FedProx baselines).
+
+    ``algorithm.trainable`` picks the tensors that train and travel: ``image``
+    (the image tower) or ``all`` (every parameter, ``logit_scale`` included:
+    151,277,313 for ViT-B-32, the paper's count). The towers stay in eval mode
+    (BatchNorm statistics frozen). Every client of
+    a process works in one shared working copy of the model: before a client's
+    turn the orchestrator loads the global weights into it, so a process holds
+    one trainable copy of CLIP, not one per client.
+
+    Loss: the same CLIP losses as FedCLIP (:func:`clip_loss`), with the prompt
+    features computed by the text tower in every step (it may be training).
+    """
+
+    def __init__(self, name: str, model: torch.nn.Module, tokens: torch.Tensor, algorithm: AlgorithmConfig):
+        super().__init__()
+        self.client_name = name
+        self.algorithm = algorithm
+        object.__setattr__(self, "model", model)  # the shared working copy, not a submodule
+        object.__setattr__(self, "tokens", tokens)
+        self.optimizer_state: dict[str, Any] | None = None
+        self.prox_anchor: dict[str, torch.Tensor] | None = None
+        self.own_state: dict[str, torch.Tensor] | None = None
+        self.accuracy = MulticlassAccuracy(num_classes=tokens.shape[0], average="micro", sync_on_compute=False)
+        self.loss_sum = SumMetric(sync_on_compute=False)
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.float().exp()
+
+    def prompt_features(self) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(self.tokens).float(), dim=-1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.model.visual.parameters()).dtype
+        return F.normalize(self.model.encode_image(x.to(dtype)).float(), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * self.features(x) @ self.prompt_features().T
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if y.numel() < 2:
+            return None
+        feats, text = self.features(x), self.prompt_features()
+        loss = clip_loss(self.algorithm.loss, self.logit_scale, feats, text, y)
+        if self.prox_anchor is not None:
+            loss = loss + proximal_term(self.algorithm.mu, self.trainable(), self.prox_anchor)
+        with torch.no_grad():
+            preds = (feats @ text.T).argmax(dim=-1)
+        return {"loss": loss, "preds": preds, "target": y}
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        return {"loss_sum": F.cross_entropy(logits, y, reduction="sum"), "preds": logits.argmax(dim=-1),
+                "target": y}
+
+    test_step = validation_step
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return make_adam(self.trainable().values(), self.algorithm)
+
+    def get_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.trainable().items()}
+
+    def set_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = self.trainable()
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
+
+
+def make_working_copy(backbone: Backbone, trainable: str) -> torch.nn.Module:
+    """A trainable copy of the backbone's CLIP (fp32), on its device, in eval mode.
+
+    ``image``: the image tower trains; ``all``: every parameter (both towers and ``logit_scale``).
+    """
+    import copy
+
+    model = copy.deepcopy(backbone.clip.model).float()
+    model.eval()
+    model.requires_grad_(False)
+    if trainable == "image":
+        model.visual.requires_grad_(True)
+    elif trainable == "all":
+        model.requires_grad_(True)
+    else:
+        raise ValueError(f"make_working_copy needs trainable=image|all, not {trainable!r}")
+    return model

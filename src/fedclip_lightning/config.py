@@ -19,9 +19,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
 
-ALGORITHMS = ("fedclip", "zeroshot")
-# Algorithms whose image encoder stays frozen: cached features are exact for them.
-FROZEN_ENCODER_ALGORITHMS = ("fedclip", "zeroshot")
+ALGORITHMS = ("fedclip", "zeroshot", "fedavg", "fedprox", "local", "fedclip_ft")
+# What trains (and, where aggregated, travels): the adapter, the image tower, or both towers.
+TRAINABLES = ("adapter", "image", "all")
+ADAPTER_ONLY_ALGORITHMS = ("fedclip", "fedclip_ft", "local")
 FEATURE_CACHE_MODES = ("auto", "on", "off")
 LOSSES = ("contrastive", "prototype")
 AGGREGATIONS = ("uniform", "samples")
@@ -108,6 +109,11 @@ class AlgorithmConfig:
     weight_decay: float = 0.2
     local_epochs: int = 1
     optimizer_state: str = "reset"  # reset each round (reference) or keep
+    # adapter (FedCLIP), image (the image tower) or all (both towers): fedavg/fedprox only.
+    trainable: str = "adapter"
+    mu: float = 0.0  # FedProx: (mu/2) ||w - w_global||^2 added to each client's loss
+    prompt: str | None = None  # overrides data.prompt (the paper's FedAvg used "a photo of a {}")
+    personal_epochs: int = 1  # fedclip_ft: local fine-tuning epochs of each client's personal adapter
 
 
 @dataclass
@@ -189,9 +195,14 @@ def to_config(cfg: DictConfig | dict) -> Config:
     return obj
 
 
+def encoder_frozen(cfg: Config) -> bool:
+    """Does the image encoder stay frozen (so its features never change)?"""
+    return cfg.algorithm.name == "zeroshot" or cfg.algorithm.trainable == "adapter"
+
+
 def uses_feature_cache(cfg: Config) -> bool:
     """Train on cached frozen features? (Only where that is exact.)"""
-    return cfg.features.cache != "off" and cfg.algorithm.name in FROZEN_ENCODER_ALGORITHMS
+    return cfg.features.cache != "off" and encoder_frozen(cfg)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -215,6 +226,16 @@ def validate(cfg: Config) -> Config:
             bad(key, value, f"must be >= {minimum}", f"set {key}={minimum} or more")
 
     choice("algorithm.name", cfg.algorithm.name, ALGORITHMS)
+    choice("algorithm.trainable", cfg.algorithm.trainable, TRAINABLES)
+    if cfg.algorithm.name in ADAPTER_ONLY_ALGORITHMS and cfg.algorithm.trainable != "adapter":
+        bad("algorithm.trainable", cfg.algorithm.trainable, f"{cfg.algorithm.name} trains the adapter only",
+            "use algorithm=fedavg (or fedprox) with algorithm.trainable=image|all to fine-tune CLIP itself")
+    if cfg.algorithm.mu < 0:
+        bad("algorithm.mu", cfg.algorithm.mu, "the FedProx coefficient must be >= 0", "e.g. algorithm.mu=0.01")
+    if cfg.algorithm.prompt is not None and "{}" not in cfg.algorithm.prompt:
+        bad("algorithm.prompt", cfg.algorithm.prompt, "the prompt has no '{}' for the class name",
+            "e.g. algorithm.prompt='a photo of a {}'")
+    positive_int("algorithm.personal_epochs", cfg.algorithm.personal_epochs)
     choice("algorithm.loss", cfg.algorithm.loss, LOSSES)
     choice("algorithm.optimizer_state", cfg.algorithm.optimizer_state, OPTIMIZER_STATES)
     a = cfg.algorithm
@@ -272,9 +293,13 @@ def validate(cfg: Config) -> Config:
 
     fc = cfg.features
     choice("features.cache", fc.cache, FEATURE_CACHE_MODES)
-    if fc.cache == "on" and cfg.algorithm.name not in FROZEN_ENCODER_ALGORITHMS:
-        bad("features.cache", fc.cache, f"cached features are not exact for algorithm.name={cfg.algorithm.name!r}, "
-            "which trains the image encoder", "set features.cache=off (or auto)")
+    if fc.cache == "on" and not encoder_frozen(cfg):
+        bad("features.cache", fc.cache, f"cached features are not exact for algorithm.name={cfg.algorithm.name!r} "
+            f"with algorithm.trainable={cfg.algorithm.trainable!r}, which trains the image encoder",
+            "set features.cache=off (or auto)")
+    f0 = cfg.federation
+    if not 0 < f0.client_fraction <= 1:
+        bad("federation.client_fraction", f0.client_fraction, "must be in (0, 1]", "e.g. federation.client_fraction=0.5")
     positive_int("features.batch_size", fc.batch_size)
     if fc.num_workers is not None:
         positive_int("features.num_workers", fc.num_workers, 0)

@@ -49,6 +49,9 @@ class RoundMetrics:
     client_val_acc: dict[str, float]
     client_test_acc: dict[str, float]
     unseen_acc: dict[str, float]
+    # fedclip_ft: each client's accuracy with the global adapter, before personalisation.
+    client_val_acc_global: dict[str, float] = field(default_factory=dict)
+    client_test_acc_global: dict[str, float] = field(default_factory=dict)
 
     @property
     def mean_client_val_acc(self) -> float:
@@ -62,8 +65,12 @@ class RoundMetrics:
     def mean_unseen_acc(self) -> float:
         return _mean(list(self.unseen_acc.values()))
 
+    @property
+    def mean_client_test_acc_global(self) -> float:
+        return _mean(list(self.client_test_acc_global.values()))
+
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "round": self.round,
             "client_test_acc": dict(self.client_test_acc),
             "client_val_acc": dict(self.client_val_acc),
@@ -72,6 +79,13 @@ class RoundMetrics:
             "mean_client_val_acc": self.mean_client_val_acc,
             "mean_unseen_acc": self.mean_unseen_acc,
         }
+        if self.client_test_acc_global:
+            out.update({
+                "client_val_acc_global": dict(self.client_val_acc_global),
+                "client_test_acc_global": dict(self.client_test_acc_global),
+                "mean_client_test_acc_global": self.mean_client_test_acc_global,
+            })
+        return out
 
 
 @dataclass
@@ -154,6 +168,7 @@ class Summary:
     classes: list[str]
     num_samples: dict[str, dict[str, int]]
     trainable_params: int
+    communicated_params: int
     bytes_per_client_per_round: int
     world_size: int
     config: dict[str, Any]
@@ -184,6 +199,7 @@ class Summary:
             "selected": self.selected.as_dict() if self.selected else None,
             "final": self.final.as_dict() if self.final else None,
             "trainable_params": self.trainable_params,
+            "communicated_params": self.communicated_params,
             "bytes_per_client_per_round": self.bytes_per_client_per_round,
             "bytes_up_total": self.bytes_up_total,
             "bytes_down_total": self.bytes_down_total,

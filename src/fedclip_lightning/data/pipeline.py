@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import Config
 from ..errors import DataError
 from .domains import DomainSet, ImageDataset, Sample, scan_domains
-from .partition import Task, leave_one_domain_out, official_split, stable_seed
+from .partition import Task, official_split, partitioned_task, stable_seed
 from .synthetic import default_cache_dir, ensure_synthetic_dataset
 
 
@@ -37,9 +37,16 @@ def build_task(cfg: Config) -> tuple[Task, DomainSet]:
     ds = scan_domains(resolve_root(cfg), d.domains, on_corrupt=d.on_corrupt, check_images=d.check_images)
     if d.max_per_domain is not None:
         ds = subsample(ds, d.max_per_domain, cfg.seed)
+    part = d.partition
     if d.split.mode == "official":
+        if part.scheme != "domain":
+            raise DataError(f"data.partition.scheme={part.scheme!r}: the official PACS lists split whole domains. "
+                            "Fix: use data.partition.scheme=domain with data.split.mode=official, "
+                            "or data.split.mode=random.")
         return official_split(ds, list(d.unseen), Path(d.split.official_dir).expanduser()), ds
-    return leave_one_domain_out(ds, list(d.unseen), ratios=tuple(d.split.ratios), seed=cfg.seed), ds
+    return partitioned_task(ds, list(d.unseen), scheme=part.scheme, num_clients=part.num_clients,
+                            clients_per_domain=part.clients_per_domain, alpha=part.alpha, min_size=part.min_size,
+                            max_retries=part.max_retries, ratios=tuple(d.split.ratios), seed=cfg.seed), ds
 
 
 def subsample(ds: DomainSet, max_per_domain: int, seed: int) -> DomainSet:

@@ -26,10 +26,10 @@ from lightning.fabric import Fabric
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from ..client import ClientModule
+from ..client import ClientModule, FullCLIPClient, make_working_copy
 from ..config import Config, to_dict, uses_feature_cache, validate
 from ..data.domains import DomainSet
-from ..data.partition import Task, stable_seed
+from ..data.partition import Task, sample_clients, stable_seed
 from ..data.domains import ImageDataset
 from ..data.pipeline import build_task, class_prompt_names, feature_dataset, make_loader
 from ..data.synthetic import default_cache_dir
@@ -124,11 +124,13 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
     device = fabric.device
     algo = cfg.algorithm
     zeroshot = algo.name == "zeroshot"
+    local_only = algo.name == "local"  # no aggregation, no communication
+    full_model = not zeroshot and algo.trainable in ("image", "all")
 
     # -- the frozen backbone and the prompt features: once per process ----------
     backbone = load_backbone(cfg.backbone, device=device, seed=cfg.seed)
     prompts = class_prompt_names(task.classes, cfg.data.class_names)
-    text = backbone.text_features(prompts, cfg.data.prompt)
+    prompt = algo.prompt or cfg.data.prompt
     random_init = backbone.weights_file is None and not backbone.name.startswith(("hf-hub:", "local-dir:"))
 
     # -- placement: clients and unseen domains over ranks, by sample count ------
@@ -141,17 +143,32 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
     mine = [p for p in parts if p.rank == fabric.global_rank]
     num_clients = len(clients)
 
-    # -- the server adapter: the same initialisation for every client ----------
-    torch.manual_seed(stable_seed(cfg.seed, "adapter-init"))
-    template = AttentionAdapter(backbone.embed_dim).state_dict()
-    global_state = {k: v.clone() for k, v in template.items()}
-    adapter_params = sum(t.numel() for t in template.values())
-    per_copy_bytes = state_bytes(template)
-    weights = aggregation_weights([len(c.train) for c in clients], cfg.federation.aggregation)
+    # -- what trains and travels, and its starting point (the same for every client)
+    if full_model:
+        # One trainable working copy of CLIP per process, shared by this rank's clients.
+        work = make_working_copy(backbone, algo.trainable)
+        tokens = backbone.tokenizer([prompt.format(c) for c in prompts]).to(device)
 
-    modules: dict[int, ClientModule] = {
-        p.index: ClientModule(p.name, backbone, text, algo, use_adapter=not zeroshot) for p in mine
-    }
+        def make_client(name: str):
+            return FullCLIPClient(name, work, tokens, algo)
+
+        template = {k: v.detach().cpu().clone() for k, v in work.named_parameters() if v.requires_grad}
+    else:
+        text = backbone.text_features(prompts, prompt)
+
+        def make_client(name: str):
+            return ClientModule(name, backbone, text, algo, use_adapter=not zeroshot)
+
+        torch.manual_seed(stable_seed(cfg.seed, "adapter-init"))
+        template = AttentionAdapter(backbone.embed_dim).state_dict()
+    global_state = None if zeroshot else {k: v.clone() for k, v in template.items()}
+    num_params = sum(t.numel() for t in template.values()) if not zeroshot else 0
+    per_copy_bytes = state_bytes(template) if not zeroshot else 0
+    modules = {p.index: make_client(p.name) for p in mine}
+    index_of = {p.name: p.index for p in mine}
+    if rank0 and algo.name == "fedprox" and algo.mu == 0:
+        log.warning("algorithm.mu=0: FedProx without its proximal term is FedAvg")
+        print("  WARNING: algorithm.mu=0: FedProx without its proximal term is FedAvg")
     pin = device.type == "cuda"
     d = cfg.data
 
@@ -165,6 +182,24 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
 
     eval_loaders = {key: loader(ds, d.eval_batch_size) for key, ds in datasets.items() if key[1] != "train"}
 
+    def train_client(m, start_state, rnd: int, tag: str, epochs: int) -> SplitResult:
+        """One client's local fit from ``start_state``: the Lightning hooks, driven by our loop."""
+        m.set_state(start_state)
+        _move(m, device)
+        m.prox_anchor = ({k: v.to(device) for k, v in global_state.items()}
+                         if algo.name == "fedprox" and algo.mu > 0 else None)
+        optimizer = m.configure_optimizers()
+        keep = algo.optimizer_state == "keep" and tag == "train"
+        if keep and m.optimizer_state is not None:
+            optimizer.load_state_dict(m.optimizer_state)
+        train_loader = loader(datasets[(index_of[m.client_name], "train")], d.batch_size,
+                              shuffle_seed=(cfg.seed, tag, rnd, m.client_name))
+        res = train_epochs(m, train_loader, optimizer, epochs, device)
+        if keep:
+            m.optimizer_state = _to_cpu(optimizer.state_dict())
+        m.prox_anchor = None
+        return res
+
     summary = Summary(
         algorithm=algo.name,
         backbone={"name": backbone.name, "pretrained": backbone.pretrained, "weights_file": backbone.weights_file,
@@ -176,8 +211,9 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
         classes=list(task.classes),
         num_samples={**{c.name: {"train": len(c.train), "val": len(c.val), "test": len(c.test)} for c in clients},
                      **{u: {"test": len(v)} for u, v in task.unseen.items()}},
-        trainable_params=0 if zeroshot else adapter_params,
-        bytes_per_client_per_round=0 if zeroshot else per_copy_bytes,
+        trainable_params=num_params,
+        communicated_params=0 if local_only else num_params,
+        bytes_per_client_per_round=0 if local_only else per_copy_bytes,
         world_size=fabric.world_size,
         config=to_dict(cfg),
         skipped_images=list(domains.skipped),
@@ -198,50 +234,58 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
 
     selection = ModelSelection()
     rounds = 0 if zeroshot else cfg.federation.rounds
+    weights_of: dict[tuple, list[float]] = {}  # aggregation weights by the set of clients that trained
+    table = None  # every client's state after the last round, one row each (on every rank)
+    state_file = "model" if full_model else "adapter"
     bar = tqdm(total=max(rounds, 1), desc="rounds", unit="round", dynamic_ncols=True,
                disable=not (rank0 and cfg.progress))
+    evaluator = _RoundEvaluator(fabric, parts, modules, eval_loaders, summary, metrics_csv, algo, train_client)
     try:
         if zeroshot:
-            metrics = _evaluate_round(fabric, 0, parts, modules, eval_loaders, None, None, summary, metrics_csv)
+            metrics = evaluator.evaluate(0, None, None, None)
             selection.update(metrics)
             summary.selected, summary.final = metrics, metrics
             if rank0:
                 rounds_csv.write(metrics, 0, 0, 0, 0, time.perf_counter() - started)
             bar.update(1)
         for rnd in range(1, rounds + 1):
-            # 1. broadcast + 2. local fit: each rank trains its own clients, one after another.
+            # 1. broadcast + 2. local fit: each rank trains its clients of this round, one after another.
+            active = sample_clients(num_clients, cfg.federation.client_fraction, rnd, cfg.seed)
             rows: dict[int, torch.Tensor] = {}
             train_rows: dict[int, torch.Tensor] = {}
             for p in mine:
-                if p.kind != "client":
+                if p.kind != "client" or p.index not in active:
                     continue
                 m = modules[p.index]
-                m.set_adapter_state(global_state)
-                _move(m, device)
-                optimizer = m.configure_optimizers()
-                if algo.optimizer_state == "keep" and m.optimizer_state is not None:
-                    optimizer.load_state_dict(m.optimizer_state)
-                train_loader = loader(datasets[(p.index, "train")], d.batch_size,
-                                      shuffle_seed=(cfg.seed, "train", rnd, p.name))
-                res = train_epochs(m, train_loader, optimizer, algo.local_epochs, device)
-                if algo.optimizer_state == "keep":
-                    m.optimizer_state = _to_cpu(optimizer.state_dict())
-                rows[p.index] = flatten(m.get_adapter_state())
-                train_rows[p.index] = res.as_row()
+                start = m.own_state if local_only and m.own_state is not None else global_state
+                train_rows[p.index] = train_client(m, start, rnd, "train", algo.local_epochs).as_row()
+                new_state = m.get_state()
+                if local_only:
+                    m.own_state = {k: v.cpu() for k, v in new_state.items()}
+                rows[p.index] = flatten(new_state).cpu()
                 _move(m, "cpu")  # a client's state waits off the accelerator between turns
-            # 3. reduce: one all_reduce assembles every client's adapter on every rank.
-            table = gather_rows(fabric, rows, num_clients, adapter_params)
-            # 4. aggregate in fixed client order, and send the result back to every client.
-            global_state = unflatten(weighted_sum_rows(table, weights), template)
-            summary.bytes_up_total += num_clients * per_copy_bytes
-            summary.bytes_down_total += num_clients * per_copy_bytes
+            if local_only:  # clients that sat this round out still hold their own state
+                for p in mine:
+                    if p.kind == "client" and p.index not in rows:
+                        rows[p.index] = flatten(modules[p.index].own_state or global_state)
+            # 3. reduce: one all_reduce assembles every client's state on every rank.
+            table = gather_rows(fabric, rows, num_clients, num_params)
+            # 4. aggregate in fixed client order (weights renormalised over the clients that trained)
+            #    and send the result back to every client. `local` never communicates.
+            if not local_only:
+                key = tuple(active)
+                if key not in weights_of:
+                    weights_of[key] = aggregation_weights([len(clients[i].train) for i in active],
+                                                          cfg.federation.aggregation)
+                global_state = unflatten(weighted_sum_rows(table[list(active)], weights_of[key]), template)
+                summary.bytes_up_total += len(active) * per_copy_bytes
+                summary.bytes_down_total += num_clients * per_copy_bytes
             summary.rounds_run = rnd
             # 5. evaluate (every eval_interval rounds, and always the last).
             if rnd % cfg.federation.eval_interval == 0 or rnd == rounds:
-                metrics = _evaluate_round(fabric, rnd, parts, modules, eval_loaders, global_state, train_rows,
-                                          summary, metrics_csv)
-                if selection.update(metrics) and rank0:
-                    _save_adapter(run_dir / "adapter_selected.pt", global_state, metrics.round)
+                metrics = evaluator.evaluate(rnd, global_state, train_rows, table if local_only else None)
+                if selection.update(metrics) and rank0 and not local_only:
+                    _save_state(run_dir / f"{state_file}_selected.pt", global_state, metrics.round)
                 summary.selected, summary.final = selection.best, metrics
                 bar.set_postfix(val=f"{metrics.mean_client_val_acc:.3f}", test=f"{metrics.mean_client_test_acc:.3f}",
                                 unseen=f"{metrics.mean_unseen_acc:.3f}")
@@ -254,7 +298,12 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
                     summary.write(run_dir / "summary.json")
             bar.update(1)
         if rank0 and not zeroshot:
-            _save_adapter(run_dir / "adapter_final.pt", global_state, summary.rounds_run)
+            if local_only:
+                _save_state(run_dir / "adapters_final.pt",
+                            {f"{c.name}/{k}": v for c, row in zip(clients, table)
+                             for k, v in unflatten(row, template).items()}, summary.rounds_run)
+            else:
+                _save_state(run_dir / f"{state_file}_final.pt", global_state, summary.rounds_run)
         summary.status = "finished"
     except BaseException as exc:
         summary.status = "failed"
@@ -271,76 +320,123 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
     result = summary.as_dict()
     if rank0:
         print("\n" + format_table(summary))
-        print(f"\nrun directory: {run_dir}\n  summary.json, metrics.csv, rounds.csv, config.yaml"
-              + (", adapter_selected.pt, adapter_final.pt" if not zeroshot else "")
+        saved = "" if zeroshot else (", adapters_final.pt" if local_only else
+                                     f", {state_file}_selected.pt, {state_file}_final.pt")
+        print(f"\nrun directory: {run_dir}\n  summary.json, metrics.csv, rounds.csv, config.yaml{saved}"
               + (f", W&B run under {run_dir / 'wandb'}" if cfg.logger.name == "wandb" and
                  wandb_mode(cfg) != "disabled" else ""))
     return result
 
 
-def _evaluate_round(fabric: Fabric, rnd: int, parts: list[Participant], modules: dict[int, ClientModule],
-                    eval_loaders: dict, global_state: dict | None, train_rows: dict[int, torch.Tensor] | None,
-                    summary: Summary, metrics_csv: MetricsCSV | None) -> RoundMetrics:
-    """Each rank evaluates what it holds; one all_reduce assembles the table; rank 0 logs it."""
-    device = fabric.device
-    n = len(parts)
-    # Rows: [train | val | test] of each participant, 3 numbers each (accuracy, loss, n).
-    local: dict[int, torch.Tensor] = {}
-    for p in parts:
-        if p.rank != fabric.global_rank:
-            continue
-        m = modules[p.index]
-        if global_state is not None:
-            m.set_adapter_state(global_state)  # the model each client holds after aggregation
-        _move(m, device)
-        if p.kind == "client":
-            if train_rows is not None and p.index in train_rows:
-                local[p.index] = train_rows[p.index]
-            local[n + p.index] = evaluate(m, eval_loaders[(p.index, "val")], device).as_row()
-            local[2 * n + p.index] = evaluate(m, eval_loaders[(p.index, "test")], device).as_row()
-        else:
-            local[2 * n + p.index] = evaluate(m, eval_loaders[(p.index, "unseen")], device).as_row()
-        _move(m, "cpu")
-    # A fourth column marks rows that some rank filled (a train row is absent in round 0, say).
-    present_col = torch.ones(1, dtype=torch.float64)
-    table = gather_rows(fabric, {i: torch.cat([v, present_col]) for i, v in local.items()}, 3 * n, 4,
-                        torch.float64)
+class _RoundEvaluator:
+    """One round's evaluation: each rank evaluates what it holds; one all_reduce assembles the table.
 
-    def row(i: int) -> SplitResult | None:
-        return SplitResult.from_row(table[i]) if table[i, 3] > 0 else None
+    Each participant has five result slots (accuracy, loss, n): train (the local
+    fit of this round), val, test (with the model the client holds), and
+    val_global / test_global (fedclip_ft: the global adapter before
+    personalisation). Unseen domains use the test slot.
+    """
 
-    val, test, unseen = {}, {}, {}
-    csv_rows = []
-    logd: dict[str, float] = {"round": rnd}
-    for p in parts:
-        if p.kind == "client":
-            tr, va, te = row(p.index), row(n + p.index), row(2 * n + p.index)
-            val[p.name], test[p.name] = va.accuracy, te.accuracy
-            for split, res in (("train", tr), ("val", va), ("test", te)):
-                if res is not None:
-                    csv_rows.append((rnd, p.name, split, res.accuracy, res.loss))
-                    logd[f"client/{p.name}/{split}_acc"] = res.accuracy
-                    logd[f"client/{p.name}/{split}_loss"] = res.loss
-        else:
-            te = row(2 * n + p.index)
-            unseen[p.name] = te.accuracy
-            csv_rows.append((rnd, p.name, "unseen", te.accuracy, te.loss))
-            logd[f"unseen/{p.name}/acc"] = te.accuracy
-            logd[f"unseen/{p.name}/loss"] = te.loss
-    metrics = RoundMetrics(rnd, val, test, unseen)
-    if fabric.is_global_zero:
-        logd.update({
-            "mean/client_val_acc": metrics.mean_client_val_acc,
-            "mean/client_test_acc": metrics.mean_client_test_acc,
-            "comm/bytes_up_total": summary.bytes_up_total,
-            "comm/bytes_down_total": summary.bytes_down_total,
-        })
-        if unseen:
-            logd["mean/unseen_acc"] = metrics.mean_unseen_acc
-        fabric.log_dict({k: v for k, v in logd.items() if not (isinstance(v, float) and math.isnan(v))}, step=rnd)
-        if metrics_csv is not None:
-            metrics_csv.write(csv_rows)
-    return metrics
+    SLOTS = ("train", "val", "test", "val_global", "test_global")
+
+    def __init__(self, fabric, parts, modules, eval_loaders, summary, metrics_csv, algorithm, train_client):
+        self.fabric, self.parts, self.modules = fabric, parts, modules
+        self.eval_loaders, self.summary, self.metrics_csv = eval_loaders, summary, metrics_csv
+        self.algo, self.train_client = algorithm, train_client
+
+    def _local_results(self, rnd, global_state, train_rows, local_table) -> dict[int, torch.Tensor]:
+        device, n = self.fabric.device, len(self.parts)
+        slot = {s: i * n for i, s in enumerate(self.SLOTS)}
+        num_clients = sum(p.kind == "client" for p in self.parts)
+        out: dict[int, torch.Tensor] = {}
+        for p in self.parts:
+            if p.rank != self.fabric.global_rank:
+                continue
+            m = self.modules[p.index]
+            _move(m, device)
+            if p.kind == "client":
+                if train_rows is not None and p.index in train_rows:
+                    out[slot["train"] + p.index] = train_rows[p.index]
+                held = m.own_state if self.algo.name == "local" and m.own_state is not None else global_state
+                if held is not None:
+                    m.set_state(held)  # the model this client holds after the round
+                if self.algo.name == "fedclip_ft":
+                    val_loader, test_loader = self.eval_loaders[(p.index, "val")], self.eval_loaders[(p.index, "test")]
+                    out[slot["val_global"] + p.index] = evaluate(m, val_loader, device).as_row()
+                    out[slot["test_global"] + p.index] = evaluate(m, test_loader, device).as_row()
+                    # The personal adapter: the global one fine-tuned on this client's own training data.
+                    self.train_client(m, global_state, rnd, "personal", self.algo.personal_epochs)
+                    m.own_state = {k: v.cpu() for k, v in m.get_state().items()}
+                out[slot["val"] + p.index] = evaluate(m, self.eval_loaders[(p.index, "val")], device).as_row()
+                out[slot["test"] + p.index] = evaluate(m, self.eval_loaders[(p.index, "test")], device).as_row()
+            elif local_table is not None:
+                # `local` has no global model: the mean over the clients' own adapters on this domain.
+                template = m.get_state()
+                results = []
+                for c in range(num_clients):
+                    m.set_state(unflatten(local_table[c], template))
+                    results.append(evaluate(m, self.eval_loaders[(p.index, "unseen")], device))
+                out[slot["test"] + p.index] = SplitResult(
+                    accuracy=sum(r.accuracy for r in results) / len(results),
+                    loss=sum(r.loss for r in results) / len(results), n=results[0].n).as_row()
+            else:
+                if global_state is not None:
+                    m.set_state(global_state)
+                out[slot["test"] + p.index] = evaluate(m, self.eval_loaders[(p.index, "unseen")], device).as_row()
+            _move(m, "cpu")
+        return out
+
+    def evaluate(self, rnd: int, global_state, train_rows, local_table) -> RoundMetrics:
+        fabric, n = self.fabric, len(self.parts)
+        local = self._local_results(rnd, global_state, train_rows, local_table)
+        # A fourth column marks rows that some rank filled (a train row is absent in round 0, say).
+        present = torch.ones(1, dtype=torch.float64)
+        table = gather_rows(fabric, {i: torch.cat([v, present]) for i, v in local.items()},
+                            len(self.SLOTS) * n, 4, torch.float64)
+
+        def row(s: str, i: int) -> SplitResult | None:
+            j = self.SLOTS.index(s) * n + i
+            return SplitResult.from_row(table[j]) if table[j, 3] > 0 else None
+
+        acc: dict[str, dict[str, float]] = {s: {} for s in self.SLOTS}
+        unseen: dict[str, float] = {}
+        csv_rows = []
+        logd: dict[str, float] = {"round": rnd}
+        for p in self.parts:
+            if p.kind == "client":
+                for s in self.SLOTS:
+                    res = row(s, p.index)
+                    if res is None:
+                        continue
+                    acc[s][p.name] = res.accuracy
+                    csv_rows.append((rnd, p.name, s, res.accuracy, res.loss))
+                    logd[f"client/{p.name}/{s}_acc"] = res.accuracy
+                    logd[f"client/{p.name}/{s}_loss"] = res.loss
+            else:
+                te = row("test", p.index)
+                unseen[p.name] = te.accuracy
+                csv_rows.append((rnd, p.name, "unseen", te.accuracy, te.loss))
+                logd[f"unseen/{p.name}/acc"] = te.accuracy
+                logd[f"unseen/{p.name}/loss"] = te.loss
+        metrics = RoundMetrics(rnd, acc["val"], acc["test"], unseen, acc["val_global"], acc["test_global"])
+        if fabric.is_global_zero:
+            s = self.summary
+            logd.update({
+                "mean/client_val_acc": metrics.mean_client_val_acc,
+                "mean/client_test_acc": metrics.mean_client_test_acc,
+                "comm/bytes_up_total": s.bytes_up_total,
+                "comm/bytes_down_total": s.bytes_down_total,
+                "comm/bytes_total": s.bytes_up_total + s.bytes_down_total,
+            })
+            if unseen:
+                logd["mean/unseen_acc"] = metrics.mean_unseen_acc
+            if acc["test_global"]:
+                logd["mean/client_test_acc_global"] = metrics.mean_client_test_acc_global
+            fabric.log_dict({k: v for k, v in logd.items() if not (isinstance(v, float) and math.isnan(v))},
+                            step=rnd)
+            if self.metrics_csv is not None:
+                self.metrics_csv.write(csv_rows)
+        return metrics
 
 
 def _build_datasets(cfg: Config, fabric: Fabric, backbone, clients, task: Task, mine: list[Participant]):
@@ -399,10 +495,10 @@ def _move(module: ClientModule, device) -> None:
         module.to(device)
 
 
-def _save_adapter(path: Path, state: dict[str, torch.Tensor], rnd: int) -> None:
-    """The global adapter as a plain state dict (load with torch.load(..., weights_only=True))."""
+def _save_state(path: Path, state: dict[str, torch.Tensor], rnd: int) -> None:
+    """Trained tensors as a plain state dict: ``torch.load(path, weights_only=True)["state"]``."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"round": rnd, "adapter": {k: v.detach().cpu() for k, v in state.items()}}, tmp)
+    torch.save({"round": rnd, "state": {k: v.detach().cpu() for k, v in state.items()}}, tmp)
     os.replace(tmp, path)
 
 

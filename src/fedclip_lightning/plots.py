@@ -1,0 +1,315 @@
+"""Figures of a run and of a sweep, as PNG files (matplotlib, Agg backend).
+
+    from fedclip_lightning.plots import plot_run, plot_sweep
+    plot_run("outputs/fedclip-sketch")     # -> outputs/fedclip-sketch/accuracy.png
+    plot_sweep("outputs")                  # -> accuracy_vs_round.png, accuracy_vs_bytes.png
+
+Nothing is shown on screen; every figure is closed once written.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: files only, never a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator  # noqa: E402
+
+from .tables import collect_runs, order_algorithms  # noqa: E402
+
+DPI = 120
+CLIENT_MARKERS = ["o", "^", "D", "v", "s", "P", "X", "<", ">", "h"]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _float(x: Any) -> float | None:
+    if x is None or (isinstance(x, str) and not x.strip()):
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _read_summary(run_dir: Path) -> dict[str, Any]:
+    try:
+        s = json.loads((run_dir / "summary.json").read_text())
+        return s if isinstance(s, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _int_round(x: Any) -> int | None:
+    v = _float(x)
+    return int(v) if v is not None else None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _save(fig, path: Path) -> Path:
+    try:
+        fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _integer_x(ax, rounds: list[int]) -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if rounds and min(rounds) == max(rounds):
+        r = rounds[0]
+        ax.set_xticks([r])
+        ax.set_xlim(r - 0.5, r + 0.5)
+
+
+def _human_bytes(x: float, _pos=None) -> str:
+    if x <= 0:
+        return "0"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if x >= scale:
+            v = x / scale
+            return f"{v:.0f} {unit}" if v >= 10 or v.is_integer() else f"{v:.1f} {unit}"
+    return f"{x:.0f} B"
+
+
+def _colors(algorithms: list[str]) -> dict[str, Any]:
+    cmap = plt.get_cmap("tab10")
+    return {a: cmap(i % 10) for i, a in enumerate(algorithms)}
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def plot_run(run_dir: str | Path) -> Path:
+    """Write ``accuracy.png`` into ``run_dir``: test accuracy (%) per round of
+    each client (split=test of metrics.csv, solid) and of the held-out
+    domain(s) (split=unseen, dashed, thicker), the selected round marked.
+    Returns the path."""
+    run_dir = Path(run_dir)
+    summary = _read_summary(run_dir)
+    rows = _read_csv(run_dir / "metrics.csv")
+    if not rows and not (run_dir / "metrics.csv").is_file():
+        raise FileNotFoundError(f"{run_dir / 'metrics.csv'} does not exist")
+
+    series: dict[tuple[str, str], dict[int, float]] = {}
+    for row in rows:
+        split = row.get("split")
+        if split not in ("test", "unseen"):
+            continue
+        r, acc = _int_round(row.get("round")), _float(row.get("accuracy"))
+        if r is None or acc is None:
+            continue
+        series.setdefault((split, row.get("client", "?")), {})[r] = 100.0 * acc
+
+    clients = [k for k in series if k[0] == "test"]
+    unseen = [k for k in series if k[0] == "unseen"]
+    all_rounds = sorted({r for s in series.values() for r in s})
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    cmap = plt.get_cmap("tab10")
+    for i, key in enumerate(clients):
+        # hollow markers of different shapes, shrinking: clients with equal accuracies stay visible
+        pts = sorted(series[key].items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=CLIENT_MARKERS[i % len(CLIENT_MARKERS)],
+                markersize=max(4.0, 10.0 - 1.5 * i), fillstyle="none", markeredgewidth=1.5, linewidth=1.4,
+                color=cmap(i % 10), label=f"{key[1]} (client test)")
+    for j, key in enumerate(unseen):
+        pts = sorted(series[key].items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", markersize=6, linewidth=2.8,
+                linestyle="--", color="black" if len(unseen) == 1 else cmap((len(clients) + j) % 10),
+                label=f"{key[1]} (held out)")
+    sel = _int_round(summary.get("selected_round"))
+    if sel is not None and all_rounds and len(all_rounds) > 1:
+        ax.axvline(sel, color="grey", linestyle=":", linewidth=1.2, label=f"selected round ({sel})")
+    if not series:
+        ax.text(0.5, 0.5, "no test accuracy recorded", ha="center", va="center", transform=ax.transAxes)
+
+    algorithm = summary.get("algorithm", "?")
+    dataset = summary.get("dataset", "?")
+    held = ", ".join(summary.get("unseen") or [k[1] for k in unseen]) or "none"
+    ax.set_title(f"{algorithm} on {dataset}: test accuracy per round (held out: {held})")
+    ax.set_xlabel("communication round")
+    ax.set_ylabel("test accuracy (%)")
+    _integer_x(ax, all_rounds)
+    lo = min((v for s in series.values() for v in s.values()), default=0.0)
+    hi = max((v for s in series.values() for v in s.values()), default=100.0)
+    pad = max(2.0, 0.08 * (hi - lo))
+    ax.set_ylim(max(-2.0, lo - pad), min(102.0, hi + pad))
+    ax.grid(True, alpha=0.3)
+    if series:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=9)
+    return _save(fig, run_dir / "accuracy.png")
+
+
+# --------------------------------------------------------------------------- a sweep
+
+PANELS = [
+    ("mean_unseen_acc", "held-out domain (generalisation)"),
+    ("mean_client_test_acc", "participating clients (personalisation)"),
+]
+
+
+def _sweep_curves(sweep_dir: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Per algorithm: the mean over its held-out tasks, per round, of each
+    panel's accuracy (%) and of the cumulative bytes (up + down)."""
+    records = collect_runs(sweep_dir)
+    per_alg: dict[str, list[dict[int, dict[str, float | None]]]] = {}
+    for rec in records:
+        rows = _read_csv(rec["run_dir"] / "rounds.csv")
+        if not rows:
+            warnings.warn(f"{rec['run_dir']}: no rounds.csv rows; left out of the sweep plots", stacklevel=3)
+            continue
+        task: dict[int, dict[str, float | None]] = {}
+        for row in rows:
+            r = _int_round(row.get("round"))
+            if r is None:
+                continue
+            up, down = _float(row.get("bytes_up_total")), _float(row.get("bytes_down_total"))
+            task[r] = {
+                "mean_unseen_acc": _float(row.get("mean_unseen_acc")),
+                "mean_client_test_acc": _float(row.get("mean_client_test_acc")),
+                "bytes": None if up is None and down is None else (up or 0.0) + (down or 0.0),
+            }
+        if task:
+            per_alg.setdefault(rec["algorithm"], []).append(task)
+
+    curves: dict[str, dict[str, Any]] = {}
+    for alg, tasks in per_alg.items():
+        common = set(tasks[0])
+        for t in tasks[1:]:
+            common &= set(t)
+        rounds = sorted(common) or sorted({r for t in tasks for r in t})  # rounds every task has, else any
+        curve: dict[str, Any] = {"tasks": len(tasks), "round": rounds}
+        for key in ("mean_unseen_acc", "mean_client_test_acc", "bytes"):
+            vals = []
+            for r in rounds:
+                xs = [t[r][key] for t in tasks if r in t and t[r][key] is not None]
+                v = sum(xs) / len(xs) if xs else None
+                vals.append(None if v is None else (100.0 * v if key != "bytes" else v))
+            curve[key] = vals
+        curves[alg] = curve
+    return order_algorithms(curves), curves
+
+
+def _last(values: list[float | None]) -> float | None:
+    for v in reversed(values):
+        if v is not None:
+            return v
+    return None
+
+
+def plot_sweep(sweep_dir: str | Path) -> list[Path]:
+    """Write ``accuracy_vs_round.png`` and ``accuracy_vs_bytes.png`` into
+    ``sweep_dir``: per algorithm, the mean over its held-out tasks of the
+    held-out accuracy (left panel) and the mean client test accuracy (right)
+    against the round and against the cumulative bytes communicated (up +
+    down, log scale; algorithms that communicate nothing are drawn as a
+    horizontal dotted line at their last-round accuracy). Returns the paths."""
+    sweep_dir = Path(sweep_dir)
+    algorithms, curves = _sweep_curves(sweep_dir)
+    colors = _colors(algorithms)
+    name = sweep_dir.name
+    written: list[Path] = []
+
+    # ---- accuracy vs round
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharex=True)
+    all_rounds = sorted({r for c in curves.values() for r in c["round"]})
+    for ax, (key, label) in zip(axes, PANELS):
+        for alg in algorithms:
+            c = curves[alg]
+            pts = [(r, v) for r, v in zip(c["round"], c[key]) if v is not None]
+            if not pts:
+                continue
+            lbl = f"{alg} (mean of {c['tasks']} task{'s' if c['tasks'] != 1 else ''})"
+            if len(pts) == 1 and len(all_rounds) > 1:
+                lbl += f", round {pts[0][0]} only (dotted: its level)"
+                # one evaluation only (zero-shot): a marker plus a reference line across the rounds
+                ax.axhline(pts[0][1], color=colors[alg], linestyle=":", linewidth=1.3)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=5, linewidth=1.8,
+                    color=colors[alg], label=lbl)
+        ax.set_title(label)
+        ax.set_xlabel("communication round")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        _integer_x(ax, all_rounds)
+    if not curves:
+        for ax in axes:
+            ax.text(0.5, 0.5, "no rounds.csv found", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(f"{name}: test accuracy per round, mean over held-out tasks")
+    _legend_below(fig, axes)
+    written.append(_save(fig, sweep_dir / "accuracy_vs_round.png"))
+
+    # ---- accuracy vs bytes
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharex=True)
+    positive = [b for c in curves.values() for b in c["bytes"] if b is not None and b > 0]
+    any_bytes = bool(positive)
+    span = max(positive) / min(positive) if positive else 1.0
+    for ax, (key, label) in zip(axes, PANELS):
+        for alg in algorithms:
+            c = curves[alg]
+            pts = [(b, v) for b, v in zip(c["bytes"], c[key]) if v is not None and b is not None and b > 0]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=5, linewidth=1.8,
+                        color=colors[alg], label=alg)
+                continue
+            comm = [b for b in c["bytes"] if b is not None]
+            last = _last(c[key])
+            if last is not None and (not comm or max(comm) <= 0):
+                # sends nothing: no place on a log axis; its accuracy as a horizontal line
+                ax.axhline(last, color=colors[alg], linestyle=":", linewidth=2.0,
+                           label=f"{alg} (no communication)")
+        ax.set_title(label)
+        ax.set_xlabel("cumulative bytes communicated, up + down, all clients"
+                      + (" (log scale)" if any_bytes else ""))
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.margins(y=0.12)
+        if any_bytes:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(_human_bytes))
+            if span < 100:  # under two decades: few major ticks, so label 2x and 5x too
+                ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+                ax.xaxis.set_minor_formatter(FuncFormatter(_human_bytes))
+            else:
+                ax.xaxis.set_minor_formatter(FuncFormatter(lambda *_: ""))
+        else:
+            ax.set_xticks([])
+            ax.text(0.5, 0.5, "no algorithm communicated", ha="center", va="center",
+                    transform=ax.transAxes, alpha=0.7)
+    fig.suptitle(f"{name}: test accuracy vs. communication, mean over held-out tasks")
+    _legend_below(fig, axes)
+    written.append(_save(fig, sweep_dir / "accuracy_vs_bytes.png"))
+    return written
+
+
+def _legend_below(fig, axes) -> None:
+    """One legend for the figure, under the panels (never over the data)."""
+    handles, labels = [], []
+    for ax in axes:
+        for h, lbl in zip(*ax.get_legend_handles_labels()):
+            if lbl not in labels:
+                handles.append(h)
+                labels.append(lbl)
+    fig.tight_layout()
+    if handles:
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=min(len(labels), 3), frameon=False)

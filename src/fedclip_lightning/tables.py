@@ -1,0 +1,280 @@
+"""Tables of a sweep: one run directory per (algorithm, held-out domain).
+
+A sweep directory holds run directories named ``<algorithm>-<heldout>``
+(``fedclip-sketch``, ``fedavg-art_painting``...), each with the
+``summary.json`` that :mod:`fedclip_lightning.report` writes. The tables take
+the layout of the FedCLIP paper: one row per held-out domain plus an
+``average`` row, one column per algorithm, accuracies in percent.
+
+    from fedclip_lightning.tables import write_sweep_tables
+    write_sweep_tables("outputs/pacs_sweep")   # table_selected.md/.csv, table_final.md/.csv
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+ALGORITHM_ORDER = ["zeroshot", "local", "fedavg", "fedprox", "fedclip", "fedclip_ft"]
+BLOCKS = ("selected", "final", "personal")
+METRICS = {
+    # metric name -> (key in a summary block, what it measures)
+    "unseen": ("mean_unseen_acc", "generalisation: accuracy (%) on the held-out domain"),
+    "clients": ("mean_client_test_acc", "personalisation: mean test accuracy (%) of the participating clients"),
+}
+AVERAGE = "average"
+MISSING = "-"
+HELDOUT_HEADER = "held-out domain"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Every ``*/summary.json`` under ``sweep_dir``, sorted by directory name.
+
+    Each record: ``algorithm`` (summary's, else the directory name before the
+    first ``-``), ``heldout`` (the run's ``unseen[0]``, else the directory name
+    after the algorithm), ``summary`` (the parsed JSON) and ``run_dir``.
+    A summary that cannot be read or parsed is skipped with a warning.
+    """
+    sweep_dir = Path(sweep_dir)
+    records: list[dict[str, Any]] = []
+    for path in sorted(sweep_dir.glob("*/summary.json")):
+        run_dir = path.parent
+        try:
+            summary = json.loads(path.read_text())
+            if not isinstance(summary, dict):
+                raise ValueError(f"expected a JSON object, got {type(summary).__name__}")
+        except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+            warnings.warn(f"skipping {path}: cannot parse it ({e})", stacklevel=2)
+            continue
+        name = run_dir.name
+        prefix, _, suffix = name.partition("-")
+        algorithm = summary.get("algorithm") or prefix
+        unseen = summary.get("unseen") or []
+        if unseen:
+            heldout = str(unseen[0])
+        elif name.startswith(f"{algorithm}-"):
+            heldout = name[len(algorithm) + 1:]
+        else:
+            heldout = suffix or name
+        records.append({"algorithm": str(algorithm), "heldout": heldout, "summary": summary, "run_dir": run_dir})
+    return records
+
+
+def order_algorithms(names: Iterable[str]) -> list[str]:
+    """Distinct names in :data:`ALGORITHM_ORDER`, unknown ones after, alphabetically."""
+    names = set(names)
+    known = [a for a in ALGORITHM_ORDER if a in names]
+    return known + sorted(names - set(ALGORITHM_ORDER))
+
+
+def _number(x: Any) -> float | None:
+    """A finite float, or None (missing, null, NaN, not a number)."""
+    if isinstance(x, bool) or x is None:
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _block_value(summary: dict[str, Any], block: str, key: str) -> float | None:
+    b = summary.get(block)
+    return _number(b.get(key)) if isinstance(b, dict) else None
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def paper_table(records: list[dict[str, Any]], block: str = "selected",
+                metric: str = "unseen") -> tuple[list[str], list[list]]:
+    """The paper's layout: ``(header, rows)``.
+
+    ``header`` = ``["held-out domain", <algorithms>...]``; one row per held-out
+    domain (order of first appearance in ``records``) then ``"average"``.
+    A cell is the accuracy in % rounded to 2 decimals, from
+    ``summary[block]["mean_unseen_acc"]`` (``metric="unseen"``) or
+    ``["mean_client_test_acc"]`` (``metric="clients"``); None where missing.
+    Several runs of one cell (seeds) are averaged. The average of an
+    algorithm is None unless every held-out domain has a value for it.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+    key = METRICS[metric][0]
+    domains: list[str] = []
+    for r in records:
+        if r["heldout"] not in domains:
+            domains.append(r["heldout"])
+    algorithms = order_algorithms(r["algorithm"] for r in records)
+
+    cells: dict[tuple[str, str], list[float]] = {}
+    for r in records:
+        v = _block_value(r["summary"], block, key)
+        if v is not None:
+            cells.setdefault((r["heldout"], r["algorithm"]), []).append(v)
+
+    rows: list[list] = []
+    for d in domains:
+        row: list = [d]
+        for a in algorithms:
+            vals = cells.get((d, a))
+            row.append(round(100.0 * _mean(vals), 2) if vals else None)
+        rows.append(row)
+    avg: list = [AVERAGE]
+    for a in algorithms:
+        vals = [_mean(cells[(d, a)]) for d in domains if (d, a) in cells]
+        avg.append(round(100.0 * _mean(vals), 2) if vals and len(vals) == len(domains) else None)
+    rows.append(avg)
+    return [HELDOUT_HEADER, *algorithms], rows
+
+
+def comm_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list]]:
+    """Per algorithm: runs, trainable parameters, bytes per client per round and
+    total bytes up/down (each the mean over the algorithm's runs; None where unknown)."""
+    header = ["algorithm", "runs", "trainable params", "bytes / client / round",
+              "bytes up total (mean)", "bytes down total (mean)"]
+    keys = ["trainable_params", "bytes_per_client_per_round", "bytes_up_total", "bytes_down_total"]
+    rows: list[list] = []
+    for a in order_algorithms(r["algorithm"] for r in records):
+        runs = [r["summary"] for r in records if r["algorithm"] == a]
+        row: list = [a, len(runs)]
+        for k in keys:
+            vals = [v for v in (_number(s.get(k)) for s in runs) if v is not None]
+            if not vals:
+                row.append(None)
+                continue
+            m = _mean(vals)
+            row.append(int(m) if m.is_integer() else round(m, 1))
+        rows.append(row)
+    return header, rows
+
+
+def _missing_average_note(header: list[str], rows: list[list]) -> str | None:
+    """Footnote for averages left out because a held-out domain is missing."""
+    if not rows or rows[-1][0] != AVERAGE:
+        return None
+    gaps = []
+    for j, name in enumerate(header[1:], start=1):
+        if rows[-1][j] is None:
+            missing = [r[0] for r in rows[:-1] if r[j] is None]
+            if missing and len(missing) < len(rows) - 1:
+                gaps.append(f"{name} (no result for {', '.join(map(str, missing))})")
+            elif missing:
+                gaps.append(f"{name} (no results)")
+    if not gaps:
+        return None
+    return ('"-" = no result. The average is left out for algorithms missing at least one '
+            "held-out domain: " + "; ".join(gaps) + ".")
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return MISSING
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def to_markdown(header: list[str], rows: list[list], title: str | None = None,
+                footnotes: Iterable[str] = ()) -> str:
+    """A GitHub-flavoured Markdown table under ``### title``; None renders as
+    ``-``, floats with 2 decimals, numbers right-aligned. A paper table whose
+    average row has gaps gets a footnote saying why; ``footnotes`` are added
+    as further ``*note*`` lines."""
+    def is_num(j: int) -> bool:
+        return any(isinstance(r[j], (int, float)) and not isinstance(r[j], bool) for r in rows)
+
+    lines: list[str] = []
+    if title:
+        lines += [f"### {title}", ""]
+    lines.append("| " + " | ".join(map(str, header)) + " |")
+    lines.append("|" + "|".join("---:" if j and is_num(j) else ":---" for j in range(len(header))) + "|")
+    for r in rows:
+        text = [_fmt(v) for v in r]
+        if r and r[0] == AVERAGE:
+            text = [f"**{t}**" if t != MISSING else t for t in text]
+        lines.append("| " + " | ".join(text) + " |")
+    notes = [n for n in [_missing_average_note(header, rows), *footnotes] if n]
+    if notes:
+        lines.append("")
+        lines += [f"*{n}*" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(header: list[str], rows: list[list]) -> str:
+    """CSV text: None as an empty field, floats with 2 decimals."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in rows:
+        w.writerow(["" if v is None else (f"{v:.2f}" if isinstance(v, float) else v) for v in r])
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def _status_note(records: list[dict[str, Any]]) -> str | None:
+    odd = [f"{r['run_dir'].name} ({r['summary'].get('status', 'no status')})"
+           for r in records if r["summary"].get("status") != "finished"]
+    return "Runs not finished (their numbers may be partial or missing): " + ", ".join(odd) + "." if odd else None
+
+
+def sweep_markdown(records: list[dict[str, Any]], block: str, name: str = "sweep") -> str:
+    """The Markdown report of one block: generalisation, personalisation,
+    personalised models (when any run has them) and communication."""
+    status = _status_note(records)
+    parts = [f"# {name}: {block} model\n",
+             f"Each cell: accuracy (%) of the {block} model "
+             f"({'best mean client validation accuracy' if block == 'selected' else 'last round' if block == 'final' else 'personalised models'}); "
+             "rows = the held-out domain of the run, columns = algorithms.\n"]
+    if status:
+        parts.append(f"*{status}*\n")
+    for metric in ("unseen", "clients"):
+        h, rows = paper_table(records, block, metric)
+        parts.append(to_markdown(h, rows, f"{METRICS[metric][1][0].upper()}{METRICS[metric][1][1:]}"))
+    personal = [r for r in records if isinstance(r["summary"].get("personal"), dict)]
+    if personal:
+        h, rows = paper_table(personal, "personal", "clients")
+        parts.append(to_markdown(h, rows, "Personalised models (summary['personal']): mean client test accuracy (%)"))
+    h, rows = comm_table(records)
+    parts.append(to_markdown(h, rows, "Communication (bytes; mean over the runs of each algorithm)",
+                             footnotes=["bytes / client / round: adapter bytes one client sends up "
+                                        "(and receives down) per round; totals over all clients and rounds."]))
+    return "\n".join(parts)
+
+
+def sweep_csv(records: list[dict[str, Any]], block: str) -> str:
+    """Both paper tables of one block in one CSV: a leading ``metric`` column
+    (``unseen`` or ``clients``), then the paper table's columns."""
+    tables = [(m, paper_table(records, block, m)) for m in ("unseen", "clients")]
+    header = ["metric", *tables[0][1][0]]
+    rows = [[m, *r] for m, (_, rs) in tables for r in rs]
+    return to_csv(header, rows)
+
+
+def write_sweep_tables(sweep_dir: str | Path) -> list[Path]:
+    """Write ``table_selected.md/.csv`` and ``table_final.md/.csv`` into
+    ``sweep_dir``; return the written paths. Prints nothing."""
+    sweep_dir = Path(sweep_dir)
+    records = collect_runs(sweep_dir)
+    written: list[Path] = []
+    for block in ("selected", "final"):
+        md = sweep_dir / f"table_{block}.md"
+        md.write_text(sweep_markdown(records, block, name=sweep_dir.name))
+        out = sweep_dir / f"table_{block}.csv"
+        out.write_text(sweep_csv(records, block))
+        written += [md, out]
+    return written
