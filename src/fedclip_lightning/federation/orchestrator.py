@@ -319,10 +319,11 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
                 rounds_csv.close()
     result = summary.as_dict()
     if rank0:
+        _finish_outputs(fabric, summary, run_dir)
         print("\n" + format_table(summary))
         saved = "" if zeroshot else (", adapters_final.pt" if local_only else
                                      f", {state_file}_selected.pt, {state_file}_final.pt")
-        print(f"\nrun directory: {run_dir}\n  summary.json, metrics.csv, rounds.csv, config.yaml{saved}"
+        print(f"\nrun directory: {run_dir}\n  summary.json, metrics.csv, rounds.csv, accuracy.png, config.yaml{saved}"
               + (f", W&B run under {run_dir / 'wandb'}" if cfg.logger.name == "wandb" and
                  wandb_mode(cfg) != "disabled" else ""))
     return result
@@ -487,6 +488,35 @@ def _build_datasets(cfg: Config, fabric: Fabric, backbone, clients, task: Task, 
             "encode_seconds_max_rank": round(float(total[:, 3].max()), 3),
         })
     return datasets, stats
+
+
+def _finish_outputs(fabric: Fabric, summary: Summary, run_dir: Path) -> None:
+    """The per-round accuracy plot, and the final accuracies as a table in W&B."""
+    from ..plots import plot_run
+
+    try:
+        plot_run(run_dir)
+    except Exception as exc:  # noqa: BLE001 - a plot must never cost the run its results
+        log.warning("could not draw %s: %s", run_dir / "accuracy.png", exc)
+    fin, sel = summary.final, summary.selected
+    if fin is None:
+        return
+    rows = []
+    for c in summary.clients:
+        rows.append([c, "client", sel.client_val_acc.get(c), sel.client_test_acc.get(c),
+                     fin.client_val_acc.get(c), fin.client_test_acc.get(c)])
+    for u in summary.unseen:
+        rows.append([u, "unseen", None, sel.unseen_acc.get(u), None, fin.unseen_acc.get(u)])
+    for lg in fabric.loggers:
+        if hasattr(lg, "log_table"):
+            lg.log_table("summary_table", columns=["domain", "role", "selected_val_acc", "selected_test_acc",
+                                                   "final_val_acc", "final_test_acc"], data=rows)
+        exp = getattr(lg, "_experiment", None)
+        if exp is not None and hasattr(exp, "summary"):
+            exp.summary.update({"selected_round": sel.round, "selected/mean_unseen_acc": sel.mean_unseen_acc,
+                                "selected/mean_client_test_acc": sel.mean_client_test_acc,
+                                "trainable_params": summary.trainable_params,
+                                "bytes_up_total": summary.bytes_up_total})
 
 
 def _move(module: ClientModule, device) -> None:

@@ -1,0 +1,169 @@
+"""Leave-one-domain-out sweeps: every held-out domain x every algorithm, one command.
+
+    fedclip-lightning-sweep --algorithms fedavg,fedprox,fedclip,zeroshot,local,fedclip_ft \\
+        experiment=pacs_mini_debug
+    fedclip-lightning-sweep --algorithms fedclip,fedavg --heldout art_painting,sketch \\
+        experiment=pacs_paper data.root=/data/PACS
+
+Each (algorithm, held-out domain) is a normal run, in its own process, written to
+``<sweep dir>/<algorithm>-<held out>/``; a rerun skips the runs that finished.
+All runs share one W&B group (the sweep's name), with the algorithm as the
+job type, so one W&B panel compares them. At the end the sweep directory holds
+the paper-style tables (Markdown and CSV, selected and final round) and the
+comparison plots, and the table is printed.
+
+``--slurm`` submits the same runs as one SLURM job array (one task per run,
+each through launch.sh) instead of running them here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from .errors import ConfigError, UserError
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    ap = argparse.ArgumentParser(prog="fedclip-lightning-sweep", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--algorithms", default="fedclip,zeroshot",
+                    help="comma-separated algorithms (fedclip, zeroshot, fedavg, fedprox, local, fedclip_ft)")
+    ap.add_argument("--heldout", default="all", help="comma-separated held-out domains, or 'all' (default)")
+    ap.add_argument("--name", default=None, help="sweep name: its folder under output_dir and its W&B group")
+    ap.add_argument("--slurm", action="store_true", help="submit one SLURM job array instead of running here")
+    ap.add_argument("--dry-run", action="store_true", help="print the runs and exit")
+    args, overrides = ap.parse_known_args(argv)
+    bad = [o for o in overrides if o.startswith("-")]
+    if bad:
+        raise ConfigError(f"unknown option {bad[0]!r}. Fix: see `fedclip-lightning-sweep --help`; "
+                          "settings are passed as key=value.")
+    return args, overrides
+
+
+def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, list[tuple[str, str, list[str]]]]:
+    """The sweep directory and its runs: (algorithm, held-out domain, overrides)."""
+    from .config import ALGORITHMS, load_config
+    from .data.pipeline import resolve_root
+
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    unknown = [a for a in algorithms if a not in ALGORITHMS]
+    if unknown or not algorithms:
+        raise ConfigError(f"--algorithms={args.algorithms!r}: unknown {unknown or 'empty list'}. "
+                          f"Fix: choose from {', '.join(ALGORITHMS)}.")
+    base = load_config(overrides)
+    domains = base.data.domains
+    if domains is None:
+        root = resolve_root(base)
+        domains = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    heldout = domains if args.heldout == "all" else [h.strip() for h in args.heldout.split(",") if h.strip()]
+    missing = [h for h in heldout if h not in domains]
+    if missing:
+        raise ConfigError(f"--heldout={args.heldout!r}: {missing} not among the domains {domains}. "
+                          "Fix: name domains of the data set, or use --heldout all.")
+    name = args.name or f"sweep-{base.data.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    sweep_dir = Path(base.output_dir).expanduser() / name
+    runs = []
+    for h in heldout:
+        for a in algorithms:
+            runs.append((a, h, [*overrides, f"algorithm={a}", f"data.unseen=[{h}]", f"output_dir={sweep_dir}",
+                                f"run_name={a}-{h}", f"logger.wandb.group={name}"]))
+    return sweep_dir, runs
+
+
+def _finished(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status") == "finished"
+    except (OSError, ValueError):
+        return False
+
+
+def run_local(sweep_dir: Path, runs) -> list[str]:
+    """Run each (algorithm, held-out) in its own process; return the ones that failed."""
+    failed = []
+    env = dict(os.environ)
+    env.pop("FEDCLIP_RUN_DIR", None)
+    for i, (a, h, ov) in enumerate(runs, 1):
+        run_dir = sweep_dir / f"{a}-{h}"
+        if _finished(run_dir):
+            print(f"[{i}/{len(runs)}] {a}, held out {h}: finished earlier, skipped", flush=True)
+            continue
+        print(f"[{i}/{len(runs)}] {a}, held out {h}", flush=True)
+        proc = subprocess.run([sys.executable, "-m", "fedclip_lightning", *ov], env=env)
+        if proc.returncode != 0:
+            failed.append(f"{a}-{h} (exit {proc.returncode})")
+            if proc.returncode == 2:  # a user error: every other run would hit it too
+                break
+    return failed
+
+
+def submit_slurm(sweep_dir: Path, runs) -> None:
+    """One SLURM job array: task i runs the i-th (algorithm, held-out) through launch.sh."""
+    import shlex
+
+    launch = Path(__file__).resolve().parents[2] / "launch.sh"
+    if not launch.is_file():
+        raise ConfigError(f"--slurm needs launch.sh, not found at {launch}. Fix: run the sweep from a checkout.")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    table = sweep_dir / "runs.txt"
+    table.write_text("".join(" ".join(shlex.quote(o) for o in ov) + "\n" for _, _, ov in runs))
+    script = sweep_dir / "array.sh"
+    script.write_text(
+        "#!/usr/bin/env bash\n"
+        f"#SBATCH --array=1-{len(runs)}\n"
+        f"#SBATCH --output={sweep_dir}/slurm-%A_%a.out\n"
+        "set -euo pipefail\n"
+        f'args=$(sed -n "${{SLURM_ARRAY_TASK_ID}}p" {shlex.quote(str(table))})\n'
+        f"eval exec {shlex.quote(str(launch))} $args\n"
+    )
+    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"sbatch failed: {proc.stderr.strip()}. Fix: check your SLURM account/partition "
+                        f"(SBATCH_* environment variables apply), or run the sweep without --slurm.")
+    print(f"submitted job array {proc.stdout.strip()} ({len(runs)} runs); when it is done, run "
+          f"`fedclip-lightning-sweep --name {sweep_dir.name} ...` again (same arguments) to write the tables")
+
+
+def report(sweep_dir: Path) -> str:
+    """Write the tables and plots of a sweep directory; return the Markdown of the selected-round table."""
+    from .plots import plot_sweep
+    from .tables import write_sweep_tables
+
+    paths = write_sweep_tables(sweep_dir)
+    paths += plot_sweep(sweep_dir)
+    md = (sweep_dir / "table_selected.md").read_text()
+    return md + "\nwritten: " + ", ".join(str(p.relative_to(sweep_dir.parent)) for p in paths)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args, overrides = _parse(argv)
+        sweep_dir, runs = plan(args, overrides)
+        if args.dry_run:
+            for a, h, ov in runs:
+                print(f"{a}-{h}: fedclip-lightning {' '.join(ov)}")
+            return 0
+        if args.slurm:
+            submit_slurm(sweep_dir, runs)
+            return 0
+        print(f"sweep {sweep_dir.name}: {len(runs)} runs into {sweep_dir}", flush=True)
+        failed = run_local(sweep_dir, runs)
+        print("\n" + report(sweep_dir))
+        if failed:
+            print(f"\n{len(failed)} run(s) failed: {', '.join(failed)}; rerun the same command to retry them",
+                  file=sys.stderr)
+            return 1
+    except UserError as exc:
+        print(f"fedclip-lightning-sweep: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""One command, every held-out domain x algorithm: tables, plots, one W&B group."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+from helpers import PACS_MINI_ARGS, cli_env, read_summary
+from wandb_offline import find_offline_runs, read_offline_run
+
+
+def test_sweep_writes_tables_plots_and_a_wandb_group(tmp_path):
+    cmd = [sys.executable, "-m", "fedclip_lightning.sweep", "--algorithms", "fedclip,fedavg", "--heldout",
+           "sketch,photo", "--name", "s", *PACS_MINI_ARGS, "logger=wandb", "federation.rounds=1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = tmp_path / "outputs" / "s"
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert runs == ["fedavg-photo", "fedavg-sketch", "fedclip-photo", "fedclip-sketch"]
+    # the paper-style table: rows = held-out domain + average, columns = algorithms
+    with open(sweep / "table_selected.csv") as f:
+        rows = list(csv.reader(f))
+    header = rows[0]
+    assert "fedclip" in header and "fedavg" in header
+    unseen_rows = {r[1]: r for r in rows[1:] if r[0] == "unseen"}
+    assert set(unseen_rows) == {"sketch", "photo", "average"}
+    col = header.index("fedclip")
+    s = read_summary(sweep / "fedclip-sketch")
+    assert float(unseen_rows["sketch"][col]) == round(100 * s["selected"]["mean_unseen_acc"], 2)
+    assert "| **average** |" in (sweep / "table_final.md").read_text()
+    assert "held-out domain" in proc.stdout  # the table is printed too
+    for png in ("accuracy_vs_round.png", "accuracy_vs_bytes.png", "fedclip-sketch/accuracy.png"):
+        data = (sweep / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    # one W&B group for the sweep, the algorithm as job type, names that say algorithm and held-out domain
+    seen = {}
+    for run_dir in find_offline_runs(sweep):
+        w = read_offline_run(run_dir)
+        assert w["group"] == "s" and w["exit_code"] == 0
+        seen[w["name"]] = w["job_type"]
+        assert any("mean/unseen_acc" in row for row in w["history"])  # the same keys for every algorithm
+    assert seen == {"fedclip-sketch": "fedclip", "fedclip-photo": "fedclip",
+                    "fedavg-sketch": "fedavg", "fedavg-photo": "fedavg"}
+    # a rerun skips what finished
+    again = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 4
+
+
+def test_sweep_rejects_unknown_algorithm_and_domain(tmp_path):
+    from fedclip_lightning.sweep import main
+
+    assert main(["--algorithms", "fedfoo", *PACS_MINI_ARGS]) == 2
+    assert main(["--heldout", "mars", *PACS_MINI_ARGS]) == 2
+    assert main(["--algorithms", "fedclip", "--dry-run", *PACS_MINI_ARGS]) == 0
