@@ -181,6 +181,8 @@ class Summary:
     bytes_up_total: int = 0
     bytes_down_total: int = 0
     wall_time_s: float = 0.0
+    setup_seconds: float = 0.0  # from the start until the first round (data, model, feature encoding)
+    round_seconds: list[float] = field(default_factory=list)  # each round: local fits, aggregation, evaluation
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -204,6 +206,10 @@ class Summary:
             "bytes_up_total": self.bytes_up_total,
             "bytes_down_total": self.bytes_down_total,
             "wall_time_s": round(self.wall_time_s, 3),
+            "setup_seconds": round(self.setup_seconds, 3),
+            "round_seconds_mean": round(sum(self.round_seconds) / len(self.round_seconds), 6)
+            if self.round_seconds else None,
+            "round_seconds_total": round(sum(self.round_seconds), 3),
             "world_size": self.world_size,
             "skipped_images": self.skipped_images,
             "features": self.features,

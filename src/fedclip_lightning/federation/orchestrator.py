@@ -248,7 +248,9 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
             if rank0:
                 rounds_csv.write(metrics, 0, 0, 0, 0, time.perf_counter() - started)
             bar.update(1)
+        summary.setup_seconds = time.perf_counter() - started
         for rnd in range(1, rounds + 1):
+            round_started = time.perf_counter()
             # 1. broadcast + 2. local fit: each rank trains its clients of this round, one after another.
             active = sample_clients(num_clients, cfg.federation.client_fraction, rnd, cfg.seed)
             rows: dict[int, torch.Tensor] = {}
@@ -296,6 +298,7 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
                                      summary.bytes_down_total, summary.wall_time_s)
                     last_bytes = (summary.bytes_up_total, summary.bytes_down_total)
                     summary.write(run_dir / "summary.json")
+            summary.round_seconds.append(time.perf_counter() - round_started)
             bar.update(1)
         if rank0 and not zeroshot:
             if local_only:
