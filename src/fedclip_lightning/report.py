@@ -105,7 +105,7 @@ class ModelSelection:
 
 
 class MetricsCSV:
-    """metrics.csv: one row per round, client and split; flushed every round."""
+    """metrics.csv: one row per round, client and split; flushed every round (fsynced on close)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -119,10 +119,11 @@ class MetricsCSV:
     def write(self, rows: list[tuple[int, str, str, float, float]]) -> None:
         for r, client, split, acc, loss in rows:
             self._w.writerow([r, client, split, _fmt(acc), _fmt(loss)])
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        self._f.flush()  # on disk as far as a crash of this process goes
 
     def close(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
         self._f.close()
 
 
@@ -147,9 +148,10 @@ class RoundsCSV:
                           _fmt(m.mean_unseen_acc), bytes_up, bytes_down, bytes_up_total, bytes_down_total,
                           f"{wall_time_s:.3f}"])
         self._f.flush()
-        os.fsync(self._f.fileno())
 
     def close(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
         self._f.close()
 
 

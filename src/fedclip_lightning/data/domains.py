@@ -239,31 +239,42 @@ def scan_domains(
         entries.sort()
         samples[d] = [Sample(path=path, label=label, domain=d) for _, path, label in entries]
 
-    skipped: list[str] = []
-    if check_images:
-        all_paths = [s.path for d in samples for s in samples[d]]
-        bad = _find_corrupt(all_paths)
-        if bad:
-            bad_list = [p for p in all_paths if p in bad]
-            if on_corrupt == "error":
-                described = [f"{p} ({bad[p]})" for p in bad_list]
-                raise DataError(
-                    f"{len(bad_list)} corrupt or unreadable image(s) under data.root={str(root_path)!r}: "
-                    f"{_listing(described)}. "
-                    "Fix: delete or replace it, or set data.on_corrupt=skip to leave such files out."
-                )
-            skipped = bad_list
-            bad_set = set(bad_list)
-            samples = {d: [s for s in ss if s.path not in bad_set] for d, ss in samples.items()}
-            emptied = [d for d, ss in samples.items() if not ss]
-            if emptied:
-                raise DataError(
-                    f"data.domains: domain(s) {emptied} have no readable images left after skipping "
-                    f"{len(skipped)} corrupt file(s) (data.on_corrupt=skip). "
-                    "Fix: replace the corrupt images, or leave these domains out of data.domains."
-                )
+    ds = DomainSet(root=root_path, classes=classes, samples=samples)
+    return verify_images(ds, on_corrupt) if check_images else ds
 
-    return DomainSet(root=root_path, classes=classes, samples=samples, skipped=skipped)
+
+def verify_images(ds: DomainSet, on_corrupt: str = "error") -> DomainSet:
+    """Check every image of ``ds`` with ``PIL.Image.verify``.
+
+    Raises DataError naming the corrupt files (``on_corrupt="error"``), or
+    returns ``ds`` without them, listed in ``skipped`` (``on_corrupt="skip"``).
+    Separate from :func:`scan_domains` so that a subset is checked, not the
+    whole folder.
+    """
+    root_path, samples = ds.root, ds.samples
+    skipped: list[str] = list(ds.skipped)
+    all_paths = [s.path for d in samples for s in samples[d]]
+    bad = _find_corrupt(all_paths)
+    if bad:
+        bad_list = [p for p in all_paths if p in bad]
+        if on_corrupt == "error":
+            described = [f"{p} ({bad[p]})" for p in bad_list]
+            raise DataError(
+                f"{len(bad_list)} corrupt or unreadable image(s) under data.root={str(root_path)!r}: "
+                f"{_listing(described)}. "
+                "Fix: delete or replace it, or set data.on_corrupt=skip to leave such files out."
+            )
+        skipped += bad_list
+        bad_set = set(bad_list)
+        samples = {d: [s for s in ss if s.path not in bad_set] for d, ss in samples.items()}
+        emptied = [d for d, ss in samples.items() if not ss]
+        if emptied:
+            raise DataError(
+                f"data.domains: domain(s) {emptied} have no readable images left after skipping "
+                f"{len(skipped)} corrupt file(s) (data.on_corrupt=skip). "
+                "Fix: replace the corrupt images, or leave these domains out of data.domains."
+            )
+    return DomainSet(root=root_path, classes=ds.classes, samples=samples, skipped=skipped)
 
 
 def load_rgb(path: str | os.PathLike[str]) -> Image.Image:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config
 from ..errors import DataError
-from .domains import DomainSet, ImageDataset, Sample, scan_domains
+from .domains import DomainSet, ImageDataset, Sample, scan_domains, verify_images
 from .partition import Task, official_split, partitioned_task, stable_seed
 from .synthetic import default_cache_dir, ensure_synthetic_dataset
 
@@ -34,9 +34,11 @@ def resolve_root(cfg: Config) -> Path:
 def build_task(cfg: Config) -> tuple[Task, DomainSet]:
     """Scan the image folders named by ``cfg.data`` and split them into clients and unseen domains."""
     d = cfg.data
-    ds = scan_domains(resolve_root(cfg), d.domains, on_corrupt=d.on_corrupt, check_images=d.check_images)
+    ds = scan_domains(resolve_root(cfg), d.domains, on_corrupt=d.on_corrupt, check_images=False)
     if d.max_per_domain is not None:
         ds = subsample(ds, d.max_per_domain, cfg.seed)
+    if d.check_images:  # only the images this run uses
+        ds = verify_images(ds, d.on_corrupt)
     part = d.partition
     if d.split.mode == "official":
         if part.scheme != "domain":
