@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,10 +333,8 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def conf_dir() -> "Path":
+def conf_dir() -> Path:
     """The Hydra config folder: $FEDCLIP_CONF_DIR, else the repository's conf/."""
-    import os
-    from pathlib import Path
 
     env = os.environ.get("FEDCLIP_CONF_DIR")
     candidates = [Path(env)] if env else []

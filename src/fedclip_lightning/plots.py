@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,23 +22,13 @@ matplotlib.use("Agg")  # before pyplot: files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator  # noqa: E402
 
-from .tables import collect_runs, order_algorithms  # noqa: E402
+from .tables import _number, collect_runs, order_algorithms  # noqa: E402
 
 DPI = 120
 CLIENT_MARKERS = ["o", "^", "D", "v", "s", "P", "X", "<", ">", "h"]
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def _float(x: Any) -> float | None:
-    if x is None or (isinstance(x, str) and not x.strip()):
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -58,7 +47,7 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def _int_round(x: Any) -> int | None:
-    v = _float(x)
+    v = _number(x)
     return int(v) if v is not None else None
 
 
@@ -115,7 +104,7 @@ def plot_run(run_dir: str | Path) -> Path:
         split = row.get("split")
         if split not in ("test", "unseen"):
             continue
-        r, acc = _int_round(row.get("round")), _float(row.get("accuracy"))
+        r, acc = _int_round(row.get("round")), _number(row.get("accuracy"))
         if r is None or acc is None:
             continue
         series.setdefault((split, row.get("client", "?")), {})[r] = 100.0 * acc
@@ -183,10 +172,10 @@ def _sweep_curves(sweep_dir: Path) -> tuple[list[str], dict[str, dict[str, Any]]
             r = _int_round(row.get("round"))
             if r is None:
                 continue
-            up, down = _float(row.get("bytes_up_total")), _float(row.get("bytes_down_total"))
+            up, down = _number(row.get("bytes_up_total")), _number(row.get("bytes_down_total"))
             task[r] = {
-                "mean_unseen_acc": _float(row.get("mean_unseen_acc")),
-                "mean_client_test_acc": _float(row.get("mean_client_test_acc")),
+                "mean_unseen_acc": _number(row.get("mean_unseen_acc")),
+                "mean_client_test_acc": _number(row.get("mean_client_test_acc")),
                 "bytes": None if up is None and down is None else (up or 0.0) + (down or 0.0),
             }
         if task:

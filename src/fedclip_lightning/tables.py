@@ -251,7 +251,7 @@ def sweep_markdown(records: list[dict[str, Any]], block: str, name: str = "sweep
         parts.append(to_markdown(h, rows, "Personalised models (summary['personal']): mean client test accuracy (%)"))
     h, rows = comm_table(records)
     parts.append(to_markdown(h, rows, "Communication (bytes; mean over the runs of each algorithm)",
-                             footnotes=["bytes / client / round: adapter bytes one client sends up "
+                             footnotes=["bytes / client / round: bytes of the trainable tensors one client sends up "
                                         "(and receives down) per round; totals over all clients and rounds."]))
     return "\n".join(parts)
 

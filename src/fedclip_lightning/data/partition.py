@@ -119,6 +119,26 @@ def _resolve_unseen(ds: DomainSet, unseen: Sequence[str]) -> tuple[list[str], li
     return participating, [d for d in names if d in held]
 
 
+def _split_clients(named: list[tuple[str, list[Sample]]], ratios: Sequence[float], seed: int,
+                   describe) -> list[ClientSplit]:
+    """Split each named sample list train/val/test (seeded by its name); report every client left with an
+    empty split at once. ``describe(name, n, sizes, empty)`` words the problem for the caller's setting."""
+    r0, r1 = _check_ratios(ratios)
+    wanted = {"train": r0 > 0, "val": r1 > 0, "test": 1.0 - r0 - r1 > 1e-9}
+    clients: list[ClientSplit] = []
+    problems: list[str] = []
+    for name, part in named:
+        train, val, test = random_split(part, ratios, seed, key=name)
+        sizes = {"train": len(train), "val": len(val), "test": len(test)}
+        empty = [k for k, v in sizes.items() if v == 0 and wanted[k]]
+        if empty:
+            problems.append(describe(name, len(part), sizes, empty, wanted))
+        clients.append(ClientSplit(name=name, train=train, val=val, test=test))
+    if problems:
+        raise DataError(problems)
+    return clients
+
+
 def leave_one_domain_out(
     ds: DomainSet,
     unseen: Sequence[str],
@@ -139,23 +159,13 @@ def leave_one_domain_out(
             ratio is positive to get at least one image.
     """
     participating, held = _resolve_unseen(ds, unseen)
-    r0, r1 = _check_ratios(ratios)
-    wanted = {"train": r0 > 0, "val": r1 > 0, "test": 1.0 - r0 - r1 > 1e-9}
-    clients: list[ClientSplit] = []
-    problems: list[str] = []
-    for d in participating:
-        train, val, test = random_split(ds.samples[d], ratios, seed, key=d)
-        sizes = {"train": len(train), "val": len(val), "test": len(test)}
-        empty = [k for k, v in sizes.items() if v == 0 and wanted[k]]
-        if empty:
-            problems.append(
-                f"domain {d!r} has only {len(ds.samples[d])} images, so data.split.ratios={list(ratios)!r} gives "
+
+    def describe(d, n, sizes, empty, wanted):
+        return (f"domain {d!r} has only {n} images, so data.split.ratios={list(ratios)!r} gives "
                 f"train/val/test sizes {sizes['train']}/{sizes['val']}/{sizes['test']} (empty: {', '.join(empty)}). "
-                f"Fix: add images to {d!r}, move it to data.unseen, or leave it out of data.domains."
-            )
-        clients.append(ClientSplit(name=d, train=train, val=val, test=test))
-    if problems:
-        raise DataError(problems)
+                f"Fix: add images to {d!r}, move it to data.unseen, or leave it out of data.domains.")
+
+    clients = _split_clients([(d, ds.samples[d]) for d in participating], ratios, seed, describe)
     return Task(classes=list(ds.classes), clients=clients, unseen={u: list(ds.samples[u]) for u in held})
 
 
@@ -525,25 +535,14 @@ def partitioned_task(
                 raise DataError([f"domain {d!r}: {p}" for p in exc.problems]) from None
             named.extend((f"{d}_{i}", part) for i, part in enumerate(parts))
 
-    wanted = {"train": r0 > 0, "val": r1 > 0, "test": 1.0 - r0 - r1 > 1e-9}
-    need = _min_size_for(ratios, wanted)
-    clients: list[ClientSplit] = []
-    problems: list[str] = []
-    for name, part in named:
-        train, val, test = random_split(part, ratios, seed, key=name)
-        sizes = {"train": len(train), "val": len(val), "test": len(test)}
-        empty = [k for k, v in sizes.items() if v == 0 and wanted[k]]
-        if empty:
-            problems.append(
-                f"client {name!r} (data.partition.scheme={scheme}) has only {len(part)} images, so "
+    def describe(name, n, sizes, empty, wanted):
+        return (f"client {name!r} (data.partition.scheme={scheme}) has only {n} images, so "
                 f"data.split.ratios={list(ratios)!r} gives train/val/test sizes "
                 f"{sizes['train']}/{sizes['val']}/{sizes['test']} (empty: {', '.join(empty)}). "
-                f"Fix: raise data.partition.min_size (to at least {need}), use fewer clients, "
-                "or change data.split.ratios."
-            )
-        clients.append(ClientSplit(name=name, train=train, val=val, test=test))
-    if problems:
-        raise DataError(problems)
+                f"Fix: raise data.partition.min_size (to at least {_min_size_for(ratios, wanted)}), "
+                "use fewer clients, or change data.split.ratios.")
+
+    clients = _split_clients(named, ratios, seed, describe)
     return Task(classes=list(ds.classes), clients=clients, unseen={u: list(ds.samples[u]) for u in held})
 
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config
 from ..errors import DataError
-from .domains import DomainSet, ImageDataset, Sample, scan_domains, verify_images
+from .domains import DomainSet, Sample, scan_domains, verify_images
 from .partition import Task, official_split, partitioned_task, stable_seed
 from .synthetic import default_cache_dir, ensure_synthetic_dataset
 
