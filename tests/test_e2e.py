@@ -84,7 +84,8 @@ def test_wandb_offline_run_holds_per_client_metrics(one_process):
     assert w["config"]["algorithm"]["name"] == "fedclip"
     s = read_summary(run_dir)
     rows = {r["round"]: r for r in w["history"] if "round" in r}
-    assert any("summary_table" in r for r in w["history"])  # the final accuracies as a W&B table
+    # the final accuracies as a W&B table, and the selection in the run summary
+    assert w["summary"]["summary_table/nrows"] == 4 and w["summary"]["selected_round"] == read_summary(run_dir)["selected_round"]
     assert sorted(rows) == [1, 2, 3]
     for c in CLIENTS:
         assert rows[3][f"client/{c}/test_acc"] == pytest.approx(s["final"]["client_test_acc"][c])
