@@ -172,16 +172,6 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
     pin = device.type == "cuda"
     d = cfg.data
 
-    # -- data: cached frozen features (each image encoded once) or images ------
-    datasets, feature_stats = _build_datasets(cfg, fabric, backbone, clients, task, mine)
-    train_workers = 0 if uses_feature_cache(cfg) else d.num_workers
-
-    def loader(ds, batch_size, shuffle_seed=None):
-        return make_loader(ds, batch_size, num_workers=train_workers, shuffle_seed=shuffle_seed,
-                           pin_memory=pin and not uses_feature_cache(cfg))
-
-    eval_loaders = {key: loader(ds, d.eval_batch_size) for key, ds in datasets.items() if key[1] != "train"}
-
     def train_client(m, start_state, rnd: int, tag: str, epochs: int) -> SplitResult:
         """One client's local fit from ``start_state``: the Lightning hooks, driven by our loop."""
         m.set_state(start_state)
@@ -217,7 +207,6 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
         world_size=fabric.world_size,
         config=to_dict(cfg),
         skipped_images=list(domains.skipped),
-        features=feature_stats,
     )
     metrics_csv = MetricsCSV(run_dir / "metrics.csv") if rank0 else None
     rounds_csv = RoundsCSV(run_dir / "rounds.csv") if rank0 else None
@@ -231,6 +220,18 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
             except NotImplementedError:  # Fabric's CSVLogger; config.yaml above has it
                 pass
         summary.write(run_dir / "summary.json")
+
+    # -- data: cached frozen features (each image encoded once) or images ------
+    datasets, summary.features = _build_datasets(cfg, fabric, backbone, clients, task, mine)
+    if rank0:
+        _print_features(summary.features)
+    train_workers = 0 if uses_feature_cache(cfg) else d.num_workers
+
+    def loader(ds, batch_size, shuffle_seed=None):
+        return make_loader(ds, batch_size, num_workers=train_workers, shuffle_seed=shuffle_seed,
+                           pin_memory=pin and not uses_feature_cache(cfg))
+
+    eval_loaders = {key: loader(ds, d.eval_batch_size) for key, ds in datasets.items() if key[1] != "train"}
 
     selection = ModelSelection()
     rounds = 0 if zeroshot else cfg.federation.rounds
@@ -545,6 +546,12 @@ def _to_cpu(obj):
     return obj
 
 
+def _print_features(f: dict) -> None:
+    if f.get("cache"):
+        print(f"  features: {f['encoded_images']} images encoded ({f['encode_seconds_max_rank']:.1f} s), "
+              f"{f['cached_images']} read from the cache {f['dir'] or '(in memory)'}", flush=True)
+
+
 def _print_header(cfg: Config, s: Summary, run_dir: Path, random_init: bool, fabric: Fabric) -> None:
     w = 0 if s.algorithm == "zeroshot" else cfg.federation.rounds
     print(f"fedclip-lightning: {s.algorithm} on {s.dataset} ({s.data_root})")
@@ -554,10 +561,6 @@ def _print_header(cfg: Config, s: Summary, run_dir: Path, random_init: bool, fab
     print(f"  clients: {listed}")
     print(f"  unseen:  {', '.join(s.unseen) or '-'}")
     print(f"  {w} rounds on {fabric.world_size} process(es), {fabric.device.type}; run directory {run_dir}")
-    f = s.features
-    if f.get("cache"):
-        print(f"  features: {f['encoded_images']} images encoded ({f['encode_seconds_max_rank']:.1f} s), "
-              f"{f['cached_images']} read from the cache {f['dir'] or '(in memory)'}")
     if s.skipped_images:
         print(f"  skipped {len(s.skipped_images)} unreadable image(s) (data.on_corrupt=skip); listed in summary.json")
     if random_init:
