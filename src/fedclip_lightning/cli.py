@@ -96,9 +96,14 @@ def main(argv: list[str] | None = None) -> int:
 
             print(OmegaConf.to_yaml(to_dict(cfg)))
             return 0
-        from .federation.orchestrator import run
+        from .federation.orchestrator import Preempted, run
 
-        run(cfg)
+        try:
+            run(cfg)
+        except Preempted as exc:
+            if _is_rank_zero():
+                print(f"fedclip-lightning: {exc}", file=sys.stderr)
+            return 3
     except UserError as exc:
         if _is_rank_zero():  # every process of a job hits the same mistake; one says it
             print(f"fedclip-lightning: {_user_message(exc)}", file=sys.stderr)

@@ -141,6 +141,9 @@ class FederationConfig:
     eval_interval: int = 1
     # Fraction of clients that train in a round (seeded draw per round); evaluation covers every client.
     client_fraction: float = 1.0
+    # Checkpoint every this many rounds (0: only when preempted); keep the newest keep_checkpoints.
+    checkpoint_interval: int = 1
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -172,6 +175,9 @@ class Config:
     output_dir: str = "outputs"
     run_name: str | None = None
     progress: bool = True
+    # never: start afresh (a previous run in the same run directory is replaced); auto: continue from
+    # the newest checkpoint in the run directory if there is one; or a checkpoint folder to continue from.
+    resume: str = "never"
     # Printed at start: why this run's accuracy means what it means.
     note: str | None = None
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -255,6 +261,11 @@ def validate(cfg: Config) -> Config:
     positive_int("federation.rounds", f.rounds)
     choice("federation.aggregation", f.aggregation, AGGREGATIONS)
     positive_int("federation.eval_interval", f.eval_interval)
+    positive_int("federation.checkpoint_interval", f.checkpoint_interval, 0)
+    positive_int("federation.keep_checkpoints", f.keep_checkpoints, 1)
+    if cfg.resume not in ("never", "auto") and not Path(cfg.resume).expanduser().is_dir():
+        bad("resume", cfg.resume, "neither never, auto nor an existing checkpoint folder",
+            "use resume=auto (the newest checkpoint of the run directory) or a path to outputs/<run>/checkpoints/round-N")
 
     d = cfg.data
     if d.dataset != "synthetic" and not d.root:

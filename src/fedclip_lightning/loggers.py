@@ -41,7 +41,7 @@ def wandb_mode(cfg: Config) -> str:
     return mode
 
 
-def build_loggers(cfg: Config, run_dir: Path, run_name: str) -> list[Any]:
+def build_loggers(cfg: Config, run_dir: Path, run_name: str, run_id: str | None = None) -> list[Any]:
     """The Fabric loggers for this run (they log on rank 0 only)."""
     name = cfg.logger.name
     if name == "none":
@@ -66,6 +66,7 @@ def build_loggers(cfg: Config, run_dir: Path, run_name: str) -> list[Any]:
         tags=list(w.tags) or None,
         save_dir=str(run_dir),
         offline=(mode == "offline"),
+        id=run_id,  # a resumed run continues its W&B run
     )
     # Lightning always passes `anonymous`, which current wandb warns about on every run.
     logger._wandb_init.pop("anonymous", None)

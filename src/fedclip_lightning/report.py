@@ -6,6 +6,7 @@ evaluation, ``status`` telling running/finished/failed) and a table for people.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -52,6 +53,16 @@ class RoundMetrics:
     # fedclip_ft: each client's accuracy with the global adapter, before personalisation.
     client_val_acc_global: dict[str, float] = field(default_factory=dict)
     client_test_acc_global: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RoundMetrics":
+        nan = float("nan")
+
+        def acc(key: str) -> dict[str, float]:
+            return {k: (nan if v is None else float(v)) for k, v in (d.get(key) or {}).items()}
+
+        return cls(int(d["round"]), acc("client_val_acc"), acc("client_test_acc"), acc("unseen_acc"),
+                   acc("client_val_acc_global"), acc("client_test_acc_global"))
 
     @property
     def mean_client_val_acc(self) -> float:
@@ -127,6 +138,20 @@ class MetricsCSV:
         self._f.close()
 
 
+def keep_rows_up_to(path: Path, last_round: int) -> None:
+    """Drop the rows of rounds after ``last_round`` (a resumed run redoes them); 0 keeps the header only."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= last_round]
+    buf = io.StringIO()
+    csv.writer(buf).writerows(kept)
+    atomic_write_text(path, buf.getvalue())
+
+
 ROUND_COLUMNS = ["round", "mean_client_val_acc", "mean_client_test_acc", "mean_unseen_acc", "bytes_up",
                  "bytes_down", "bytes_up_total", "bytes_down_total", "wall_time_s"]
 
@@ -183,6 +208,7 @@ class Summary:
     bytes_up_total: int = 0
     bytes_down_total: int = 0
     wall_time_s: float = 0.0
+    resumed_from: int | None = None  # the checkpoint round this run continued from
     setup_seconds: float = 0.0  # from the start until the first round (data, model, feature encoding)
     round_seconds: list[float] = field(default_factory=list)  # each round: local fits, aggregation, evaluation
     error: str | None = None
@@ -209,6 +235,7 @@ class Summary:
             "bytes_down_total": self.bytes_down_total,
             "wall_time_s": round(self.wall_time_s, 3),
             "setup_seconds": round(self.setup_seconds, 3),
+            "resumed_from": self.resumed_from,
             "round_seconds_mean": round(sum(self.round_seconds) / len(self.round_seconds), 6)
             if self.round_seconds else None,
             "round_seconds_total": round(sum(self.round_seconds), 3),

@@ -13,9 +13,15 @@ N processes.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import secrets
+import shutil
+import signal
+import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,8 +32,11 @@ from lightning.fabric import Fabric
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from ..checkpoint import (COMPLETE, check_resumable, checkpoint_root, latest, load_clients, load_meta,
+                          mark_complete, save_client_shard, save_meta)
 from ..client import ClientModule, FullCLIPClient, make_working_copy
 from ..config import Config, to_dict, uses_feature_cache, validate
+from ..errors import ConfigError
 from ..data.domains import DomainSet
 from ..data.partition import Task, sample_clients, stable_seed
 from ..data.domains import ImageDataset
@@ -38,7 +47,7 @@ from ..loggers import build_loggers, finish_loggers, wandb_mode
 from ..model.adapter import AttentionAdapter
 from ..model.backbone import load_backbone, resolve_weights
 from ..model.features import FeatureCache, model_identity
-from ..report import atomic_write_text, MetricsCSV, RoundsCSV, ModelSelection, RoundMetrics, Summary, format_table
+from ..report import atomic_write_text, keep_rows_up_to, MetricsCSV, RoundsCSV, ModelSelection, RoundMetrics, Summary, format_table
 from .distributed import gather_rows
 from .placement import assign
 from .strategy import aggregation_weights, flatten, state_bytes, unflatten, weighted_sum_rows
@@ -76,6 +85,7 @@ def resolve_run_dir(cfg: Config) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path = out / f"{stamp}-{tag}-{os.getpid()}"
     os.environ["FEDCLIP_RUN_DIR"] = str(path)
+    os.environ["FEDCLIP_RUN_DIR_OWNER"] = str(os.getpid())  # see run(): withdrawn when this run ends
     return path
 
 
@@ -98,8 +108,12 @@ def run(cfg: Config) -> dict:
     resolve_weights(cfg.backbone)
     run_dir = resolve_run_dir(cfg)
     run_name = run_dir.name
-    loggers = build_loggers(cfg, run_dir, run_name)
+    resume = _find_resume(cfg, run_dir)
+    # Only rank 0 logs (and writes checkpoints), so its id is the run's.
+    wandb_id = resume[1]["wandb_id"] if resume else secrets.token_hex(4)
+    loggers = build_loggers(cfg, run_dir, run_name, run_id=wandb_id)
     fabric = build_fabric(cfg, loggers)
+    preemption = Preemption()
     fabric.launch()
     if fabric.device.type == "cpu" and fabric.world_size > 1:
         # Processes sharing a node share its cores: no oversubscription.
@@ -111,15 +125,71 @@ def run(cfg: Config) -> dict:
     fabric.barrier()
     exit_code = 1
     try:
-        summary = _federate(cfg, fabric, task, domains, run_dir, started)
+        summary = _federate(cfg, fabric, task, domains, run_dir, started, resume, wandb_id, preemption)
         exit_code = 0
         return summary
+    except Preempted:
+        exit_code = 0  # the W&B run is paused, not failed: the requeued job continues it
+        raise
     finally:
+        preemption.restore()
         if rank0:
             finish_loggers(loggers, exit_code)
+        if os.environ.get("FEDCLIP_RUN_DIR_OWNER") == str(os.getpid()):
+            # The next run in this process gets a directory of its own.
+            os.environ.pop("FEDCLIP_RUN_DIR", None)
+            os.environ.pop("FEDCLIP_RUN_DIR_OWNER", None)
 
 
-def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_dir: Path, started: float) -> dict:
+class Preempted(Exception):
+    """Stopped at a safe point on SIGUSR1/SIGTERM, after writing a checkpoint."""
+
+    def __init__(self, rnd: int, requeued: bool):
+        self.round, self.requeued = rnd, requeued
+        super().__init__(f"preempted after round {rnd}: checkpoint written"
+                         + ("; the job was requeued and will resume by itself" if requeued else
+                            "; continue with resume=auto"))
+
+
+class Preemption:
+    """SIGUSR1 / SIGTERM (SLURM's warning before a time limit or a preemption) set a flag; the
+    round loop checks it at its safe point, the end of a round."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+def _find_resume(cfg: Config, run_dir: Path) -> tuple[Path, dict] | None:
+    """The checkpoint to continue from (and its meta), or None for a fresh start."""
+    if cfg.resume == "never":
+        return None
+    ckpt = latest(run_dir) if cfg.resume == "auto" else Path(cfg.resume).expanduser()
+    if ckpt is None:
+        return None
+    if not (ckpt / COMPLETE).exists():
+        raise ConfigError(f"resume={cfg.resume!r}: {ckpt} is not a complete checkpoint. "
+                          "Fix: point resume at a checkpoints/round-N folder holding COMPLETE, or use resume=auto.")
+    meta = load_meta(ckpt)
+    check_resumable(ckpt, meta, to_dict(cfg))
+    return ckpt, meta
+
+
+def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_dir: Path, started: float,
+              resume: tuple[Path, dict] | None, wandb_id: str, preemption: "Preemption") -> dict:
     rank0 = fabric.is_global_zero
     device = fabric.device
     algo = cfg.algorithm
@@ -208,9 +278,36 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
         config=to_dict(cfg),
         skipped_images=list(domains.skipped),
     )
+    # -- a fresh start replaces an earlier run in this directory; a resumed one continues it
+    start_round = 0
+    selection = ModelSelection()
+    if resume is not None:
+        ckpt, meta = resume
+        start_round = int(meta["round"])
+        if global_state is not None:
+            global_state = {k: v.clone() for k, v in meta["global_state"].items()}
+        if meta.get("selected"):
+            selection.best = RoundMetrics.from_dict(meta["selected"])
+        summary.selected = selection.best
+        if meta.get("final"):
+            summary.final = RoundMetrics.from_dict(meta["final"])
+        summary.bytes_up_total, summary.bytes_down_total = int(meta["bytes_up_total"]), int(meta["bytes_down_total"])
+        summary.rounds_run = start_round
+        summary.round_seconds = list(meta.get("round_seconds", []))
+        summary.resumed_from = start_round
+        saved_clients = load_clients(ckpt)
+        for p in mine:
+            st = saved_clients.get(p.name, {})
+            modules[p.index].own_state = st.get("own_state")
+            modules[p.index].optimizer_state = st.get("optimizer_state")
+    if rank0:
+        for name in ("metrics.csv", "rounds.csv"):
+            keep_rows_up_to(run_dir / name, start_round)
+        if resume is None and checkpoint_root(run_dir).exists():
+            shutil.rmtree(checkpoint_root(run_dir))
     metrics_csv = MetricsCSV(run_dir / "metrics.csv") if rank0 else None
     rounds_csv = RoundsCSV(run_dir / "rounds.csv") if rank0 else None
-    last_bytes = (0, 0)  # totals at the previous evaluation, for bytes per evaluated interval
+    last_bytes = (summary.bytes_up_total, summary.bytes_down_total)  # totals at the previous evaluation
     if rank0:
         _print_header(cfg, summary, run_dir, random_init, fabric)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(summary.config))
@@ -233,7 +330,6 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
 
     eval_loaders = {key: loader(ds, d.eval_batch_size) for key, ds in datasets.items() if key[1] != "train"}
 
-    selection = ModelSelection()
     rounds = 0 if zeroshot else cfg.federation.rounds
     weights_of: dict[tuple, list[float]] = {}  # aggregation weights by the set of clients that trained
     table = None  # every client's state after the last round, one row each (on every rank)
@@ -250,7 +346,10 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
                 rounds_csv.write(metrics, 0, 0, 0, 0, time.perf_counter() - started)
             bar.update(1)
         summary.setup_seconds = time.perf_counter() - started
-        for rnd in range(1, rounds + 1):
+        if rank0 and start_round:
+            print(f"  resumed from {resume[0]} (round {start_round} of {rounds})", flush=True)
+            bar.update(start_round)
+        for rnd in range(start_round + 1, rounds + 1):
             round_started = time.perf_counter()
             # 1. broadcast + 2. local fit: each rank trains its clients of this round, one after another.
             active = sample_clients(num_clients, cfg.federation.client_fraction, rnd, cfg.seed)
@@ -301,6 +400,14 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
                     summary.write(run_dir / "summary.json")
             summary.round_seconds.append(time.perf_counter() - round_started)
             bar.update(1)
+            # 6. checkpoint: on the interval, and whenever a preemption signal arrived (any rank).
+            stop = _any_rank(fabric, preemption.requested)
+            interval = cfg.federation.checkpoint_interval
+            if stop or rnd == rounds or (interval and rnd % interval == 0):
+                _checkpoint(fabric, run_dir, rnd, cfg, global_state, selection, summary, modules, mine, wandb_id)
+            if stop:
+                summary.status = "preempted"
+                raise Preempted(rnd, _requeue() if rank0 else False)
         if rank0 and not zeroshot:
             if local_only:
                 _save_state(run_dir / "adapters_final.pt",
@@ -309,6 +416,9 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
             else:
                 _save_state(run_dir / f"{state_file}_final.pt", global_state, summary.rounds_run)
         summary.status = "finished"
+    except Preempted as exc:
+        summary.error = str(exc)
+        raise
     except BaseException as exc:
         summary.status = "failed"
         summary.error = f"{type(exc).__name__}: {exc}"
@@ -492,6 +602,51 @@ def _build_datasets(cfg: Config, fabric: Fabric, backbone, clients, task: Task, 
             "encode_seconds_max_rank": round(float(total[:, 3].max()), 3),
         })
     return datasets, stats
+
+
+def _any_rank(fabric: Fabric, flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any (signals may reach ranks at different times)."""
+    if fabric.world_size == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=fabric.device)
+    return bool(fabric.all_reduce(t, reduce_op="sum").item() > 0)
+
+
+def _checkpoint(fabric: Fabric, run_dir: Path, rnd: int, cfg: Config, global_state, selection: ModelSelection,
+                summary: Summary, modules: dict, mine: list[Participant], wandb_id: str) -> None:
+    """Every rank writes its clients' persistent state; rank 0 the rest; then the folder is sealed."""
+    clients = {}
+    for p in mine:
+        m = modules[p.index]
+        if p.kind == "client" and (m.own_state is not None or m.optimizer_state is not None):
+            clients[p.name] = {"own_state": m.own_state, "optimizer_state": m.optimizer_state}
+    save_client_shard(run_dir, rnd, fabric.global_rank, clients)
+    if fabric.is_global_zero:
+        save_meta(run_dir, rnd, {
+            "config": json.dumps(summary.config, sort_keys=True),
+            "global_state": None if global_state is None else {k: v.cpu() for k, v in global_state.items()},
+            "selected": selection.best.as_dict() if selection.best else None,
+            "final": summary.final.as_dict() if summary.final else None,
+            "bytes_up_total": summary.bytes_up_total,
+            "bytes_down_total": summary.bytes_down_total,
+            "round_seconds": list(summary.round_seconds),
+            "wandb_id": wandb_id,
+        })
+    fabric.barrier()
+    if fabric.is_global_zero:
+        mark_complete(run_dir, rnd, cfg.federation.keep_checkpoints)
+
+
+def _requeue() -> bool:
+    """Under SLURM: put this job back in the queue (it resumes by itself: launch.sh passes resume=auto)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if proc.returncode != 0:
+        log.warning("scontrol requeue %s failed: %s", job, proc.stderr.strip())
+        return False
+    return True
 
 
 def _finish_outputs(fabric: Fabric, summary: Summary, run_dir: Path) -> None:

@@ -1,0 +1,151 @@
+"""Checkpoints: everything a resumed run needs to end exactly where an uninterrupted one would.
+
+After a round (every ``federation.checkpoint_interval`` rounds, and when
+preempted) the run directory gets ``checkpoints/round-000012/``:
+
+* ``meta.pt``, written by rank 0: the round, the server state, the model
+  selection (best round so far and its metrics), the communication counters,
+  the per-round timings, the W&B run id and the resolved config;
+* ``clients-rank<k>.pt``, one per rank: the persistent state of that rank's
+  clients by client name (a client's own adapter for ``local``/``fedclip_ft``,
+  its Adam state with ``optimizer_state=keep``), so a resumed run may place
+  clients differently.
+
+Every file is written to a temporary name and renamed; the folder counts only
+once ``COMPLETE`` exists in it, which rank 0 writes after a barrier. The newest
+complete folders (``federation.keep_checkpoints``) are kept. Files are loaded
+with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and
+dicts only. No random generator state needs saving: every random stream derives
+from the seed and the (round, client) pair.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+
+FORMAT = 1
+COMPLETE = "COMPLETE"
+
+# Config keys that may differ between a run and its resumption: they change
+# neither the arithmetic nor the result.
+RESUMABLE_DIFFERENCES = ("progress", "run_name", "resume", "fabric", "logger", "features", "note",
+                         "federation.rounds", "federation.checkpoint_interval", "federation.keep_checkpoints",
+                         "data.num_workers", "data.eval_batch_size", "backbone.download", "backbone.cache_dir")
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def round_dir(run_dir: Path, rnd: int) -> Path:
+    return checkpoint_root(run_dir) / f"round-{rnd:06d}"
+
+
+def save_client_shard(run_dir: Path, rnd: int, rank: int, clients: dict[str, dict[str, Any]]) -> None:
+    d = round_dir(run_dir, rnd)
+    d.mkdir(parents=True, exist_ok=True)
+    _atomic_save({"format": FORMAT, "round": rnd, "clients": clients}, d / f"clients-rank{rank}.pt")
+
+
+def save_meta(run_dir: Path, rnd: int, meta: dict[str, Any]) -> None:
+    d = round_dir(run_dir, rnd)
+    d.mkdir(parents=True, exist_ok=True)
+    _atomic_save({"format": FORMAT, "round": rnd, **meta}, d / "meta.pt")
+
+
+def mark_complete(run_dir: Path, rnd: int, keep: int) -> None:
+    """Seal a checkpoint (after every rank wrote its shard) and drop the oldest beyond ``keep``."""
+    d = round_dir(run_dir, rnd)
+    (d / COMPLETE).write_text(str(rnd))
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for partial in checkpoint_root(run_dir).glob("round-*"):
+        if not (partial / COMPLETE).exists() and partial != d and _round_of(partial) < rnd:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _round_of(path: Path) -> int:
+    try:
+        return int(path.name.split("-")[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("round-*") if (p / COMPLETE).exists()), key=_round_of)
+
+
+def latest(run_dir: Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_meta(ckpt: Path) -> dict[str, Any]:
+    try:
+        meta = torch.load(ckpt / "meta.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is the user's to see
+        raise ConfigError(f"resume: cannot read {ckpt / 'meta.pt'} ({type(exc).__name__}: {exc}). "
+                          "Fix: delete that checkpoint folder to resume from an older one, or set resume=never.") from None
+    if meta.get("format") != FORMAT:
+        raise ConfigError(f"resume: {ckpt} has checkpoint format {meta.get('format')!r}, this version reads {FORMAT}. "
+                          "Fix: resume with the version that wrote it, or set resume=never.")
+    return meta
+
+
+def load_clients(ckpt: Path) -> dict[str, dict[str, Any]]:
+    """Every client's persistent state in a checkpoint, by client name (all ranks' shards)."""
+    out: dict[str, dict[str, Any]] = {}
+    for shard in sorted(ckpt.glob("clients-rank*.pt")):
+        out.update(torch.load(shard, map_location="cpu", weights_only=True)["clients"])
+    return out
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys whose values differ in a way that would change the run's result."""
+    a, b = _flatten(saved), _flatten(current)
+    bad = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == r or key.startswith(r + ".") for r in RESUMABLE_DIFFERENCES):
+            continue
+        if a.get(key) != b.get(key):
+            bad.append(f"{key}: checkpoint {a.get(key)!r}, now {b.get(key)!r}")
+    return bad
+
+
+def check_resumable(ckpt: Path, meta: dict[str, Any], current_config: dict[str, Any]) -> None:
+    saved = json.loads(meta["config"])
+    diff = config_mismatch(saved, current_config)
+    if diff:
+        shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
+        raise ConfigError(f"resume: the checkpoint {ckpt} was written with another config ({shown}). "
+                          "Fix: resume with the same settings, or start a new run (another run_name, or resume=never).")

@@ -1,0 +1,108 @@
+"""Killed, preempted, resumed: the same numbers as a run that was never interrupted."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import PACS_MINI_ARGS, cli_env, read_summary, run_cli
+
+# features=reference runs the encoder every batch: rounds slow enough to interrupt.
+BASE = [*PACS_MINI_ARGS, "logger=none", "features=reference", "federation.rounds=12"]
+
+
+def _start(args: list[str], tmp: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fedclip_lightning", *args], cwd=tmp, env=cli_env(tmp),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before {path} appeared: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < end, f"{path} did not appear"
+        time.sleep(0.005)
+
+
+def _same_results(a: Path, b: Path, state_file: str) -> None:
+    sa, sb = read_summary(a), read_summary(b)
+    assert sb["status"] == "finished" and sb["resumed_from"] is not None
+    for key in ("selected", "final", "selected_round", "rounds_run", "bytes_up_total", "bytes_down_total"):
+        assert sa[key] == sb[key], key
+    assert (a / "metrics.csv").read_text() == (b / "metrics.csv").read_text()
+    ta = torch.load(a / state_file, weights_only=True)["state"]
+    tb = torch.load(b / state_file, weights_only=True)["state"]
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory):
+    out = {}
+    for name, extra in (("keep", ["algorithm.optimizer_state=keep"]), ("local", ["algorithm=local"])):
+        tmp = tmp_path_factory.mktemp(f"ref-{name}")
+        proc = run_cli([*BASE, "run_name=r", *extra], tmp)
+        assert proc.returncode == 0, proc.stderr
+        out[name] = (tmp / "outputs" / "r", extra)
+    return out
+
+
+@pytest.mark.parametrize("name,state_file", [("keep", "adapter_final.pt"), ("local", "adapters_final.pt")])
+def test_sigkill_mid_run_then_resume_is_bitwise_identical(reference_runs, tmp_path, name, state_file):
+    ref, extra = reference_runs[name]
+    args = [*BASE, "run_name=r", *extra]
+    proc = _start(args, tmp_path)
+    _wait_for(tmp_path / "outputs" / "r" / "checkpoints" / "round-000002" / "COMPLETE", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_summary(tmp_path / "outputs" / "r")["status"] == "running"  # it never got to finish
+    resumed = run_cli([*args, "resume=auto"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    _same_results(ref, tmp_path / "outputs" / "r", state_file)
+
+
+def test_sigusr1_checkpoints_stops_and_resumes(reference_runs, tmp_path):
+    ref, extra = reference_runs["keep"]
+    args = [*BASE, "run_name=r", *extra, "federation.checkpoint_interval=0"]
+    proc = _start(args, tmp_path)
+    _wait_for(tmp_path / "outputs" / "r" / "rounds.csv", proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    assert "preempted after round" in err and "resume=auto" in err and "Traceback" not in err
+    s = read_summary(tmp_path / "outputs" / "r")
+    assert s["status"] == "preempted" and s["rounds_run"] < 12
+    ckpts = list((tmp_path / "outputs" / "r" / "checkpoints").glob("round-*/COMPLETE"))
+    assert len(ckpts) == 1  # interval 0: only the preemption checkpoint
+    resumed = run_cli([*args, "resume=auto"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    _same_results(ref, tmp_path / "outputs" / "r", "adapter_final.pt")
+
+
+def test_resume_with_another_config_is_refused(reference_runs, tmp_path):
+    ref, extra = reference_runs["keep"]
+    proc = run_cli([*BASE, f"output_dir={ref.parent}", "run_name=r", *extra, "resume=auto", "algorithm.lr=1e-3"],
+                   tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "algorithm.lr" in proc.stderr and "resume=never" in proc.stderr
+
+
+def test_a_fresh_start_replaces_the_old_run(reference_runs, tmp_path):
+    ref, extra = reference_runs["keep"]
+    old = tmp_path / "outputs" / "r"
+    shutil.copytree(ref, old)
+    rows_before = (old / "metrics.csv").read_text().count("\n")
+    proc = run_cli([*BASE, "run_name=r", *extra, "federation.rounds=2"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = (old / "metrics.csv").read_text()
+    assert text.count("\n") < rows_before and {line.split(",")[0] for line in text.splitlines()[1:]} == {"1", "2"}
+    # the old checkpoints are gone; the new run kept its newest two
+    assert sorted(p.name for p in (old / "checkpoints").iterdir()) == ["round-000001", "round-000002"]
