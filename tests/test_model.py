@@ -390,3 +390,19 @@ def test_mismatched_checkpoint_file(tmp_path):
     with pytest.raises(BackboneError) as info:
         load_backbone(BackboneConfig(name="fedclip-tiny-vit", pretrained=str(path), download=False))
     assert str(path) in str(info.value)
+
+
+def test_openai_torchscript_checkpoint_loads(tmp_path):
+    """OpenAI's own .pt files are TorchScript archives (what clip.load downloads): they load too."""
+    import warnings
+
+    source = tiny("fedclip-tiny-vit", seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace_module(source.clip.model, {"encode_image": torch.randn(1, 3, 32, 32)},
+                                        check_trace=False)
+    path = tmp_path / "openai-style.pt"
+    traced.save(str(path))
+    loaded = load_backbone(BackboneConfig(name="fedclip-tiny-vit", pretrained=str(path), download=False), seed=9)
+    want, got = source.clip.model.state_dict(), loaded.clip.model.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)

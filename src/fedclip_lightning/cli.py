@@ -67,6 +67,13 @@ def _user_message(exc: UserError) -> str:
     return m.group(1) if m else text
 
 
+def _peer_failed(exc: BaseException) -> bool:
+    """A collective broke because another rank exited (gloo or NCCL)."""
+    text = str(exc)
+    return any(m in text for m in ("Connection closed by peer", "Connection reset by peer", "NCCL communicator",
+                                   "ProcessGroupNCCL", "Broken pipe"))
+
+
 def _is_rank_zero() -> bool:
     for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
         if os.environ.get(var, "0") != "0":
@@ -105,9 +112,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"fedclip-lightning: {exc}", file=sys.stderr)
             return 3
     except UserError as exc:
-        if _is_rank_zero():  # every process of a job hits the same mistake; one says it
+        from .federation import orchestrator
+
+        # Before launch every process meets the same mistake, and one says it; after launch a
+        # mistake may be one rank's own (an unreadable image of its client), so each says its own.
+        if orchestrator.LAUNCHED_RANK is not None:
+            print(f"fedclip-lightning [rank {orchestrator.LAUNCHED_RANK}]: {_user_message(exc)}", file=sys.stderr)
+        elif _is_rank_zero():
             print(f"fedclip-lightning: {_user_message(exc)}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if not _peer_failed(exc):
+            raise
+        print("fedclip-lightning: another process of this run stopped (its message is above); "
+              "this one stopped with it.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fedclip-lightning: interrupted", file=sys.stderr)
         return 130

@@ -151,7 +151,9 @@ class FabricConfig:
     accelerator: str = "cpu"
     devices: Any = 1  # int, "auto" or a list of device indices
     num_nodes: int = 1
-    strategy: str = "auto"
+    strategy: str = "auto"  # auto or ddp (clients are never wrapped in DDP; it is only the process group)
+    # How long a collective waits for the slowest process (one rank may hold a much larger client).
+    timeout_minutes: int = 120
 
 
 @dataclass
@@ -278,8 +280,9 @@ def validate(cfg: Config) -> Config:
             f"need three non-negative train/val/test fractions summing to 1 (they sum to {sum(r):g})",
             "e.g. data.split.ratios=[0.6,0.2,0.2]",
         )
-    elif r[0] == 0:
-        bad("data.split.ratios", list(r), "the train fraction is 0", "give train a positive share")
+    elif r[0] == 0 or r[1] == 0:
+        bad("data.split.ratios", list(r), "the train and validation fractions must be positive (model selection "
+            "needs validation accuracy)", "e.g. data.split.ratios=[0.6,0.2,0.2]")
     if d.split.mode == "official" and not d.split.official_dir:
         bad("data.split.official_dir", None, "split.mode=official needs the folder of the official lists",
             "pass data.split.official_dir=/path/to/PACS_splits")
@@ -329,6 +332,11 @@ def validate(cfg: Config) -> Config:
 
     fb = cfg.fabric
     choice("fabric.accelerator", fb.accelerator, ACCELERATORS)
+    choice("fabric.strategy", fb.strategy, ("auto", "ddp"))
+    positive_int("fabric.timeout_minutes", fb.timeout_minutes)
+    if fb.accelerator == "cpu" and isinstance(fb.devices, (list, tuple)):
+        bad("fabric.devices", list(fb.devices), "CPU processes are counted, not indexed",
+            "give a count, e.g. fabric.devices=2")
     positive_int("fabric.num_nodes", fb.num_nodes)
     dev = fb.devices
     if not (dev == "auto" or (isinstance(dev, int) and dev >= 1) or

@@ -55,6 +55,10 @@ from .strategy import aggregation_weights, flatten, state_bytes, unflatten, weig
 log = logging.getLogger(__name__)
 
 
+# Set once this process joined a multi-process run: errors are then this rank's own to report.
+LAUNCHED_RANK: int | None = None
+
+
 @dataclass
 class Participant:
     """A participating client (trains and evaluates) or an unseen domain (evaluated only)."""
@@ -90,13 +94,27 @@ def resolve_run_dir(cfg: Config) -> Path:
 
 
 def build_fabric(cfg: Config, loggers: list) -> Fabric:
+    """Fabric for this run; a setting Fabric refuses (no GPU for fabric=gpu, say) becomes a ConfigError."""
+    from datetime import timedelta
+
+    from lightning.fabric.strategies import DDPStrategy
+
     f = cfg.fabric
     devices = list(f.devices) if isinstance(f.devices, (list, tuple)) else f.devices
+    several = f.num_nodes > 1 or (isinstance(devices, list) and len(devices) > 1) or \
+        (isinstance(devices, int) and devices > 1) or (devices == "auto" and f.accelerator != "cpu")
     strategy = f.strategy
-    if strategy == "auto" and f.accelerator == "cpu" and (devices not in (1, "auto") or f.num_nodes > 1):
-        strategy = "ddp"  # gloo on the CPU; Fabric's own choice here would be an interactive fork
-    return Fabric(accelerator=f.accelerator, devices=devices, num_nodes=f.num_nodes, strategy=strategy,
-                  precision="32-true", loggers=loggers)
+    if several:
+        # A process group only (gloo on the CPU, NCCL on GPUs): client models are never wrapped in DDP.
+        strategy = DDPStrategy(timeout=timedelta(minutes=f.timeout_minutes))
+    try:
+        return Fabric(accelerator=f.accelerator, devices=devices, num_nodes=f.num_nodes, strategy=strategy,
+                      precision="32-true", loggers=loggers)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"fabric.accelerator={f.accelerator!r}, fabric.devices={f.devices!r}, "
+                          f"fabric.num_nodes={f.num_nodes}: {first}. Fix: fabric=cpu for the CPU, fabric=gpu only "
+                          "where GPUs are visible, and at most as many devices as there are.") from None
 
 
 def run(cfg: Config) -> dict:
@@ -109,12 +127,19 @@ def run(cfg: Config) -> dict:
     run_dir = resolve_run_dir(cfg)
     run_name = run_dir.name
     resume = _find_resume(cfg, run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"output_dir={cfg.output_dir!r}: cannot create the run directory {run_dir} ({exc.strerror}). "
+                          "Fix: set output_dir to a folder you can write to.") from None
     # Only rank 0 logs (and writes checkpoints), so its id is the run's.
     wandb_id = resume[1]["wandb_id"] if resume else secrets.token_hex(4)
     loggers = build_loggers(cfg, run_dir, run_name, run_id=wandb_id)
     fabric = build_fabric(cfg, loggers)
     preemption = Preemption()
     fabric.launch()
+    global LAUNCHED_RANK
+    LAUNCHED_RANK = fabric.global_rank if fabric.world_size > 1 else None
     if fabric.device.type == "cpu" and fabric.world_size > 1:
         # Processes sharing a node share its cores: no oversubscription.
         local = max(1, fabric.world_size // max(1, cfg.fabric.num_nodes))

@@ -19,7 +19,7 @@ import difflib
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -83,6 +83,7 @@ class Backbone:
     logit_scale: float  # exp(logit_scale) of the frozen model, a plain float
     weights_file: str | None  # the checkpoint actually loaded (None: random init)
     precision: str = "fp32"  # what the frozen encoder runs in
+    create_options: dict = field(default_factory=dict)  # open_clip creation options (QuickGELU, image mean/std...)
 
     @property
     def device(self) -> torch.device:
@@ -205,7 +206,11 @@ def _load(cfg: BackboneConfig, device: torch.device | str, seed: int) -> Backbon
         # A private RNG stream: the random init depends on `seed` alone, and the caller's RNG is untouched.
         with _quiet_open_clip(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights_file, **kwargs)
+            jit_state = _torchscript_state(weights_file) if weights_file else None
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=None if jit_state is not None else weights_file, **kwargs)
+            if jit_state is not None:
+                _load_torchscript_state(model, jit_state)
     except BackboneError:
         raise
     except Exception as exc:  # a corrupt or mismatched checkpoint, an unreachable hf-hub repo...
@@ -227,7 +232,33 @@ def _load(cfg: BackboneConfig, device: torch.device | str, seed: int) -> Backbon
         logit_scale=float(model.logit_scale.detach().float().exp()),
         weights_file=weights_file,
         precision=precision,
+        create_options={k: (list(v) if isinstance(v, tuple) else v) for k, v in extra.items()},
     )
+
+
+def _torchscript_state(path: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of a TorchScript archive (OpenAI's own ``ViT-B-32.pt``, what ``clip.load`` downloads),
+    or None for an ordinary checkpoint. open_clip reads those with ``weights_only=True``, which refuses
+    TorchScript."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as z:
+        if not any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist()):
+            return None
+    return dict(torch.jit.load(path, map_location="cpu").state_dict())
+
+
+def _load_torchscript_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a TorchScript archive's tensors into ``model``: OpenAI's names are open_clip's; the archive's
+    extra entries (input_resolution, context_length, vocab_size, attention masks) are not parameters."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise BackboneError(f"the TorchScript checkpoint lacks {len(missing)} tensors of this model "
+                            f"(e.g. {missing[:3]}). Fix: check that backbone.name matches the checkpoint.")
+    model.load_state_dict({k: state[k] for k in own})
 
 
 def _hf_candidates(tag_cfg: dict) -> list[tuple[str, str]]:
@@ -252,18 +283,25 @@ def _url_cache_paths(tag_cfg: dict, cache_dir: str | None) -> list[Path]:
 
 
 def _find_cached(tag_cfg: dict, cache_dir: str | None) -> str | None:
-    """A checkpoint for this tag already on disk, found without any network access."""
-    for path in _url_cache_paths(tag_cfg, cache_dir):
-        if path.is_file():
-            return str(path)
+    """A checkpoint for this tag already on disk, found without any network access.
+
+    The Hugging Face cache first (open_clip's own format), in ``cache_dir`` and
+    in the default cache; then open_clip's URL cache (``~/.cache/clip`` holds
+    OpenAI's TorchScript files, which :func:`_load` converts).
+    """
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - huggingface_hub ships with open_clip
-        return None
-    for repo, filename in _hf_candidates(tag_cfg):
-        found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
-        if isinstance(found, str) and os.path.isfile(found):
-            return found
+        try_to_load_from_cache = None
+    if try_to_load_from_cache is not None:
+        for hf_dir in ([cache_dir] if cache_dir else []) + [None]:
+            for repo, filename in _hf_candidates(tag_cfg):
+                found = try_to_load_from_cache(repo, filename, cache_dir=hf_dir)
+                if isinstance(found, str) and os.path.isfile(found):
+                    return found
+    for path in _url_cache_paths(tag_cfg, cache_dir):
+        if path.is_file():
+            return str(path)
     return None
 
 

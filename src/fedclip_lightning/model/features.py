@@ -22,6 +22,8 @@ import hashlib
 import json
 import logging
 import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.domains import ImageDataset, Sample
+from ..errors import ConfigError
 from .backbone import Backbone
 
 log = logging.getLogger(__name__)
@@ -38,16 +41,33 @@ FORMAT_VERSION = 1
 
 
 def model_identity(backbone: Backbone, precision: str, seed: int) -> dict:
-    """Everything about the encoder that changes its output."""
-    ident: dict = {"name": backbone.name, "precision": precision, "preprocess": repr(backbone.preprocess)}
+    """Everything about the encoder that changes its output: architecture (open_clip's config and the
+    creation options, QuickGELU included), weights, precision and preprocessing."""
+    import open_clip
+
+    ident: dict = {"name": backbone.name, "precision": precision, "preprocess": repr(backbone.preprocess),
+                   "model_config": open_clip.get_model_config(backbone.name)
+                   if not backbone.name.startswith(("hf-hub:", "local-dir:")) else None,
+                   "create_options": {k: v for k, v in sorted(backbone.create_options.items())}}
     if backbone.weights_file:
         st = os.stat(backbone.weights_file)
         ident["weights"] = [os.path.abspath(backbone.weights_file), st.st_size, st.st_mtime_ns]
     elif backbone.name.startswith(("hf-hub:", "local-dir:")):
-        ident["weights"] = backbone.name
+        # Weights behind a name can change: fingerprint the loaded tensors themselves.
+        ident["weights"] = [backbone.name, weights_fingerprint(backbone.clip)]
     else:
         ident["weights"] = ["random-init", seed]
     return ident
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 over every parameter's name, shape and bytes (about a second for ViT-B-32)."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def images_identity(samples: list[Sample]) -> list:
@@ -60,7 +80,7 @@ def images_identity(samples: list[Sample]) -> list:
 
 def cache_key(model_ident: dict, samples: list[Sample]) -> str:
     blob = json.dumps({"v": FORMAT_VERSION, "model": model_ident, "images": images_identity(samples)},
-                      sort_keys=True).encode()
+                      sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -109,7 +129,11 @@ class FeatureCache:
         self.progress = progress
         self.stats = CacheStats()
         if root is not None:
-            root.mkdir(parents=True, exist_ok=True)
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"features.dir={str(root)!r}: cannot create the feature cache ({exc.strerror}). "
+                                  "Fix: set features.dir to a folder you can write to, or features.persist=false.") from None
 
     def path_for(self, key: str) -> Path | None:
         return None if self.root is None else self.root / f"{key}.pt"
@@ -149,7 +173,13 @@ class FeatureCache:
         return feats
 
     def _save(self, path: Path, key: str, feats: torch.Tensor) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"version": FORMAT_VERSION, "key": key, "model": json.dumps(self.model_ident, sort_keys=True),
-                    "features": feats}, tmp)
-        os.replace(tmp, path)
+        # Unique per host and process: nodes of a cluster may share this folder.
+        tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            torch.save({"version": FORMAT_VERSION, "key": key,
+                        "model": json.dumps(self.model_ident, sort_keys=True, default=str), "features": feats}, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
