@@ -25,8 +25,6 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics.aggregation import SumMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 from .config import AlgorithmConfig
 from .model.adapter import AttentionAdapter
@@ -80,10 +78,7 @@ class ClientModule(L.LightningModule):
         self.prox_anchor: dict[str, torch.Tensor] | None = None
         # local / fedclip_ft: the client's own adapter between rounds, on the CPU.
         self.own_state: dict[str, torch.Tensor] | None = None
-        # Metrics live with the client (created once; their state is not part of state_dict()).
-        num_classes = text_features.shape[0]
-        self.accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro", sync_on_compute=False)
-        self.loss_sum = SumMetric(sync_on_compute=False)
+        self.num_classes = int(text_features.shape[0])
 
     # -- model ---------------------------------------------------------------
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,8 +157,7 @@ class FullCLIPClient(L.LightningModule):
         self.optimizer_state: dict[str, Any] | None = None
         self.prox_anchor: dict[str, torch.Tensor] | None = None
         self.own_state: dict[str, torch.Tensor] | None = None
-        self.accuracy = MulticlassAccuracy(num_classes=tokens.shape[0], average="micro", sync_on_compute=False)
-        self.loss_sum = SumMetric(sync_on_compute=False)
+        self.num_classes = int(tokens.shape[0])
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}

@@ -32,12 +32,19 @@ class SplitResult:
         return cls(accuracy=float(row[0]), loss=float(row[1]), n=int(row[2]))
 
 
+_METRICS: dict[tuple[int, str], tuple[MulticlassAccuracy, SumMetric]] = {}
+
+
 def _metrics(client: ClientModule, device: torch.device) -> tuple[MulticlassAccuracy, SumMetric]:
-    """The client's own metric objects, reset and on ``device`` (creating them per call is costly)."""
-    acc, loss = client.accuracy, client.loss_sum
-    if acc.device != device:
-        acc.to(device)
-        loss.to(device)
+    """Metric objects shared by every client of this process (reset per use; creating them per call is
+    costly, and one set per client would cost memory per client)."""
+    key = (client.num_classes, str(device))
+    if key not in _METRICS:
+        _METRICS[key] = (
+            MulticlassAccuracy(num_classes=client.num_classes, average="micro", sync_on_compute=False).to(device),
+            SumMetric(sync_on_compute=False).to(device),
+        )
+    acc, loss = _METRICS[key]
     acc.reset()
     loss.reset()
     return acc, loss
@@ -67,6 +74,7 @@ def train_epochs(client: ClientModule, loader: DataLoader, optimizer: torch.opti
             loss_sum += out["loss"].detach()
             seen += y.numel()
             n_batches += 1
+    optimizer.zero_grad(set_to_none=True)  # gradients are not state: free them between turns
     if n_batches == 0:
         return SplitResult(accuracy=float("nan"), loss=float("nan"), n=0)
     return SplitResult(accuracy=int(correct) / seen, loss=float(loss_sum) / n_batches, n=seen)

@@ -24,3 +24,21 @@ def gather_rows(fabric: Fabric, rows: Mapping[int, torch.Tensor], num_rows: int,
     if fabric.world_size > 1:
         buf = fabric.all_reduce(buf, reduce_op="sum")
     return buf.cpu()
+
+
+def reduce_weighted(fabric: Fabric, row_of, order: list[int], weights: list[float], width: int,
+                    chunk: int = 64) -> torch.Tensor:
+    """``sum_k weights[k] * row_k`` over the clients in ``order``, summed in that order on every rank.
+
+    ``row_of(i)`` gives client ``i``'s flat state on the rank that owns it (None elsewhere). Rows
+    travel ``chunk`` clients at a time, so memory stays bounded however many clients there are,
+    and the sum is the same arithmetic as :func:`..strategy.weighted_sum_rows` (bit for bit).
+    """
+    acc = torch.zeros(width, dtype=torch.float32)
+    for start in range(0, len(order), chunk):
+        ids = order[start : start + chunk]
+        rows = {j: r for j, i in enumerate(ids) if (r := row_of(i)) is not None}
+        buf = gather_rows(fabric, rows, len(ids), width)
+        for j in range(len(ids)):
+            acc.add_(buf[j], alpha=float(weights[start + j]))
+    return acc

@@ -48,9 +48,9 @@ from ..model.adapter import AttentionAdapter
 from ..model.backbone import load_backbone, resolve_weights
 from ..model.features import FeatureCache, model_identity
 from ..report import atomic_write_text, keep_rows_up_to, MetricsCSV, RoundsCSV, ModelSelection, RoundMetrics, Summary, format_table
-from .distributed import gather_rows
+from .distributed import gather_rows, reduce_weighted
 from .placement import assign
-from .strategy import aggregation_weights, flatten, state_bytes, unflatten, weighted_sum_rows
+from .strategy import aggregation_weights, flatten, state_bytes, unflatten
 
 log = logging.getLogger(__name__)
 
@@ -386,25 +386,34 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
                 m = modules[p.index]
                 start = m.own_state if local_only and m.own_state is not None else global_state
                 train_rows[p.index] = train_client(m, start, rnd, "train", algo.local_epochs).as_row()
-                new_state = m.get_state()
                 if local_only:
-                    m.own_state = {k: v.cpu() for k, v in new_state.items()}
-                rows[p.index] = flatten(new_state).cpu()
+                    m.own_state = {k: v.cpu() for k, v in m.get_state().items()}
+                elif full_model:  # the shared working copy is about to serve the next client
+                    rows[p.index] = flatten(m.get_state()).cpu()
                 _move(m, "cpu")  # a client's state waits off the accelerator between turns
-            if local_only:  # clients that sat this round out still hold their own state
+            if local_only:
+                # `local` never communicates; every rank assembles all clients' own adapters (no bytes
+                # counted) because an unseen domain is scored with each of them.
                 for p in mine:
-                    if p.kind == "client" and p.index not in rows:
+                    if p.kind == "client":
                         rows[p.index] = flatten(modules[p.index].own_state or global_state)
-            # 3. reduce: one all_reduce assembles every client's state on every rank.
-            table = gather_rows(fabric, rows, num_clients, num_params)
-            # 4. aggregate in fixed client order (weights renormalised over the clients that trained)
-            #    and send the result back to every client. `local` never communicates.
-            if not local_only:
+                table = gather_rows(fabric, rows, num_clients, num_params)
+            else:
+                # 3. reduce + 4. aggregate: the trained states travel a chunk of clients at a time and are
+                #    summed in fixed client order (weights renormalised over the clients that trained);
+                #    the result goes back to every client.
                 key = tuple(active)
                 if key not in weights_of:
                     weights_of[key] = aggregation_weights([len(clients[i].train) for i in active],
                                                           cfg.federation.aggregation)
-                global_state = unflatten(weighted_sum_rows(table[list(active)], weights_of[key]), template)
+
+                def row_of(i: int):  # this rank's clients: read from the client itself, no copy kept
+                    if i in rows:
+                        return rows[i]
+                    return flatten(modules[i].get_state()) if i in modules else None
+
+                global_state = unflatten(reduce_weighted(fabric, row_of, list(active), weights_of[key], num_params),
+                                         template)
                 summary.bytes_up_total += len(active) * per_copy_bytes
                 summary.bytes_down_total += num_clients * per_copy_bytes
             summary.rounds_run = rnd
