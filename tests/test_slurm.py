@@ -1,0 +1,87 @@
+"""launch.sh on a real (one-node) SLURM cluster: 2 tasks, then a preemption that requeues and resumes.
+
+.ci/run starts the cluster with .ci/slurm-up.sh; where no SLURM answers (a laptop), these tests skip.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from helpers import PACS_MINI_ARGS, cli_env, read_summary, run_cli
+
+
+def _slurm_up() -> bool:
+    if not shutil.which("sbatch"):
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _slurm_up(), reason="no SLURM cluster answers (CI starts one: .ci/slurm-up.sh)")
+
+SBATCH = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
+          "--time=15:00"]
+
+
+def _local_reference(tmp: Path, extra: list[str]) -> dict:
+    proc = run_cli([*PACS_MINI_ARGS, "logger=none", "run_name=local", *extra], tmp)
+    assert proc.returncode == 0, proc.stderr
+    return read_summary(tmp / "outputs" / "local")
+
+
+def _same_metrics(a: dict, b: dict) -> None:
+    for key in ("selected", "final", "selected_round", "rounds_run", "bytes_up_total"):
+        assert a[key] == b[key], key
+
+
+def test_sbatch_two_tasks_matches_one_local_process(tmp_path):
+    ref = _local_reference(tmp_path, [])
+    out = tmp_path / "slurm"
+    args = [*PACS_MINI_ARGS, "logger=none", f"output_dir={out}"]
+    proc = subprocess.run([*SBATCH, "--wait", f"--output={tmp_path}/slurm-%j.out", "launch.sh", *args], cwd=REPO,
+                          env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    job = proc.stdout.strip().split(";")[0]
+    log = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert proc.returncode == 0, proc.stderr + log
+    s = read_summary(out / f"fedclip-pacs_mini-slurm{job}")  # one run directory per job
+    assert s["world_size"] == 2 and s["status"] == "finished"
+    _same_metrics(ref, s)
+
+
+def test_usr1_requeues_and_the_job_resumes_with_the_same_metrics(tmp_path):
+    extra = ["features=reference", "federation.rounds=12"]  # rounds slow enough to interrupt
+    ref = _local_reference(tmp_path, extra)
+    out = tmp_path / "slurm"
+    args = [*PACS_MINI_ARGS, "logger=none", f"output_dir={out}", *extra]
+    job = subprocess.run([*SBATCH, f"--output={tmp_path}/slurm-%j.out", "launch.sh", *args], cwd=REPO,
+                         env=cli_env(tmp_path), capture_output=True, text=True, check=True).stdout.strip()
+    run_dir = out / f"fedclip-pacs_mini-slurm{job}"
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "round-000002" / "COMPLETE").exists():
+        assert time.monotonic() < deadline, "the job never wrote its round-2 checkpoint"
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)  # reaches the srun tasks, as --signal=USR1@90
+    status = None
+    while status != "finished":
+        assert time.monotonic() < deadline, f"the job did not finish after its requeue (status {status})"
+        time.sleep(1)
+        try:
+            status = json.loads((run_dir / "summary.json").read_text())["status"]
+        except (OSError, ValueError):
+            pass
+    log = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert "preempted after round" in log and "requeued" in log and "resumed from" in log
+    show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    assert "Restarts=1" in show
+    s = read_summary(run_dir)
+    assert s["resumed_from"] is not None and s["world_size"] == 2
+    _same_metrics(ref, s)
