@@ -56,6 +56,8 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"lightning.*")
     warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated.*")
+    # launch.sh starts SLURM runs with srun; a local run on a SLURM login node is not a mistake.
+    warnings.filterwarnings("ignore", message=r".*`srun` command is available on your system.*")
     for name in ("lightning", "lightning.fabric", "lightning.pytorch", "wandb"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
