@@ -88,6 +88,9 @@ def _colors(algorithms: list[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- one run
 
 
+MAX_CLIENT_LINES = 12  # beyond this, plot_run draws the clients' mean and range
+
+
 def plot_run(run_dir: str | Path) -> Path:
     """Write ``accuracy.png`` into ``run_dir``: test accuracy (%) per round of
     each client (split=test of metrics.csv, solid) and of the held-out
@@ -115,6 +118,15 @@ def plot_run(run_dir: str | Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     cmap = plt.get_cmap("tab10")
+    if len(clients) > MAX_CLIENT_LINES:
+        # Many clients: their mean and range, not a line each (which nobody could read).
+        rounds = sorted({r for k in clients for r in series[k]})
+        per_round = [[series[k][r] for k in clients if r in series[k]] for r in rounds]
+        ax.fill_between(rounds, [min(v) for v in per_round], [max(v) for v in per_round], color=cmap(0),
+                        alpha=0.2, label=f"{len(clients)} clients: range (test)")
+        ax.plot(rounds, [sum(v) / len(v) for v in per_round], color=cmap(0), linewidth=1.8, marker="o",
+                markersize=4, label=f"{len(clients)} clients: mean (test)")
+        clients = []
     for i, key in enumerate(clients):
         # hollow markers of different shapes, shrinking: clients with equal accuracies stay visible
         pts = sorted(series[key].items())

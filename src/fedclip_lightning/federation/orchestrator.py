@@ -726,8 +726,9 @@ def _save_state(path: Path, state: dict[str, torch.Tensor], rnd: int) -> None:
 
 
 def _to_cpu(obj):
+    """Tensors moved to the CPU (no copy when already there: the optimiser they came from is dropped)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return obj.detach().to("cpu")
     if isinstance(obj, dict):
         return {k: _to_cpu(v) for k, v in obj.items()}
     if isinstance(obj, list):
