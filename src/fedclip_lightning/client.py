@@ -62,47 +62,41 @@ def make_adam(params, a: AlgorithmConfig) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, **kwargs)
 
 
-class ClientModule(L.LightningModule):
-    def __init__(self, name: str, backbone: Backbone, text_features: torch.Tensor, algorithm: AlgorithmConfig,
-                 use_adapter: bool = True):
+class _CLIPClient(L.LightningModule):
+    """What every client shares: the CLIP losses, evaluation, Adam, and the tensors that travel.
+
+    A subclass says how it makes features (``features``), what it compares them
+    with (``class_features``: one normalised prompt feature per class), its
+    ``scale`` (``exp(logit_scale)``) and which tensors train (``trainable``).
+    """
+
+    def __init__(self, name: str, algorithm: AlgorithmConfig, num_classes: int):
         super().__init__()
         self.client_name = name
         self.algorithm = algorithm
-        # Shared by reference, deliberately not registered as submodules/buffers.
-        object.__setattr__(self, "backbone", backbone)
-        object.__setattr__(self, "text_features", text_features)
-        self.adapter = AttentionAdapter(backbone.embed_dim) if use_adapter else None
+        self.num_classes = num_classes
         # Adam state between rounds (optimizer_state=keep), kept on the CPU.
         self.optimizer_state: dict[str, Any] | None = None
         # FedProx: the global weights of this round, on the training device (None: no proximal term).
         self.prox_anchor: dict[str, torch.Tensor] | None = None
-        # local / fedclip_ft: the client's own adapter between rounds, on the CPU.
+        # local / fedclip_ft: the client's own trained tensors between rounds, on the CPU.
         self.own_state: dict[str, torch.Tensor] | None = None
-        self.num_classes = int(text_features.shape[0])
-
-    # -- model ---------------------------------------------------------------
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Adapted, normalised features from images ``[B,3,H,W]`` or frozen features ``[B,d]``."""
-        raw = self.backbone.image_features(x) if x.dim() == 4 else x.float()
-        if self.adapter is None:  # zero-shot CLIP
-            return F.normalize(raw, dim=-1)
-        return self.adapter(raw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``exp(logit_scale) * I* @ T^T``."""
-        return self.backbone.logit_scale * self.features(x) @ self.text_features.T
+        return self.scale * self.features(x) @ self.class_features().T
 
     # -- Lightning hooks -----------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor] | None:
         x, y = batch
         if y.numel() < 2:  # the reference skips batches of one
             return None
-        feats = self.features(x)
-        loss = clip_loss(self.algorithm.loss, self.backbone.logit_scale, feats, self.text_features, y)
+        feats, text = self.features(x), self.class_features()
+        loss = clip_loss(self.algorithm.loss, self.scale, feats, text, y)
         if self.prox_anchor is not None:
-            loss = loss + proximal_term(self.algorithm.mu, dict(self.adapter.named_parameters()), self.prox_anchor)
+            loss = loss + proximal_term(self.algorithm.mu, self.trainable(), self.prox_anchor)
         with torch.no_grad():
-            preds = (feats @ self.text_features.T).argmax(dim=-1)
+            preds = (feats @ text.T).argmax(dim=-1)
         return {"loss": loss, "preds": preds, "target": y}
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
@@ -117,96 +111,85 @@ class ClientModule(L.LightningModule):
     test_step = validation_step
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        a = self.algorithm
-        if self.adapter is None:
-            raise RuntimeError("zero-shot clients have nothing to optimise")
-        return make_adam(self.adapter.parameters(), a)
+        params = self.trainable()
+        if not params:
+            raise RuntimeError(f"client {self.client_name!r} has nothing to optimise")
+        return make_adam(params.values(), self.algorithm)
 
     # -- federation interface ------------------------------------------------
     def get_state(self) -> dict[str, torch.Tensor]:
-        """The tensors that train and travel: the adapter's."""
-        assert self.adapter is not None
-        return {k: v.detach().clone() for k, v in self.adapter.state_dict().items()}
+        """The tensors that train and travel."""
+        return {k: v.detach().clone() for k, v in self.trainable().items()}
 
     def set_state(self, state: dict[str, torch.Tensor]) -> None:
-        assert self.adapter is not None
-        self.adapter.load_state_dict(state)
+        params = self.trainable()
+        if state.keys() != params.keys():
+            raise KeyError(f"state keys {sorted(state)[:3]}... do not match the trainable tensors of this client")
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
 
 
-class FullCLIPClient(L.LightningModule):
+class ClientModule(_CLIPClient):
+    """A FedCLIP client: its own attention adapter on the shared frozen backbone (no adapter: zero-shot)."""
+
+    def __init__(self, name: str, backbone: Backbone, text_features: torch.Tensor, algorithm: AlgorithmConfig,
+                 use_adapter: bool = True):
+        super().__init__(name, algorithm, int(text_features.shape[0]))
+        # Shared by reference, deliberately not registered as submodules/buffers.
+        object.__setattr__(self, "backbone", backbone)
+        object.__setattr__(self, "text_features", text_features)
+        self.adapter = AttentionAdapter(backbone.embed_dim) if use_adapter else None
+
+    @property
+    def scale(self) -> float:
+        return self.backbone.logit_scale
+
+    def class_features(self) -> torch.Tensor:
+        return self.text_features
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return dict(self.adapter.named_parameters()) if self.adapter is not None else {}
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Adapted, normalised features from images ``[B,3,H,W]`` or frozen features ``[B,d]``."""
+        raw = self.backbone.image_features(x) if x.dim() == 4 else x.float()
+        if self.adapter is None:  # zero-shot CLIP
+            return F.normalize(raw, dim=-1)
+        return self.adapter(raw)
+
+
+class FullCLIPClient(_CLIPClient):
     """A client that fine-tunes CLIP itself (the paper's FedAvg / FedProx baselines).
 
     ``algorithm.trainable`` picks the tensors that train and travel: ``image``
     (the image tower) or ``all`` (every parameter, ``logit_scale`` included:
     151,277,313 for ViT-B-32, the paper's count). The towers stay in eval mode
-    (BatchNorm statistics frozen). Every client of
-    a process works in one shared working copy of the model: before a client's
-    turn the orchestrator loads the global weights into it, so a process holds
-    one trainable copy of CLIP, not one per client.
-
-    Loss: the same CLIP losses as FedCLIP (:func:`clip_loss`), with the prompt
-    features computed by the text tower in every step (it may be training).
+    (BatchNorm statistics frozen). Every client of a process works in one
+    shared working copy of the model: before a client's turn the orchestrator
+    loads the global weights into it, so a process holds one trainable copy of
+    CLIP, not one per client. The prompt features come from the text tower in
+    every step (it may be training).
     """
 
     def __init__(self, name: str, model: torch.nn.Module, tokens: torch.Tensor, algorithm: AlgorithmConfig):
-        super().__init__()
-        self.client_name = name
-        self.algorithm = algorithm
+        super().__init__(name, algorithm, int(tokens.shape[0]))
         object.__setattr__(self, "model", model)  # the shared working copy, not a submodule
         object.__setattr__(self, "tokens", tokens)
-        self.optimizer_state: dict[str, Any] | None = None
-        self.prox_anchor: dict[str, torch.Tensor] | None = None
-        self.own_state: dict[str, torch.Tensor] | None = None
-        self.num_classes = int(tokens.shape[0])
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     @property
-    def logit_scale(self) -> torch.Tensor:
+    def scale(self) -> torch.Tensor:
         return self.model.logit_scale.float().exp()
 
-    def prompt_features(self) -> torch.Tensor:
+    def class_features(self) -> torch.Tensor:
         return F.normalize(self.model.encode_text(self.tokens).float(), dim=-1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         dtype = next(self.model.visual.parameters()).dtype
         return F.normalize(self.model.encode_image(x.to(dtype)).float(), dim=-1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * self.features(x) @ self.prompt_features().T
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        if y.numel() < 2:
-            return None
-        feats, text = self.features(x), self.prompt_features()
-        loss = clip_loss(self.algorithm.loss, self.logit_scale, feats, text, y)
-        if self.prox_anchor is not None:
-            loss = loss + proximal_term(self.algorithm.mu, self.trainable(), self.prox_anchor)
-        with torch.no_grad():
-            preds = (feats @ text.T).argmax(dim=-1)
-        return {"loss": loss, "preds": preds, "target": y}
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        return {"loss_sum": F.cross_entropy(logits, y, reduction="sum"), "preds": logits.argmax(dim=-1),
-                "target": y}
-
-    test_step = validation_step
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return make_adam(self.trainable().values(), self.algorithm)
-
-    def get_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.trainable().items()}
-
-    def set_state(self, state: dict[str, torch.Tensor]) -> None:
-        params = self.trainable()
-        with torch.no_grad():
-            for k, v in state.items():
-                params[k].copy_(v)
 
 
 def make_working_copy(backbone: Backbone, trainable: str) -> torch.nn.Module:

@@ -145,9 +145,6 @@ def run(cfg: Config) -> dict:
         local = max(1, fabric.world_size // max(1, cfg.fabric.num_nodes))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     rank0 = fabric.is_global_zero
-    if rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    fabric.barrier()
     exit_code = 1
     try:
         summary = _federate(cfg, fabric, task, domains, run_dir, started, resume, wandb_id, preemption)
