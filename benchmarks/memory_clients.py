@@ -6,9 +6,11 @@ on the CPU between its turns. So peak memory must grow by about that much per
 client, never by a model. Target: growth per client within 1.5x the bytes of
 that client's adapter and optimiser state.
 
-Each size runs in a fresh process (peak RSS from getrusage), after one run that
-fills the feature cache, on the same PACS images split IID among the clients
-(so the data held is the same in every run), tiny backbone, 2 rounds.
+Each size runs in a fresh process (peak RSS from getrusage), after a run of the
+same size that fills the feature cache (the cache holds one file per client, so
+each size needs its own: a measured run that encoded images would count the
+encoder pass's memory), on the same PACS images split IID among the clients (so
+the data held is the same in every run), tiny backbone, 2 rounds.
 
     python benchmarks/memory_clients.py               # 10 and 200 clients
     python benchmarks/memory_clients.py --sizes 10 100 400
@@ -33,7 +35,8 @@ from fedclip_lightning.config import load_config
 from fedclip_lightning.federation.orchestrator import run
 s = run(load_config(sys.argv[2:]))
 print("RESULT " + json.dumps({"clients": len(s["clients"]), "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                              "adapter_bytes": s["bytes_per_client_per_round"]}))
+                              "adapter_bytes": s["bytes_per_client_per_round"],
+                              "encoded": s["features"].get("encoded_images", 0)}))
 """
 
 
@@ -59,8 +62,10 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="fedclip-mem-"))
     env = dict(os.environ, FEDCLIP_CACHE_DIR=str(out / "cache"), PYTHONUNBUFFERED="1")
     env.pop("FEDCLIP_RUN_DIR", None)
-    measure(min(args.sizes), args, out, env)  # fills the feature cache: every measured run reads it
+    for n in args.sizes:  # fills the feature cache: every measured run reads it, none encodes
+        measure(n, args, out, env)
     rows = [measure(n, args, out, env) for n in args.sizes]
+    assert all(r["encoded"] == 0 for r in rows), "a measured run encoded images: its peak is not the rounds'"
     adapter = rows[0]["adapter_bytes"]
     state = 3 * adapter  # the adapter and Adam's two moments of the same shape
     print(f"per-client state: adapter {adapter:,} B + Adam moments {2 * adapter:,} B = {state:,} B")

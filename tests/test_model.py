@@ -303,6 +303,77 @@ def test_forward_on_features_equals_forward_on_images(loss_setup):
     torch.testing.assert_close(from_feats, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("loss", ["contrastive", "prototype"])
+def test_hand_written_step_equals_autograd(loss_setup, loss):
+    """fit_batch writes the adapter's and the loss's gradients out by hand: the same loss as
+    training_step, the same gradients as autograd (to float rounding), on images and on features."""
+    bb, x, y, text = loss_setup
+    torch.manual_seed(5)
+    client = ClientModule("c", bb, text, AlgorithmConfig(loss=loss))
+    with torch.no_grad():  # a trained-looking adapter, not the near-uniform initial attention
+        for prm in client.adapter.parameters():
+            prm.add_(torch.randn_like(prm) * 0.5)
+    out = client.training_step((x, y), 0)
+    expected = torch.autograd.grad(out["loss"], list(client.adapter.parameters()))
+    for inputs in (x, bb.image_features(x)):
+        loss_value, correct = client.fit_batch(inputs, y)
+        torch.testing.assert_close(loss_value, out["loss"].detach(), rtol=1e-6, atol=1e-6)
+        assert int(correct) == int((out["preds"] == y).sum())
+        for (name, prm), want in zip(client.adapter.named_parameters(), expected):
+            assert want.abs().max() > 0, name
+            torch.testing.assert_close(prm.grad, want, rtol=1e-4, atol=1e-7, msg=name)
+    assert client.fit_batch(x[:1], y[:1]) is None  # the reference skips batches of one
+
+
+def test_adam_step_is_bitwise_torch_adam():
+    """adam_step (the fused kernel without Adam.step's Python) updates exactly as Adam.step does, with
+    its state in a caller's block or not, fresh or loaded from a state_dict."""
+    from fedclip_lightning.optim import AdamStateArena, adam_buffer_size, adam_step, make_adam
+
+    torch.manual_seed(0)
+    algo = AlgorithmConfig(lr=1e-2)
+    ours, ref = AttentionAdapter(16), None
+    ref = copy.deepcopy(ours)
+    block = torch.full((adam_buffer_size(list(ours.parameters())) + 7,), float("nan"))  # zeroed on first use
+    opt_ours, opt_ref = make_adam(ours.parameters(), algo), make_adam(ref.parameters(), algo)
+
+    def steps(n):
+        for _ in range(n):
+            for a, b in zip(ours.parameters(), ref.parameters()):
+                g = torch.randn_like(a)
+                a.grad, b.grad = g.clone(), g.clone()
+            adam_step(opt_ours, block)
+            opt_ref.step()
+
+    steps(4)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), ref.parameters()))
+    w = ours.fc1.weight
+    assert opt_ours.state[w]["exp_avg"].data_ptr() == block.data_ptr()  # the moments live in the block
+    # A new optimiser from the kept state: no copy of the moments, and the same next updates.
+    opt_ours2, opt_ref2 = make_adam(ours.parameters(), algo), make_adam(ref.parameters(), algo)
+    opt_ours2.load_state_dict(opt_ours.state_dict())
+    opt_ref2.load_state_dict(opt_ref.state_dict())
+    opt_ours, opt_ref = opt_ours2, opt_ref2
+    assert opt_ours.state[w]["exp_avg"].data_ptr() == block.data_ptr()
+    steps(3)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), ref.parameters()))
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt_ours.state[a][key], opt_ref.state[b][key]), key
+
+    # The arena keeps a state in the client's row: in place when it is already there, copied otherwise.
+    arena = AdamStateArena(adam_buffer_size(list(ours.parameters())), rows=2, device=torch.device("cpu"))
+    assert arena.buffer_for(1).data_ptr() == arena.rows[1].data_ptr()
+    assert arena.buffer_for(None).data_ptr() == arena.scratch.data_ptr()
+    kept = arena.stash(opt_ref.state_dict(), 1)
+    moments = [t for st in kept["state"].values() for t in (st["exp_avg"], st["exp_avg_sq"])]
+    assert moments[0].data_ptr() == arena.rows[1].data_ptr()
+    assert torch.equal(torch.cat([t.reshape(-1) for t in moments]), arena.rows[1])
+    assert all(torch.equal(m, opt_ref.state[p][k]) for m, (p, k) in
+               zip(moments, [(p, k) for p in ref.parameters() for k in ("exp_avg", "exp_avg_sq")]))
+    assert arena.stash(kept, 1)["state"][0]["exp_avg"].data_ptr() == arena.rows[1].data_ptr()
+
+
 # -- errors --------------------------------------------------------------------------------------
 
 def test_unknown_model_name():

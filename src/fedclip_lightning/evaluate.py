@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader
-from torchmetrics.aggregation import SumMetric
+from torch.utils.data import DataLoader, SequentialSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from .client import ClientModule
+from .optim import adam_step
+from .data.pipeline import FeatureDataset
 
 
 @dataclass
@@ -32,27 +33,37 @@ class SplitResult:
         return cls(accuracy=float(row[0]), loss=float(row[1]), n=int(row[2]))
 
 
-_METRICS: dict[tuple[int, str], tuple[MulticlassAccuracy, SumMetric]] = {}
+_ACCURACY: dict[tuple[int, str], MulticlassAccuracy] = {}
 
 
-def _metrics(client: ClientModule, device: torch.device) -> tuple[MulticlassAccuracy, SumMetric]:
-    """Metric objects shared by every client of this process (reset per use; creating them per call is
-    costly, and one set per client would cost memory per client)."""
+def _accuracy(client: ClientModule, device: torch.device) -> MulticlassAccuracy:
+    """One accuracy metric shared by every client of this process (reset per use: creating it per call is
+    costly, and one per client would cost memory per client). Its inputs are ours, so unchecked."""
     key = (client.num_classes, str(device))
-    if key not in _METRICS:
-        _METRICS[key] = (
-            MulticlassAccuracy(num_classes=client.num_classes, average="micro", sync_on_compute=False).to(device),
-            SumMetric(sync_on_compute=False).to(device),
-        )
-    acc, loss = _METRICS[key]
+    if key not in _ACCURACY:
+        _ACCURACY[key] = MulticlassAccuracy(num_classes=client.num_classes, average="micro", sync_on_compute=False,
+                                            validate_args=False).to(device)
+    acc = _ACCURACY[key]
     acc.reset()
-    loss.reset()
-    return acc, loss
+    return acc
+
+
+def _batches(loader: DataLoader):
+    """The loader's batches; for cached features in order, slices of the feature table itself (the same
+    batches, without the DataLoader's per-batch work: evaluation runs every round)."""
+    ds = loader.dataset
+    if isinstance(ds, FeatureDataset) and isinstance(loader.sampler, SequentialSampler):
+        bs = loader.batch_size
+        for i in range(0, len(ds), bs):
+            yield ds.features[i : i + bs], ds.labels[i : i + bs]
+    else:
+        yield from loader
 
 
 def train_epochs(client: ClientModule, loader: DataLoader, optimizer: torch.optim.Optimizer, epochs: int,
-                 device: torch.device) -> SplitResult:
-    """Run ``epochs`` passes of ``training_step`` + the optimiser; return mean loss and running accuracy.
+                 device: torch.device, adam_buffer: torch.Tensor | None = None) -> SplitResult:
+    """Run ``epochs`` passes of the client's training step + the optimiser; return mean loss and running
+    accuracy. A new Adam state goes into ``adam_buffer`` (see ``optim.adam_step``).
 
     Kept lean (no per-batch metric objects, no host syncs): with cached
     features this loop is the whole cost of a FedCLIP round.
@@ -62,16 +73,14 @@ def train_epochs(client: ClientModule, loader: DataLoader, optimizer: torch.opti
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = n_batches = 0
     for _ in range(epochs):
-        for i, (x, y) in enumerate(loader):
+        for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            out = client.training_step((x, y), i)
+            out = client.fit_batch(x, y)
             if out is None:
                 continue
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            optimizer.step()
-            correct += (out["preds"] == out["target"]).sum()
-            loss_sum += out["loss"].detach()
+            adam_step(optimizer, adam_buffer)
+            correct += out[1]
+            loss_sum += out[0]
             seen += y.numel()
             n_batches += 1
     optimizer.zero_grad(set_to_none=True)  # gradients are not state: free them between turns
@@ -84,14 +93,15 @@ def train_epochs(client: ClientModule, loader: DataLoader, optimizer: torch.opti
 def evaluate(client: ClientModule, loader: DataLoader, device: torch.device) -> SplitResult:
     """Accuracy and mean class-prototype cross-entropy of ``client`` on a split."""
     client.eval()
-    acc, loss_sum = _metrics(client, device)
+    acc = _accuracy(client, device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n = 0
-    for i, (x, y) in enumerate(loader):
+    for i, (x, y) in enumerate(_batches(loader)):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = client.validation_step((x, y), i)
         acc.update(out["preds"], out["target"])
-        loss_sum.update(out["loss_sum"])
+        loss_sum += out["loss_sum"]
         n += y.numel()
     if n == 0:
         return SplitResult(accuracy=float("nan"), loss=float("nan"), n=0)
-    return SplitResult(accuracy=float(acc.compute()), loss=float(loss_sum.compute()) / n, n=n)
+    return SplitResult(accuracy=float(acc.compute()), loss=float(loss_sum) / n, n=n)

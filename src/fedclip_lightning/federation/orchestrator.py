@@ -45,6 +45,7 @@ from ..data.synthetic import default_cache_dir
 from ..evaluate import SplitResult, evaluate, train_epochs
 from ..loggers import build_loggers, finish_loggers, wandb_mode
 from ..model.adapter import AttentionAdapter
+from ..optim import AdamStateArena
 from ..model.backbone import load_backbone, resolve_weights
 from ..model.features import FeatureCache, model_identity
 from ..report import atomic_write_text, keep_rows_up_to, MetricsCSV, RoundsCSV, ModelSelection, RoundMetrics, Summary, format_table
@@ -258,6 +259,13 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
     per_copy_bytes = state_bytes(template) if not zeroshot else 0
     modules = {p.index: make_client(p.name) for p in mine}
     index_of = {p.name: p.index for p in mine}
+    keep_adam = algo.optimizer_state == "keep"
+    # Adapter clients' Adam moments: one row per client when kept, one scratch row reused by all otherwise.
+    arena = None
+    if not zeroshot and not full_model:
+        own = [p.index for p in mine if p.kind == "client"]
+        arena = AdamStateArena(2 * num_params, len(own) if keep_adam else 0, device)
+        arena_row = {i: j for j, i in enumerate(own)}
     if rank0 and algo.name == "fedprox" and algo.mu == 0:
         log.warning("algorithm.mu=0: FedProx without its proximal term is FedAvg")
         print("  WARNING: algorithm.mu=0: FedProx without its proximal term is FedAvg")
@@ -271,14 +279,16 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
         m.prox_anchor = ({k: v.to(device) for k, v in global_state.items()}
                          if algo.name == "fedprox" and algo.mu > 0 else None)
         optimizer = m.configure_optimizers()
-        keep = algo.optimizer_state == "keep" and tag == "train"
+        keep = keep_adam and tag == "train"
         if keep and m.optimizer_state is not None:
             optimizer.load_state_dict(m.optimizer_state)
-        train_loader = loader(datasets[(index_of[m.client_name], "train")], d.batch_size,
-                              shuffle_seed=(cfg.seed, tag, rnd, m.client_name))
-        res = train_epochs(m, train_loader, optimizer, epochs, device)
+        i = index_of[m.client_name]
+        train_loader = loader(datasets[(i, "train")], d.batch_size, shuffle_seed=(cfg.seed, tag, rnd, m.client_name))
+        buffer = arena.buffer_for(arena_row[i] if keep else None) if arena is not None else None
+        res = train_epochs(m, train_loader, optimizer, epochs, device, adam_buffer=buffer)
         if keep:
-            m.optimizer_state = _to_cpu(optimizer.state_dict())
+            state = optimizer.state_dict()
+            m.optimizer_state = arena.stash(state, arena_row[i]) if arena is not None else _to_cpu(state)
         m.prox_anchor = None
         return res
 
@@ -321,7 +331,10 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
         for p in mine:
             st = saved_clients.get(p.name, {})
             modules[p.index].own_state = st.get("own_state")
-            modules[p.index].optimizer_state = st.get("optimizer_state")
+            opt_state = st.get("optimizer_state")
+            if opt_state is not None and arena is not None and arena.rows is not None:
+                opt_state = arena.stash(opt_state, arena_row[p.index])  # into the client's row, like a live one
+            modules[p.index].optimizer_state = opt_state
     if rank0:
         for name in ("metrics.csv", "rounds.csv"):
             keep_rows_up_to(run_dir / name, start_round)
@@ -407,7 +420,7 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
                 def row_of(i: int):  # this rank's clients: read from the client itself, no copy kept
                     if i in rows:
                         return rows[i]
-                    return flatten(modules[i].get_state()) if i in modules else None
+                    return flatten(modules[i].trainable()) if i in modules else None
 
                 global_state = unflatten(reduce_weighted(fabric, row_of, list(active), weights_of[key], num_params),
                                          template)
@@ -428,7 +441,7 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
                                      summary.bytes_down_total - last_bytes[1], summary.bytes_up_total,
                                      summary.bytes_down_total, summary.wall_time_s)
                     last_bytes = (summary.bytes_up_total, summary.bytes_down_total)
-                    summary.write(run_dir / "summary.json")
+                    summary.write(run_dir / "summary.json", durable=False)  # the checkpoint is durable
             summary.round_seconds.append(time.perf_counter() - round_started)
             bar.update(1)
             # 6. checkpoint: on the interval, and whenever a preemption signal arrived (any rank).
@@ -603,22 +616,25 @@ def _build_datasets(cfg: Config, fabric: Fabric, backbone, clients, task: Task, 
                              batch_size=fc.batch_size,
                              num_workers=fc.num_workers if fc.num_workers is not None else min(8, os.cpu_count() or 1),
                              progress=cfg.progress and fabric.is_global_zero)
+    splits_of = {}
     for p in mine:
         if p.kind == "client":
             c = clients[p.index]
-            splits = {"train": c.train, "val": c.val, "test": c.test}
+            splits_of[p.index] = {"train": c.train, "val": c.val, "test": c.test}
         else:
-            splits = {"unseen": task.unseen[p.name]}
-        if cache is None:
+            splits_of[p.index] = {"unseen": task.unseen[p.name]}
+    if cache is None:
+        for i, splits in splits_of.items():
             for split, samples in splits.items():
-                datasets[(p.index, split)] = ImageDataset(samples, backbone.preprocess)
-            continue
-        everything = [s for samples in splits.values() for s in samples]
-        feats = cache.get(everything, desc=f"encoding {p.name}")
-        offset = 0
-        for split, samples in splits.items():
-            datasets[(p.index, split)] = feature_dataset(feats[offset : offset + len(samples)], samples)
-            offset += len(samples)
+                datasets[(i, split)] = ImageDataset(samples, backbone.preprocess)
+    else:
+        # Every image of this rank's participants in one encoder pass (or read from the cache).
+        sets = [[s for samples in splits.values() for s in samples] for splits in splits_of.values()]
+        for (i, splits), feats in zip(splits_of.items(), cache.get_many(sets, desc="encoding")):
+            offset = 0
+            for split, samples in splits.items():
+                datasets[(i, split)] = feature_dataset(feats[offset : offset + len(samples)], samples)
+                offset += len(samples)
     stats = {"cache": use_cache}
     if cache is not None:
         # Summed over ranks: how many images this run encoded, and how many came from disk.

@@ -140,22 +140,40 @@ class FeatureCache:
 
     def get(self, samples: list[Sample], desc: str = "encoding") -> torch.Tensor:
         """Features of ``samples`` (in order): from disk when a valid file exists, else encoded and saved."""
-        key = cache_key(self.model_ident, samples)
-        path = self.path_for(key)
-        if path is not None and path.exists():
-            feats = self._load(path, key, len(samples))
-            if feats is not None:
-                self.stats.cached_images += len(samples)
-                return feats
-            self.stats.rebuilt_files += 1
-        t0 = time.perf_counter()
-        feats = encode_images(self.backbone, samples, batch_size=self.batch_size, num_workers=self.num_workers,
-                              desc=desc, progress=self.progress)
-        self.stats.encode_seconds += time.perf_counter() - t0
-        self.stats.encoded_images += len(samples)
-        if path is not None:
-            self._save(path, key, feats)
-        return feats
+        return self.get_many([samples], desc)[0]
+
+    def get_many(self, sets: list[list[Sample]], desc: str = "encoding") -> list[torch.Tensor]:
+        """Features of several image sets (a rank's clients and unseen domains), each from its file when
+        valid; the missing ones are encoded together in one pass (one set of loader workers, full batches
+        across set boundaries), then saved one file per set."""
+        keys = [cache_key(self.model_ident, samples) for samples in sets]
+        out: list[torch.Tensor | None] = [None] * len(sets)
+        for i, (samples, key) in enumerate(zip(sets, keys)):
+            path = self.path_for(key)
+            if path is not None and path.exists():
+                feats = self._load(path, key, len(samples))
+                if feats is not None:
+                    self.stats.cached_images += len(samples)
+                    out[i] = feats
+                    continue
+                self.stats.rebuilt_files += 1
+        missing = [i for i, f in enumerate(out) if f is None]
+        if missing:
+            todo = [s for i in missing for s in sets[i]]
+            t0 = time.perf_counter()
+            feats = encode_images(self.backbone, todo, batch_size=self.batch_size, num_workers=self.num_workers,
+                                  desc=desc, progress=self.progress)
+            self.stats.encode_seconds += time.perf_counter() - t0
+            self.stats.encoded_images += len(todo)
+            offset = 0
+            for i in missing:
+                n = len(sets[i])
+                out[i] = feats[offset : offset + n].clone() if len(missing) > 1 else feats
+                offset += n
+                path = self.path_for(keys[i])
+                if path is not None:
+                    self._save(path, keys[i], out[i])
+        return out
 
     def _load(self, path: Path, key: str, n: int) -> torch.Tensor | None:
         try:
