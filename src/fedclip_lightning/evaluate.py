@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from .client import ClientModule
 from .optim import adam_step
@@ -33,29 +33,19 @@ class SplitResult:
         return cls(accuracy=float(row[0]), loss=float(row[1]), n=int(row[2]))
 
 
-_ACCURACY: dict[tuple[int, str], MulticlassAccuracy] = {}
-
-
-def _accuracy(client: ClientModule, device: torch.device) -> MulticlassAccuracy:
-    """One accuracy metric shared by every client of this process (reset per use: creating it per call is
-    costly, and one per client would cost memory per client). Its inputs are ours, so unchecked."""
-    key = (client.num_classes, str(device))
-    if key not in _ACCURACY:
-        _ACCURACY[key] = MulticlassAccuracy(num_classes=client.num_classes, average="micro", sync_on_compute=False,
-                                            validate_args=False).to(device)
-    acc = _ACCURACY[key]
-    acc.reset()
-    return acc
-
-
 def _batches(loader: DataLoader):
-    """The loader's batches; for cached features in order, slices of the feature table itself (the same
-    batches, without the DataLoader's per-batch work: evaluation runs every round)."""
+    """The loader's batches. For cached features, gathered straight from the feature table by the
+    loader's own batch sampler (the same batches in the same order, shuffled or not, without the
+    DataLoader's per-batch machinery: with cached features that machinery costs as much as the step)."""
     ds = loader.dataset
-    if isinstance(ds, FeatureDataset) and isinstance(loader.sampler, SequentialSampler):
-        bs = loader.batch_size
-        for i in range(0, len(ds), bs):
-            yield ds.features[i : i + bs], ds.labels[i : i + bs]
+    if isinstance(ds, FeatureDataset) and loader.batch_sampler is not None and loader.num_workers == 0:
+        if isinstance(loader.sampler, SequentialSampler) and not loader.drop_last:
+            bs = loader.batch_size
+            for i in range(0, len(ds), bs):
+                yield ds.features[i : i + bs], ds.labels[i : i + bs]
+        else:
+            for idx in loader.batch_sampler:
+                yield ds.__getitems__(idx)
     else:
         yield from loader
 
@@ -73,7 +63,7 @@ def train_epochs(client: ClientModule, loader: DataLoader, optimizer: torch.opti
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = n_batches = 0
     for _ in range(epochs):
-        for x, y in loader:
+        for x, y in _batches(loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             out = client.fit_batch(x, y)
             if out is None:
@@ -93,15 +83,18 @@ def train_epochs(client: ClientModule, loader: DataLoader, optimizer: torch.opti
 def evaluate(client: ClientModule, loader: DataLoader, device: torch.device) -> SplitResult:
     """Accuracy and mean class-prototype cross-entropy of ``client`` on a split."""
     client.eval()
-    acc = _accuracy(client, device)
+    preds, targets = [], []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    n = 0
     for i, (x, y) in enumerate(_batches(loader)):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = client.validation_step((x, y), i)
-        acc.update(out["preds"], out["target"])
+        preds.append(out["preds"])
+        targets.append(out["target"])
         loss_sum += out["loss_sum"]
-        n += y.numel()
+    n = sum(len(t) for t in targets)
     if n == 0:
         return SplitResult(accuracy=float("nan"), loss=float("nan"), n=0)
-    return SplitResult(accuracy=float(acc.compute()), loss=float(loss_sum) / n, n=n)
+    # The inputs are ours (class indices from argmax and the data set): no argument checks.
+    acc = multiclass_accuracy(torch.cat(preds), torch.cat(targets), num_classes=client.num_classes,
+                              average="micro", validate_args=False)
+    return SplitResult(accuracy=float(acc), loss=float(loss_sum) / n, n=n)

@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ..config import Config
 from ..errors import DataError
@@ -75,14 +75,20 @@ def make_loader(dataset: Dataset, batch_size: int, *, num_workers: int, shuffle_
     never on the process that runs the client, nor on whether the data set
     holds images or their cached features.
     """
-    generator = None
+    sampler = generator = None
     if shuffle_seed is not None:
+        order = torch.Generator()
+        order.manual_seed(stable_seed(*shuffle_seed))
+        sampler = RandomSampler(dataset, generator=order)
+        # Each iteration the DataLoader draws a seed for its workers from its own generator: that one is
+        # separate, so the order comes from `sampler` alone, iterated through the loader or directly
+        # (evaluate._batches gathers cached features by the batch sampler).
         generator = torch.Generator()
-        generator.manual_seed(stable_seed(*shuffle_seed))
+        generator.manual_seed(stable_seed(*shuffle_seed, "loader"))
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle_seed is not None,
+        sampler=sampler,
         generator=generator,
         num_workers=num_workers,
         pin_memory=pin_memory,

@@ -372,6 +372,7 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
     bar = tqdm(total=max(rounds, 1), desc="rounds", unit="round", dynamic_ncols=True,
                disable=not (rank0 and cfg.progress))
     evaluator = _RoundEvaluator(fabric, parts, modules, eval_loaders, summary, metrics_csv, algo, train_client)
+    writer = CheckpointWriter()
     try:
         if zeroshot:
             metrics = evaluator.evaluate(0, None, None, None)
@@ -448,7 +449,9 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
             stop = _any_rank(fabric, preemption.requested)
             interval = cfg.federation.checkpoint_interval
             if stop or rnd == rounds or (interval and rnd % interval == 0):
-                _checkpoint(fabric, run_dir, rnd, cfg, global_state, selection, summary, modules, mine, wandb_id)
+                # The last one, and a preemption's, are on disk before the loop goes on.
+                _checkpoint(fabric, run_dir, rnd, cfg, global_state, selection, summary, modules, mine, wandb_id,
+                            writer, wait=stop or rnd == rounds)
             if stop:
                 summary.status = "preempted"
                 raise Preempted(rnd, _requeue() if rank0 else False)
@@ -466,8 +469,10 @@ def _federate(cfg: Config, fabric: Fabric, task: Task, domains: DomainSet, run_d
     except BaseException as exc:
         summary.status = "failed"
         summary.error = f"{type(exc).__name__}: {exc}"
+        writer.close()  # a checkpoint being written still lands: a resume starts from it
         raise
     finally:
+        writer.close()
         bar.close()
         summary.wall_time_s = time.perf_counter() - started
         if rank0:
@@ -660,16 +665,23 @@ def _any_rank(fabric: Fabric, flag: bool) -> bool:
 
 
 def _checkpoint(fabric: Fabric, run_dir: Path, rnd: int, cfg: Config, global_state, selection: ModelSelection,
-                summary: Summary, modules: dict, mine: list[Participant], wandb_id: str) -> None:
-    """Every rank writes its clients' persistent state; rank 0 the rest; then the folder is sealed."""
+                summary: Summary, modules: dict, mine: list[Participant], wandb_id: str,
+                writer: "CheckpointWriter | None" = None, wait: bool = True) -> None:
+    """Every rank writes its clients' persistent state; rank 0 the rest; then the folder is sealed.
+
+    A single process hands the writing to ``writer`` (off the round loop) unless told to ``wait``, or
+    its clients keep Adam state: that lives in place and changes in the next round, so it is written
+    before the loop goes on. Several processes write in the loop: the seal comes after a barrier.
+    """
     clients = {}
     for p in mine:
         m = modules[p.index]
         if p.kind == "client" and (m.own_state is not None or m.optimizer_state is not None):
             clients[p.name] = {"own_state": m.own_state, "optimizer_state": m.optimizer_state}
-    save_client_shard(run_dir, rnd, fabric.global_rank, clients)
+    meta = None
     if fabric.is_global_zero:
-        save_meta(run_dir, rnd, {
+        # Plain data and tensors that are never written in place (each round makes a new global state).
+        meta = {
             "config": json.dumps(summary.config, sort_keys=True),
             "global_state": None if global_state is None else {k: v.cpu() for k, v in global_state.items()},
             "selected": selection.best.as_dict() if selection.best else None,
@@ -678,10 +690,61 @@ def _checkpoint(fabric: Fabric, run_dir: Path, rnd: int, cfg: Config, global_sta
             "bytes_down_total": summary.bytes_down_total,
             "round_seconds": list(summary.round_seconds),
             "wandb_id": wandb_id,
-        })
+        }
+    keep = cfg.federation.keep_checkpoints
+    if writer is not None:
+        writer.wait()
+        if fabric.world_size == 1 and not wait and not any(c["optimizer_state"] is not None for c in clients.values()):
+            def write() -> None:
+                save_client_shard(run_dir, rnd, 0, clients)
+                save_meta(run_dir, rnd, meta)
+                mark_complete(run_dir, rnd, keep)
+
+            writer.submit(write)
+            return
+    save_client_shard(run_dir, rnd, fabric.global_rank, clients)
+    if meta is not None:
+        save_meta(run_dir, rnd, meta)
     fabric.barrier()
     if fabric.is_global_zero:
-        mark_complete(run_dir, rnd, cfg.federation.keep_checkpoints)
+        mark_complete(run_dir, rnd, keep)
+
+
+class CheckpointWriter:
+    """Writes a checkpoint in a background thread while the next round trains.
+
+    Serialising, fsyncing and renaming cost milliseconds a round, as much as a
+    FedCLIP round's evaluation on cached features. One write is in flight at
+    most: the next checkpoint waits for the previous one, and so do the end of
+    the run and a preemption; an error in the writer is raised at that wait.
+    """
+
+    def __init__(self):
+        self._pool = None
+        self._pending = None
+
+    def submit(self, fn) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending = self._pool.submit(fn)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Let a write in flight finish (its error, if any, is logged: the run is ending anyway)."""
+        try:
+            self.wait()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("writing the last checkpoint failed: %s", exc)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def _requeue() -> bool:
