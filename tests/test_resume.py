@@ -106,3 +106,36 @@ def test_a_fresh_start_replaces_the_old_run(reference_runs, tmp_path):
     assert text.count("\n") < rows_before and {line.split(",")[0] for line in text.splitlines()[1:]} == {"1", "2"}
     # the old checkpoints are gone; the new run kept its newest two
     assert sorted(p.name for p in (old / "checkpoints").iterdir()) == ["round-000001", "round-000002"]
+
+
+def test_checkpoint_writer_runs_one_write_at_a_time_and_raises_its_errors(caplog):
+    """One-process runs write checkpoints in a background thread: a write waits for the one before it,
+    an error in a write is raised at the next wait (never silently lost), and close() lets the last
+    write land before the run ends."""
+    from fedclip_lightning.federation.orchestrator import CheckpointWriter
+
+    order: list[str] = []
+
+    def slow(tag):
+        def write():
+            time.sleep(0.05)
+            order.append(tag)
+        return write
+
+    writer = CheckpointWriter()
+    writer.submit(slow("round-1"))
+    writer.submit(slow("round-2"))  # waits for round-1 first
+    assert order == ["round-1"]
+    writer.close()
+    assert order == ["round-1", "round-2"]
+
+    def fail():
+        raise OSError(28, "No space left on device")
+
+    writer = CheckpointWriter()
+    writer.submit(fail)
+    with pytest.raises(OSError, match="No space left"):
+        writer.wait()
+    writer.submit(fail)
+    writer.close()  # the run is ending: logged, not raised over the run's own outcome
+    assert "No space left" in caplog.text
