@@ -22,7 +22,6 @@ from the seed and the (round, client) pair.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .report import atomic_save
 
 FORMAT = 1
 COMPLETE = "COMPLETE"
@@ -45,14 +45,6 @@ def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def round_dir(run_dir: Path, rnd: int) -> Path:
     return checkpoint_root(run_dir) / f"round-{rnd:06d}"
 
@@ -60,13 +52,13 @@ def round_dir(run_dir: Path, rnd: int) -> Path:
 def save_client_shard(run_dir: Path, rnd: int, rank: int, clients: dict[str, dict[str, Any]]) -> None:
     d = round_dir(run_dir, rnd)
     d.mkdir(parents=True, exist_ok=True)
-    _atomic_save({"format": FORMAT, "round": rnd, "clients": clients}, d / f"clients-rank{rank}.pt")
+    atomic_save({"format": FORMAT, "round": rnd, "clients": clients}, d / f"clients-rank{rank}.pt")
 
 
 def save_meta(run_dir: Path, rnd: int, meta: dict[str, Any]) -> None:
     d = round_dir(run_dir, rnd)
     d.mkdir(parents=True, exist_ok=True)
-    _atomic_save({"format": FORMAT, "round": rnd, **meta}, d / "meta.pt")
+    atomic_save({"format": FORMAT, "round": rnd, **meta}, d / "meta.pt")
 
 
 def mark_complete(run_dir: Path, rnd: int, keep: int) -> None:

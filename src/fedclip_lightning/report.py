@@ -32,6 +32,28 @@ def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
     os.replace(tmp, path)
 
 
+def atomic_save(obj: Any, path: Path, durable: bool = True) -> None:
+    """``torch.save`` with ``atomic_write_text``'s guarantees (write, fsync when ``durable``, rename).
+
+    The temporary name is unique per host, process and call (nodes of a cluster may share a folder, and a
+    background checkpoint writer may run beside the round loop), and it never outlives a failed write.
+    """
+    import secrets
+    import socket
+
+    import torch
+
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        torch.save(obj, tmp)
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _clean(x: Any) -> Any:
     """JSON-safe: NaN becomes null."""
     if isinstance(x, float) and not math.isfinite(x):

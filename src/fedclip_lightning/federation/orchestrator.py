@@ -48,7 +48,7 @@ from ..model.adapter import AttentionAdapter
 from ..optim import AdamStateArena
 from ..model.backbone import load_backbone, resolve_weights
 from ..model.features import FeatureCache, model_identity
-from ..report import atomic_write_text, keep_rows_up_to, MetricsCSV, RoundsCSV, ModelSelection, RoundMetrics, Summary, format_table
+from ..report import atomic_save, atomic_write_text, keep_rows_up_to, MetricsCSV, RoundsCSV, ModelSelection, RoundMetrics, Summary, format_table
 from .distributed import gather_rows, reduce_weighted
 from .placement import assign
 from .strategy import aggregation_weights, flatten, state_bytes, unflatten
@@ -796,9 +796,7 @@ def _move(module: ClientModule, device) -> None:
 
 def _save_state(path: Path, state: dict[str, torch.Tensor], rnd: int) -> None:
     """Trained tensors as a plain state dict: ``torch.load(path, weights_only=True)["state"]``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"round": rnd, "state": {k: v.detach().cpu() for k, v in state.items()}}, tmp)
-    os.replace(tmp, path)
+    atomic_save({"round": rnd, "state": {k: v.detach().cpu() for k, v in state.items()}}, path, durable=False)
 
 
 def _to_cpu(obj):

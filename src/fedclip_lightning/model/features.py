@@ -22,8 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..data.domains import ImageDataset, Sample
 from ..errors import ConfigError
+from ..report import atomic_save
 from .backbone import Backbone
 
 log = logging.getLogger(__name__)
@@ -191,13 +190,5 @@ class FeatureCache:
         return feats
 
     def _save(self, path: Path, key: str, feats: torch.Tensor) -> None:
-        # Unique per host and process: nodes of a cluster may share this folder.
-        tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        try:
-            torch.save({"version": FORMAT_VERSION, "key": key,
-                        "model": json.dumps(self.model_ident, sort_keys=True, default=str), "features": feats}, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_save({"version": FORMAT_VERSION, "key": key,
+                     "model": json.dumps(self.model_ident, sort_keys=True, default=str), "features": feats}, path)
