@@ -110,17 +110,19 @@ def main() -> None:
     import tempfile
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--record", action="store_true", help="run every case and (re)write the golden file")
+    ap.add_argument("--record", action="store_true", help="run the cases and (re)write the golden file")
+    ap.add_argument("--only", nargs="+", choices=list(CASES), help="re-record these cases only, keep the rest")
     args = ap.parse_args()
     if not args.record:
         ap.print_help()
         return
-    golden: dict = {"one_process": {}, "two_processes": {}}
+    golden: dict = load_golden() if args.only else {"one_process": {}, "two_processes": {}}
+    cases = args.only or list(CASES)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in CASES:
+        for name in cases:
             golden["one_process"][name] = run_one_process(name, Path(tmp) / "one")
             print(f"recorded {name} (1 process)", flush=True)
-        for name in TWO_PROCESS:
+        for name in (n for n in TWO_PROCESS if n in cases):
             golden["two_processes"][name] = run_two_processes(name, Path(tmp) / "two")
             print(f"recorded {name} (2 processes)", flush=True)
     GOLDEN_FILE.parent.mkdir(parents=True, exist_ok=True)

@@ -112,13 +112,14 @@ def test_dirichlet_partition_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("algorithm.trainable=all", "fedclip trains the adapter only"),
-    ("algorithm.mu=-1", "algorithm.mu=-1"),
+    ("algorithm.trainable=all", "it belongs to algorithm=fedavg|fedprox"),
+    ("algorithm.mu=0.1", "algorithm=fedclip has no key 'mu'"),
+    ("algorithm=fedprox algorithm.mu=-1", "algorithm.mu=-1"),
     ("federation.client_fraction=0", "federation.client_fraction=0"),
 ])
 def test_algorithm_option_errors(override, needle):
     with pytest.raises(ConfigError, match="Fix:") as err:
-        load_config([override])
+        load_config(override.split())
     assert needle in str(err.value)
 
 

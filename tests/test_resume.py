@@ -112,7 +112,7 @@ def test_checkpoint_writer_runs_one_write_at_a_time_and_raises_its_errors(caplog
     """One-process runs write checkpoints in a background thread: a write waits for the one before it,
     an error in a write is raised at the next wait (never silently lost), and close() lets the last
     write land before the run ends."""
-    from fedclip_lightning.federation.orchestrator import CheckpointWriter
+    from fedclip_lightning.checkpoint import CheckpointWriter
 
     order: list[str] = []
 

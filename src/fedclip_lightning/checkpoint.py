@@ -3,13 +3,13 @@
 After a round (every ``federation.checkpoint_interval`` rounds, and when
 preempted) the run directory gets ``checkpoints/round-000012/``:
 
-* ``meta.pt``, written by rank 0: the round, the server state, the model
+* ``meta.pt``, written by rank 0: the round, the algorithm's server state, the model
   selection (best round so far and its metrics), the communication counters,
   the per-round timings, the W&B run id and the resolved config;
 * ``clients-rank<k>.pt``, one per rank: the persistent state of that rank's
-  clients by client name (a client's own adapter for ``local``/``fedclip_ft``,
-  its Adam state with ``optimizer_state=keep``), so a resumed run may place
-  clients differently.
+  clients by client name (what the algorithm keeps per client: a client's own
+  adapter for ``local``, its Adam state with ``optimizer_state=keep``), so a
+  resumed run may place clients differently.
 
 Every file is written to a temporary name and renamed; the folder counts only
 once ``COMPLETE`` exists in it, which rank 0 writes after a barrier. The newest
@@ -22,6 +22,7 @@ from the seed and the (round, client) pair.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,9 @@ import torch
 from .errors import ConfigError
 from .report import atomic_save
 
-FORMAT = 1
+log = logging.getLogger(__name__)
+
+FORMAT = 2  # 2: the server state is the algorithm's (meta['server'])
 COMPLETE = "COMPLETE"
 
 # Config keys that may differ between a run and its resumption: they change
@@ -141,3 +144,68 @@ def check_resumable(ckpt: Path, meta: dict[str, Any], current_config: dict[str, 
         shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
         raise ConfigError(f"resume: the checkpoint {ckpt} was written with another config ({shown}). "
                           "Fix: resume with the same settings, or start a new run (another run_name, or resume=never).")
+
+
+def write_checkpoint(fabric, run_dir: Path, rnd: int, keep: int, meta: dict[str, Any] | None,
+                     clients: dict[str, dict[str, Any]], writer: "CheckpointWriter | None" = None,
+                     wait: bool = True) -> None:
+    """Every rank writes its clients' persistent state; rank 0 the ``meta``; then the folder is sealed.
+
+    A single process hands the writing to ``writer`` (off the round loop) unless told to ``wait``, or
+    its clients keep Adam state: that lives in place and changes in the next round, so it is written
+    before the loop goes on. Several processes write in the loop: the seal comes after a barrier.
+    """
+    if writer is not None:
+        writer.wait()
+        in_place = any(c.get("optimizer_state") is not None for c in clients.values())
+        if fabric.world_size == 1 and not wait and not in_place:
+            def write() -> None:
+                save_client_shard(run_dir, rnd, 0, clients)
+                save_meta(run_dir, rnd, meta)
+                mark_complete(run_dir, rnd, keep)
+
+            writer.submit(write)
+            return
+    save_client_shard(run_dir, rnd, fabric.global_rank, clients)
+    if meta is not None:
+        save_meta(run_dir, rnd, meta)
+    fabric.barrier()
+    if fabric.is_global_zero:
+        mark_complete(run_dir, rnd, keep)
+
+
+class CheckpointWriter:
+    """Writes a checkpoint in a background thread while the next round trains.
+
+    Serialising, fsyncing and renaming cost milliseconds a round, as much as a
+    FedCLIP round's evaluation on cached features. One write is in flight at
+    most: the next checkpoint waits for the previous one, and so do the end of
+    the run and a preemption; an error in the writer is raised at that wait.
+    """
+
+    def __init__(self):
+        self._pool = None
+        self._pending = None
+
+    def submit(self, fn) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending = self._pool.submit(fn)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Let a write in flight finish (its error, if any, is logged: the run is ending anyway)."""
+        try:
+            self.wait()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("writing the last checkpoint failed: %s", exc)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

@@ -21,10 +21,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
 
-ALGORITHMS = ("fedclip", "zeroshot", "fedavg", "fedprox", "local", "fedclip_ft")
-# What trains (and, where aggregated, travels): the adapter, the image tower, or both towers.
-TRAINABLES = ("adapter", "image", "all")
-ADAPTER_ONLY_ALGORITHMS = ("fedclip", "fedclip_ft", "local")
 FEATURE_CACHE_MODES = ("auto", "on", "off")
 LOSSES = ("contrastive", "prototype")
 AGGREGATIONS = ("uniform", "samples")
@@ -103,6 +99,10 @@ class DataConfig:
 
 @dataclass
 class AlgorithmConfig:
+    """The keys every training algorithm shares; an algorithm adds its own in a subclass that lives in its
+    module (``fedclip_lightning.algorithms``), e.g. ``mu`` for FedProx. Hydra composes ``algorithm`` as
+    a plain mapping and :func:`to_config` checks it against the chosen algorithm's class."""
+
     name: str = "fedclip"
     loss: str = "contrastive"  # contrastive (reference) or prototype
     lr: float = 5e-5
@@ -111,11 +111,6 @@ class AlgorithmConfig:
     weight_decay: float = 0.2
     local_epochs: int = 1
     optimizer_state: str = "reset"  # reset each round (reference) or keep
-    # adapter (FedCLIP), image (the image tower) or all (both towers): fedavg/fedprox only.
-    trainable: str = "adapter"
-    mu: float = 0.0  # FedProx: (mu/2) ||w - w_global||^2 added to each client's loss
-    prompt: str | None = None  # overrides data.prompt (the paper's FedAvg used "a photo of a {}")
-    personal_epochs: int = 1  # fedclip_ft: local fine-tuning epochs of each client's personal adapter
 
 
 @dataclass
@@ -184,7 +179,8 @@ class Config:
     note: str | None = None
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    # One algorithm's config (a subclass of AlgorithmConfig, chosen by ``name`` from the registry).
+    algorithm: Any = field(default_factory=lambda: {"name": "fedclip"})
     federation: FederationConfig = field(default_factory=FederationConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     fabric: FabricConfig = field(default_factory=FabricConfig)
@@ -192,22 +188,51 @@ class Config:
 
 
 def to_config(cfg: DictConfig | dict) -> Config:
-    """Merge composed YAML into the typed schema; type mistakes become ConfigError."""
+    """Merge composed YAML into the typed schema; type mistakes become ConfigError.
+
+    ``algorithm`` is checked against the class its ``name`` picks from the
+    algorithm registry: a key that algorithm does not have is a mistake too.
+    """
     schema = OmegaConf.structured(Config)
+    raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     try:
-        merged = OmegaConf.merge(schema, cfg)
+        merged = OmegaConf.merge(schema, raw)
+        algo_node = merged.algorithm
+        merged.algorithm = {}
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         msg = str(exc).splitlines()[0]
         raise ConfigError(f"{key}: {msg}. Fix the value of '{key}' (see conf/ for the expected type).") from None
     assert isinstance(obj, Config)
+    obj.algorithm = algorithm_config(algo_node)
     return obj
+
+
+def algorithm_config(node: Any) -> AlgorithmConfig:
+    """The ``algorithm`` mapping as the config class of the algorithm its ``name`` picks."""
+    from .algorithms import registry
+
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    name = data.get("name", "fedclip")
+    cls = registry.get(str(name)).config_class
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(cls), data)
+        out = OmegaConf.to_object(typed)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "key", None) or getattr(exc, "full_key", None) or "?"
+        known = ", ".join(f.name for f in dataclasses.fields(cls))
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"algorithm.{key}: {msg} (algorithm={name} has the keys {known}). Fix: drop or correct "
+                          f"algorithm.{key}; `fedclip-lightning algorithm={name} --print-config` lists them.") from None
+    return out
 
 
 def encoder_frozen(cfg: Config) -> bool:
     """Does the image encoder stay frozen (so its features never change)?"""
-    return cfg.algorithm.name == "zeroshot" or cfg.algorithm.trainable == "adapter"
+    from .algorithms import registry
+
+    return registry.get(cfg.algorithm.name).encoder_frozen(cfg.algorithm)
 
 
 def uses_feature_cache(cfg: Config) -> bool:
@@ -235,20 +260,11 @@ def validate(cfg: Config) -> Config:
         if value < minimum:
             bad(key, value, f"must be >= {minimum}", f"set {key}={minimum} or more")
 
-    choice("algorithm.name", cfg.algorithm.name, ALGORITHMS)
-    choice("algorithm.trainable", cfg.algorithm.trainable, TRAINABLES)
-    if cfg.algorithm.name in ADAPTER_ONLY_ALGORITHMS and cfg.algorithm.trainable != "adapter":
-        bad("algorithm.trainable", cfg.algorithm.trainable, f"{cfg.algorithm.name} trains the adapter only",
-            "use algorithm=fedavg (or fedprox) with algorithm.trainable=image|all to fine-tune CLIP itself")
-    if cfg.algorithm.mu < 0:
-        bad("algorithm.mu", cfg.algorithm.mu, "the FedProx coefficient must be >= 0", "e.g. algorithm.mu=0.01")
-    if cfg.algorithm.prompt is not None and "{}" not in cfg.algorithm.prompt:
-        bad("algorithm.prompt", cfg.algorithm.prompt, "the prompt has no '{}' for the class name",
-            "e.g. algorithm.prompt='a photo of a {}'")
-    positive_int("algorithm.personal_epochs", cfg.algorithm.personal_epochs)
-    choice("algorithm.loss", cfg.algorithm.loss, LOSSES)
-    choice("algorithm.optimizer_state", cfg.algorithm.optimizer_state, OPTIMIZER_STATES)
+    from .algorithms import registry
+
     a = cfg.algorithm
+    choice("algorithm.loss", a.loss, LOSSES)
+    choice("algorithm.optimizer_state", a.optimizer_state, OPTIMIZER_STATES)
     if not (a.lr > 0 and math.isfinite(a.lr)):
         bad("algorithm.lr", a.lr, "the learning rate must be a positive number", "e.g. algorithm.lr=5e-5")
     if len(a.betas) != 2 or not all(0 <= b < 1 for b in a.betas):
@@ -258,6 +274,7 @@ def validate(cfg: Config) -> Config:
     if a.weight_decay < 0:
         bad("algorithm.weight_decay", a.weight_decay, "must be >= 0", "e.g. algorithm.weight_decay=0.2")
     positive_int("algorithm.local_epochs", a.local_epochs)
+    registry.get(a.name).check(a, bad)
 
     f = cfg.federation
     positive_int("federation.rounds", f.rounds)
@@ -310,9 +327,9 @@ def validate(cfg: Config) -> Config:
     fc = cfg.features
     choice("features.cache", fc.cache, FEATURE_CACHE_MODES)
     if fc.cache == "on" and not encoder_frozen(cfg):
-        bad("features.cache", fc.cache, f"cached features are not exact for algorithm.name={cfg.algorithm.name!r} "
-            f"with algorithm.trainable={cfg.algorithm.trainable!r}, which trains the image encoder",
-            "set features.cache=off (or auto)")
+        bad("features.cache", fc.cache, f"cached features are not exact for algorithm={cfg.algorithm.name} "
+            f"as configured ({registry.get(cfg.algorithm.name).what_trains(cfg.algorithm)}: it trains the "
+            "image encoder)", "set features.cache=off (or auto)")
     f0 = cfg.federation
     if not 0 < f0.client_fraction <= 1:
         bad("federation.client_fraction", f0.client_fraction, "must be in (0, 1]", "e.g. federation.client_fraction=0.5")
@@ -389,8 +406,33 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = 
     return validate(to_config(composed))
 
 
+def _algorithm_key_message(msg: str, overrides) -> str | None:
+    """``algorithm.<key>=...`` for an algorithm without that key: which algorithms have it."""
+    import re
+
+    m = re.search(r"Could not override 'algorithm\.(\w+)'", msg)
+    if not m or "not in struct" not in msg:
+        return None
+    key = m.group(1)
+    from .algorithms import registry
+
+    chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith("algorithm=")), "fedclip")
+    try:
+        keys = [f.name for f in dataclasses.fields(registry.get(chosen).config_class)]
+    except ConfigError:
+        return None
+    having = [n for n in registry.names()
+              if key in {f.name for f in dataclasses.fields(registry.get(n).config_class)}]
+    where = (f"it belongs to algorithm={'|'.join(having)}" if having else "no algorithm has it")
+    return (f"algorithm.{key}: algorithm={chosen} has no key {key!r} ({where}; algorithm={chosen} has "
+            f"{', '.join(keys)}). Fix: drop algorithm.{key}, or choose an algorithm that has it.")
+
+
 def _hydra_message(exc: Exception, overrides) -> str:
     msg = str(exc).strip()
+    special = _algorithm_key_message(f"{msg} {exc.__cause__ or exc.__context__ or ''}", overrides)
+    if special:
+        return special
     # Hydra chains the interesting cause; keep the first lines, never a traceback.
     cause = exc.__cause__ or exc.__context__
     if cause is not None and str(cause).strip() and str(cause).strip() not in msg:

@@ -1,21 +1,25 @@
-"""The local loops: one client's training epochs, and accuracy on a split.
+"""The local loops, the Fabric way: one client's training epochs, and its accuracy on a split.
 
-These play the part of Lightning's Trainer for a client (Fabric gives us the
-device and the process group; we drive the LightningModule's hooks). Metrics are
-torchmetrics, computed on the rank that owns the data and never synced by
-torchmetrics itself: the orchestrator assembles them across ranks.
+These play the part of Lightning's Trainer for a client, as in Fabric's own
+examples of models that are deliberately not wrapped in DDP (ranks train
+*different* clients): ``fabric.to_device`` places the client and each batch,
+the client's ``training_step`` computes the loss, ``fabric.backward`` runs
+autograd, and the optimiser is the client's ``configure_optimizers``. Metrics
+are computed on the rank that owns the data and never synced by torchmetrics
+itself: the server assembles them across ranks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from lightning.fabric import Fabric
 from torch.utils.data import DataLoader, SequentialSampler
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from .client import ClientModule
-from .optim import adam_step
+from .client import CLIPClient
 from .data.pipeline import FeatureDataset
 
 
@@ -33,7 +37,7 @@ class SplitResult:
         return cls(accuracy=float(row[0]), loss=float(row[1]), n=int(row[2]))
 
 
-def _batches(loader: DataLoader):
+def batches(loader: DataLoader):
     """The loader's batches. For cached features, gathered straight from the feature table by the
     loader's own batch sampler (the same batches in the same order, shuffled or not, without the
     DataLoader's per-batch machinery: with cached features that machinery costs as much as the step)."""
@@ -50,44 +54,74 @@ def _batches(loader: DataLoader):
         yield from loader
 
 
-def train_epochs(client: ClientModule, loader: DataLoader, optimizer: torch.optim.Optimizer, epochs: int,
-                 device: torch.device, adam_buffer: torch.Tensor | None = None) -> SplitResult:
-    """Run ``epochs`` passes of the client's training step + the optimiser; return mean loss and running
-    accuracy. A new Adam state goes into ``adam_buffer`` (see ``optim.adam_step``).
+_batches = batches  # the first version's name
 
+
+def place(fabric: Fabric, client: CLIPClient) -> CLIPClient:
+    """The client on this rank's device (skipped when it is already there: a CPU run moves nothing)."""
+    if client.device != fabric.device:
+        client = fabric.to_device(client)
+    return client
+
+
+def local_fit(fabric: Fabric, client: CLIPClient, loader: DataLoader, epochs: int,
+              optimizer_state: dict[str, Any] | None = None,
+              optimizer: torch.optim.Optimizer | None = None) -> tuple[SplitResult, torch.optim.Optimizer]:
+    """``epochs`` passes of ``training_step`` + ``fabric.backward`` + ``optimizer.step()``.
+
+    The optimiser is the client's ``configure_optimizers()`` unless given; a
+    kept Adam state (``optimizer_state``) is loaded into it first. Returns the mean loss and running
+    accuracy of the fit, and the optimiser (its state is the caller's to keep).
     Kept lean (no per-batch metric objects, no host syncs): with cached
-    features this loop is the whole cost of a FedCLIP round.
+    features this loop is most of a FedCLIP round.
     """
+    client = place(fabric, client)
+    if optimizer is None:
+        optimizer = client.configure_optimizers(state=optimizer_state)
+    elif optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     client.train()
+    params = list(client.trainable().values())
+    device = fabric.device
     correct = torch.zeros((), dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = n_batches = 0
     for _ in range(epochs):
-        for x, y in _batches(loader):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            out = client.fit_batch(x, y)
+        for i, (x, y) in enumerate(batches(loader)):
+            if x.device != device:
+                x, y = fabric.to_device((x, y))
+            out = client.training_step((x, y), i)
             if out is None:
                 continue
-            adam_step(optimizer, adam_buffer)
-            correct += out[1]
-            loss_sum += out[0]
+            for p in params:
+                p.grad = None
+            fabric.backward(out["loss"])
+            optimizer.step()
+            correct += out["correct"]
+            loss_sum += out["loss"].detach()
             seen += y.numel()
             n_batches += 1
-    optimizer.zero_grad(set_to_none=True)  # gradients are not state: free them between turns
+    for p in params:  # gradients are not state: free them between turns
+        p.grad = None
     if n_batches == 0:
-        return SplitResult(accuracy=float("nan"), loss=float("nan"), n=0)
-    return SplitResult(accuracy=int(correct) / seen, loss=float(loss_sum) / n_batches, n=seen)
+        return SplitResult(accuracy=float("nan"), loss=float("nan"), n=0), optimizer
+    return SplitResult(accuracy=int(correct) / seen, loss=float(loss_sum) / n_batches, n=seen), optimizer
 
 
 @torch.no_grad()
-def evaluate(client: ClientModule, loader: DataLoader, device: torch.device) -> SplitResult:
-    """Accuracy and mean class-prototype cross-entropy of ``client`` on a split."""
+def evaluate(fabric: Fabric, client: CLIPClient, loader: DataLoader, stage: str = "validation") -> SplitResult:
+    """Accuracy and mean class-prototype cross-entropy of ``client`` on a split, through its
+    ``validation_step`` (``stage="validation"``) or ``test_step`` (``stage="test"``)."""
+    client = place(fabric, client)
     client.eval()
+    step = client.test_step if stage == "test" else client.validation_step
+    device = fabric.device
     preds, targets = [], []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for i, (x, y) in enumerate(_batches(loader)):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = client.validation_step((x, y), i)
+    for i, (x, y) in enumerate(batches(loader)):
+        if x.device != device:
+            x, y = fabric.to_device((x, y))
+        out = step((x, y), i)
         preds.append(out["preds"])
         targets.append(out["target"])
         loss_sum += out["loss_sum"]

@@ -1,72 +1,77 @@
-"""Adam for the clients: the optimiser of the reference release, made cheap to step and to keep.
+"""Adam for the clients: the optimiser of the reference release, made cheap to keep.
 
-* ``make_adam``: ``torch.optim.Adam`` with the reference hyperparameters, fused.
-* ``adam_step``: its update without the per-call Python overhead.
+* ``make_adam``: ``torch.optim.Adam`` with the reference hyperparameters, fused
+  where the parameters' device and dtype have the fused kernel; a new state can
+  be laid out in a caller's block (``buffer``), or a kept one loaded (``state``).
 * ``AdamStateArena``: every client's Adam moments (``optimizer_state=keep``)
   in one preallocated block, one row per client, so keeping them costs exactly
   their bytes: no allocator slack per client, nothing reallocated per round.
+
+Only public ``torch.optim`` API: the step is ``optimizer.step()``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import AlgorithmConfig
+if TYPE_CHECKING:
+    from .config import AlgorithmConfig
+
+_FUSED_SUPPORTED: dict[tuple[str, torch.dtype], bool] = {}
 
 
-def make_adam(params, a: AlgorithmConfig) -> torch.optim.Optimizer:
-    """Adam with coupled L2 weight decay (torch.optim.Adam's), fused where this torch supports it.
+def _fused_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.optim.Adam(fused=True)`` steps parameters of this device type and dtype.
 
-    The fused kernel computes the same update in one pass over the parameters:
-    on the adapter's small matrices it halves the time of a training step.
+    Asked of Adam itself, once per (device type, dtype): one step on a one-element probe.
+    """
+    key = (device.type, dtype)
+    if key not in _FUSED_SUPPORTED:
+        ok = torch.is_floating_point(torch.empty((), dtype=dtype))
+        if ok:
+            try:
+                probe = torch.zeros(1, dtype=dtype, device=device, requires_grad=True)
+                probe.grad = torch.zeros_like(probe)
+                torch.optim.Adam([probe], fused=True).step()
+            except (RuntimeError, TypeError, ValueError, NotImplementedError):
+                ok = False
+        _FUSED_SUPPORTED[key] = ok
+    return _FUSED_SUPPORTED[key]
+
+
+def make_adam(params, a: AlgorithmConfig, buffer: torch.Tensor | None = None,
+              state: dict[str, Any] | None = None) -> torch.optim.Adam:
+    """``torch.optim.Adam`` with coupled L2 weight decay and ``a``'s lr, betas, eps and weight_decay.
+
+    Fused (one kernel over all parameters) where every parameter's device and
+    dtype has the fused kernel, ``foreach`` otherwise.
+
+    ``state``: an ``optimizer.state_dict()`` to continue from (a kept state), loaded
+    as is; its moments stay where they are (no copy when they already sit on the
+    parameters' device, e.g. in the client's ``AdamStateArena`` row).
+
+    ``buffer`` (without a ``state`` to load): a flat block of at least
+    ``adam_buffer_size(params)`` values, of the parameters' device and dtype, that
+    the new state's moments become views of, zeroed here: one block per client
+    instead of two tensors per parameter, or one scratch block that every client
+    of a process reuses when the state is reset each round. The state is created
+    exactly as ``Adam`` creates it on its first step (zero ``step`` counters of
+    Adam's dtype and device, zero moments), so the updates are bitwise the same.
+    A block that does not fit is not used. Never pass the block that a
+    ``state`` about to be loaded lives in without passing that ``state``: zeroing
+    the block would wipe it.
     """
     params = list(params)
     kwargs = dict(lr=a.lr, betas=tuple(a.betas), eps=a.eps, weight_decay=a.weight_decay)
-    try:
-        return torch.optim.Adam(params, fused=True, **kwargs)
-    except (RuntimeError, TypeError, ValueError):  # an older torch, or a device without the fused kernel
-        return torch.optim.Adam(params, **kwargs)
-
-
-def adam_step(optimizer: torch.optim.Optimizer, buffer: torch.Tensor | None = None) -> None:
-    """``optimizer.step()`` for a fused ``torch.optim.Adam``, minus its per-call Python overhead.
-
-    On the adapter's four tensors ``Adam.step`` spends about 0.3 ms in Python
-    around a 0.2 ms kernel, a third of a FedCLIP training step on a CPU. This
-    calls that same kernel on the optimiser's own state (bitwise the same
-    update, checked by ``tests/test_model.py``) and falls back to ``step()``
-    wherever the fast path's assumptions do not hold: several groups, amsgrad,
-    maximize, a tensor lr, parameters of mixed devices or dtypes, or a torch
-    without the kernel.
-
-    On the first step the state is created as ``Adam`` creates it (a zero step
-    counter, zero moments), with the moments as views of ``buffer`` when one is
-    given (zeroed here; ``adam_buffer_size`` values): one block per client
-    instead of two tensors per parameter, or one scratch block that every client
-    of a process reuses when the state is reset each round.
-    """
-    groups = optimizer.param_groups
-    fused_adam = getattr(torch, "_fused_adam_", None)
-    g = groups[0]
-    if (fused_adam is None or type(optimizer) is not torch.optim.Adam or len(groups) != 1 or not g.get("fused")
-            or g["amsgrad"] or g["maximize"] or g.get("decoupled_weight_decay") or isinstance(g["lr"], torch.Tensor)):
-        optimizer.step()
-        return
-    params = [p for p in g["params"] if p.grad is not None]
-    if not params or len({(p.device, p.dtype) for p in params}) != 1:
-        optimizer.step()
-        return
-    states = [optimizer.state[p] for p in params]
-    if any(not st for st in states):
-        _init_adam_state(params, states, buffer)
-    steps = [st["step"] for st in states]
-    torch._foreach_add_(steps, 1)
-    fused_adam(params, [p.grad for p in params], [st["exp_avg"] for st in states],
-               [st["exp_avg_sq"] for st in states], [], steps, amsgrad=False, lr=g["lr"], beta1=g["betas"][0],
-               beta2=g["betas"][1], weight_decay=g["weight_decay"], eps=g["eps"], maximize=False,
-               grad_scale=None, found_inf=None)
+    fused = bool(params) and all(_fused_supported(p.device, p.dtype) for p in params)
+    optimizer = torch.optim.Adam(params, fused=True, **kwargs) if fused else torch.optim.Adam(params, foreach=True, **kwargs)
+    if state is not None:
+        optimizer.load_state_dict(state)
+    if buffer is not None and not optimizer.state:
+        init_adam_state(optimizer, buffer)
+    return optimizer
 
 
 def adam_buffer_size(params) -> int:
@@ -74,26 +79,47 @@ def adam_buffer_size(params) -> int:
     return 2 * sum(p.numel() for p in params)
 
 
-def _init_adam_state(params: list[torch.Tensor], states: list[dict], buffer: torch.Tensor | None) -> None:
-    p0 = params[0]
-    fits = (buffer is not None and buffer.device == p0.device and buffer.dtype == p0.dtype
-            and buffer.is_contiguous() and buffer.numel() >= adam_buffer_size(params))
-    if fits:
-        buffer = buffer.view(-1)[: adam_buffer_size(params)]
-        buffer.zero_()
+def init_adam_state(optimizer: torch.optim.Adam, buffer: torch.Tensor) -> None:
+    """Create ``optimizer``'s (empty) state as ``Adam._init_group`` would, moments in ``buffer``.
+
+    Parameter by parameter, in the optimiser's order: ``exp_avg`` then ``exp_avg_sq``,
+    each a view of the next ``numel`` values of ``buffer`` (the layout
+    ``AdamStateArena.stash`` keeps). The block is zeroed; a parameter that cannot be
+    viewed into it (another device or dtype, not contiguous, the block too short) gets
+    its own zero tensors as Adam would give it.
+    """
+    if optimizer.state:
+        raise ValueError("init_adam_state: the optimiser already has a state")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    size = adam_buffer_size(params)
+    usable = buffer.is_contiguous() and buffer.numel() >= size
+    block = buffer.view(-1)[:size] if usable else None
+    if block is not None:
+        block.zero_()
     offset = 0
-    for p, st in zip(params, states):
-        if st:  # only the parameters without state (all of them, in practice)
-            continue
-        st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)  # Adam's own for fused=True
-        if fits and p.is_contiguous():
+    for group in optimizer.param_groups:
+        if group["amsgrad"]:
+            raise ValueError("init_adam_state: amsgrad is not laid out in a block")
+        for p in group["params"]:
+            if group["fused"] or group["capturable"]:
+                step = torch.zeros((), dtype=torch.float32 if group["fused"] else _scalar_dtype(), device=p.device)
+            else:
+                step = torch.tensor(0.0, dtype=_scalar_dtype(), device="cpu")
             n = p.numel()
-            st["exp_avg"] = buffer[offset : offset + n].view_as(p)
-            st["exp_avg_sq"] = buffer[offset + n : offset + 2 * n].view_as(p)
+            if (block is not None and p.is_contiguous() and p.device == block.device
+                    and p.dtype == block.dtype):
+                exp_avg = block[offset : offset + n].view_as(p)
+                exp_avg_sq = block[offset + n : offset + 2 * n].view_as(p)
+            else:
+                exp_avg = torch.zeros_like(p, memory_format=torch.preserve_format)
+                exp_avg_sq = torch.zeros_like(p, memory_format=torch.preserve_format)
             offset += 2 * n
-        else:
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            optimizer.state[p] = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+def _scalar_dtype() -> torch.dtype:
+    """The dtype of Adam's (non-fused) step counter: float64 under a float64 default dtype, else float32."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 class AdamStateArena:
@@ -103,8 +129,9 @@ class AdamStateArena:
     (``optimizer_state=keep``), plus one scratch row on the training device that
     the clients use in turn when the state is reset each round (the reference),
     or while training on an accelerator. ``buffer_for`` gives the block a
-    client's new state goes into; ``stash`` makes a kept state live in the
-    client's row (no copy when it is already there: the CPU case).
+    client's new state goes into (``make_adam(..., buffer=...)``); ``stash``
+    makes a kept state live in the client's row (no copy when it is already
+    there: the CPU case).
     """
 
     def __init__(self, num_values: int, rows: int, device: torch.device):

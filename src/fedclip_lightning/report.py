@@ -239,6 +239,8 @@ class Summary:
     resumed_from: int | None = None  # the checkpoint round this run continued from
     setup_seconds: float = 0.0  # from the start until the first round (data, model, feature encoding)
     round_seconds: list[float] = field(default_factory=list)  # each round: local fits, aggregation, evaluation
+    # Seconds spent in each phase of the rounds (fit, aggregate, evaluate, checkpoint, logging), this process.
+    phase_seconds: dict[str, float] = field(default_factory=dict)
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -267,6 +269,7 @@ class Summary:
             "round_seconds_mean": round(sum(self.round_seconds) / len(self.round_seconds), 6)
             if self.round_seconds else None,
             "round_seconds_total": round(sum(self.round_seconds), 3),
+            "phase_seconds": self.phase_seconds,
             "world_size": self.world_size,
             "skipped_images": self.skipped_images,
             "features": self.features,

@@ -48,14 +48,16 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, list[tuple[str, str, list[str]]]]:
     """The sweep directory and its runs: (algorithm, held-out domain, overrides)."""
-    from .config import ALGORITHMS, load_config
+    from .algorithms import registry
+    from .config import load_config
     from .data.pipeline import resolve_root
 
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    unknown = [a for a in algorithms if a not in ALGORITHMS]
+    known = registry.names()
+    unknown = [a for a in algorithms if a not in known]
     if unknown or not algorithms:
         raise ConfigError(f"--algorithms={args.algorithms!r}: unknown {unknown or 'empty list'}. "
-                          f"Fix: choose from {', '.join(ALGORITHMS)}.")
+                          f"Fix: choose from {', '.join(known)}.")
     base = load_config(overrides)
     domains = base.data.domains
     if domains is None:

@@ -20,7 +20,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
-ALGORITHM_ORDER = ["zeroshot", "local", "fedavg", "fedprox", "fedclip", "fedclip_ft"]
 BLOCKS = ("selected", "final", "personal")
 METRICS = {
     # metric name -> (key in a summary block, what it measures)
@@ -69,10 +68,13 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def order_algorithms(names: Iterable[str]) -> list[str]:
-    """Distinct names in :data:`ALGORITHM_ORDER`, unknown ones after, alphabetically."""
+    """Distinct names in the registry's order (floors, baselines, FedCLIP), unknown ones after, alphabetically."""
+    from .algorithms import registry
+
+    order = registry.names()
     names = set(names)
-    known = [a for a in ALGORITHM_ORDER if a in names]
-    return known + sorted(names - set(ALGORITHM_ORDER))
+    known = [a for a in order if a in names]
+    return known + sorted(names - set(order))
 
 
 def _number(x: Any) -> float | None:

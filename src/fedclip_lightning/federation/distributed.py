@@ -1,10 +1,11 @@
-"""The only place that calls collectives.
+"""The only place that calls collectives, and it only moves rows.
 
-Each round, every rank fills the rows of the clients it owns in a zero
-``[num_clients, width]`` buffer and one ``all_reduce(sum)`` assembles the full
-table on every rank. Adding zeros is exact, so every rank then holds bit-for-bit
-the values each client produced, and the aggregation that follows (a weighted
-sum in fixed client order) is the same arithmetic whether 1 or N processes ran.
+Every rank fills the rows of the clients it owns in a zero ``[n, width]``
+buffer and one ``all_reduce(sum)`` assembles the full table on every rank.
+Adding zeros is exact, so every rank then holds bit-for-bit the values each
+client produced, and the aggregation rule that follows (``strategy.py``: a
+weighted sum in fixed client order, say) is the same arithmetic whether 1 or N
+processes ran.
 """
 
 from __future__ import annotations
@@ -26,23 +27,21 @@ def gather_rows(fabric: Fabric, rows: Mapping[int, torch.Tensor], num_rows: int,
     return buf.cpu()
 
 
-def reduce_weighted(fabric: Fabric, row_of, order: list[int], weights: list[float], width: int,
-                    chunk: int = 64) -> torch.Tensor:
-    """``sum_k weights[k] * row_k`` over the clients in ``order``, summed in that order on every rank.
+def stream_rows(fabric: Fabric, row_of, order: list[int], width: int, chunk: int = 64):
+    """Yield ``(position, row)`` for the clients in ``order``, in that order, on every rank.
 
     ``row_of(i)`` gives client ``i``'s flat state on the rank that owns it (None elsewhere). Rows
-    travel ``chunk`` clients at a time, so memory stays bounded however many clients there are,
-    and the sum is the same arithmetic as :func:`..strategy.weighted_sum_rows` (bit for bit).
+    travel ``chunk`` clients at a time, so memory stays bounded however many clients there are. One
+    process reads each row straight from its client (no buffer: the same values, the buffer only adds
+    zeros). Moving rows is all this does: what they are summed into is the server's aggregation rule.
     """
-    acc = torch.zeros(width, dtype=torch.float32)
-    if fabric.world_size == 1:  # every row is here: no buffer (the same sums: the buffer only adds zeros)
-        for i, w in zip(order, weights):
-            acc.add_(row_of(i).to("cpu", torch.float32), alpha=float(w))
-        return acc
+    if fabric.world_size == 1:
+        for k, i in enumerate(order):
+            yield k, row_of(i).to("cpu", torch.float32)
+        return
     for start in range(0, len(order), chunk):
         ids = order[start : start + chunk]
         rows = {j: r for j, i in enumerate(ids) if (r := row_of(i)) is not None}
         buf = gather_rows(fabric, rows, len(ids), width)
         for j in range(len(ids)):
-            acc.add_(buf[j], alpha=float(weights[start + j]))
-    return acc
+            yield start + j, buf[j]

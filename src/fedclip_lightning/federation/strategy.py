@@ -1,4 +1,4 @@
-"""Aggregation, as pure functions on dicts of CPU tensors.
+"""Aggregation: the server's rules, as functions of the clients' rows (flat CPU tensors).
 
 FedAvg over client adapters: ``w_global = sum_k a_k * w_k`` with
 
@@ -8,11 +8,16 @@ FedAvg over client adapters: ``w_global = sum_k a_k * w_k`` with
 
 Sums always run in the fixed client order ``k = 0..K-1`` so the result does
 not depend on how many processes computed the client updates.
+
+A rule is linear (``WeightedMean``: a row at a time streams into the sum, so
+memory stays one row however many clients) or needs every row at once (a
+coordinate-wise median, say: ``linear = False``, and ``aggregate_rows`` gathers
+the whole table first). ``distributed.py`` only moves the rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -71,3 +76,33 @@ def unflatten(vector: torch.Tensor, template: Mapping[str, torch.Tensor]) -> Sta
 def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
     """Bytes on the wire for one copy of a state: counted from the tensors themselves."""
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+class WeightedMean:
+    """``sum_k w_k * row_k`` in client order: FedAvg's rule, streamed (linear)."""
+
+    linear = True
+
+    def start(self, width: int) -> torch.Tensor:
+        return torch.zeros(width, dtype=torch.float32)
+
+    def add(self, acc: torch.Tensor, row: torch.Tensor, weight: float) -> None:
+        acc.add_(row, alpha=float(weight))
+
+    def __call__(self, table: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+        return weighted_sum_rows(table, weights)
+
+
+def aggregate_rows(fabric, rule, row_of: Callable[[int], torch.Tensor | None], order: list[int],
+                   weights: Sequence[float], width: int) -> torch.Tensor:
+    """Apply ``rule`` to the rows of the clients in ``order`` (``row_of(i)`` on the rank owning client
+    ``i``, None elsewhere); every rank gets the same result."""
+    from .distributed import gather_rows, stream_rows
+
+    if getattr(rule, "linear", False):
+        acc = rule.start(width)
+        for k, row in stream_rows(fabric, row_of, order, width):
+            rule.add(acc, row, weights[k])
+        return acc
+    rows = {k: r for k, i in enumerate(order) if (r := row_of(i)) is not None}
+    return rule(gather_rows(fabric, rows, len(order), width), weights)

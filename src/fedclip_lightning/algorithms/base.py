@@ -1,0 +1,287 @@
+"""The interface every federated algorithm implements, and the adapter algorithms' common part.
+
+An algorithm says, in one class:
+
+* **its config** (``config_class``: ``AlgorithmConfig`` plus its own keys) and
+  what it checks of it (``check``), and whether the image encoder stays frozen
+  (``encoder_frozen``: then features are cached);
+* **how its clients are made** (``setup``, once per process, then
+  ``make_client`` per participant);
+* **what each client starts a round from** (``start_state``) and its local fit
+  (``fit_client``), whose ``ClientResult`` carries **what travels** (a flat
+  row; ``communicates = False`` sends nothing);
+* **how the server turns the clients' results into its new state**
+  (``aggregate``) and the state it keeps (``server_state``/``load_server_state``,
+  written into checkpoints), and the per-client state that persists between
+  rounds (``client_states``/``load_client_states``);
+* **what runs before evaluation** (``personalize``) and which model a client or
+  an unseen domain is evaluated with (``evaluate_client``/``evaluate_unseen``).
+
+The server (``federation.server.Server``) calls these in the same order for
+every algorithm and never asks an algorithm's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..client import AdapterClient, CLIPClient
+from ..config import AlgorithmConfig, Config
+from ..data.partition import stable_seed
+from ..evaluate import SplitResult, evaluate, local_fit
+from ..federation.strategy import WeightedMean, aggregate_rows, aggregation_weights, flatten, state_bytes, unflatten
+from ..model.adapter import AttentionAdapter
+from ..optim import AdamStateArena
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class Participant:
+    """A participating client (trains and evaluates) or an unseen domain (evaluated only)."""
+
+    index: int  # position in the fixed order: clients first, then unseen domains
+    name: str
+    kind: str  # "client" or "unseen"
+    rank: int
+
+
+@dataclass
+class RunContext:
+    """What one process knows of the run: config, Fabric, the frozen backbone, the task and its data."""
+
+    cfg: Config
+    fabric: Any
+    backbone: Any
+    task: Any
+    prompts: list[str]  # class names as they go into prompts
+    parts: list[Participant]
+    datasets: dict[tuple[int, str], Any] = field(default_factory=dict)  # (participant index, split) -> data set
+    loader: Callable[..., Any] | None = None  # loader(dataset, batch_size, shuffle_seed=None)
+    eval_loaders: dict[tuple[int, str], Any] = field(default_factory=dict)
+
+    @property
+    def mine(self) -> list[Participant]:
+        return [p for p in self.parts if p.rank == self.fabric.global_rank]
+
+    @property
+    def my_clients(self) -> list[Participant]:
+        return [p for p in self.mine if p.kind == "client"]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.task.clients)
+
+    @property
+    def device(self) -> torch.device:
+        return self.fabric.device
+
+    def train_loader(self, p: Participant, tag: str, rnd: int):
+        """Client ``p``'s training split, shuffled by (seed, tag, round, client) alone."""
+        return self.loader(self.datasets[(p.index, "train")], self.cfg.data.batch_size,
+                           shuffle_seed=(self.cfg.seed, tag, rnd, p.name))
+
+    def evaluate(self, client: CLIPClient, p: Participant, split: str) -> SplitResult:
+        stage = "validation" if split == "val" else "test"
+        return evaluate(self.fabric, client, self.eval_loaders[(p.index, split)], stage)
+
+    def prepare_eval_loaders(self) -> None:
+        d = self.cfg.data
+        self.eval_loaders = {k: self.loader(ds, d.eval_batch_size) for k, ds in self.datasets.items() if k[1] != "train"}
+
+
+@dataclass
+class ClientResult:
+    """One client's local fit: its training accuracy/loss and what it sends (``update()``: a flat row)."""
+
+    train: SplitResult
+    update: Callable[[], torch.Tensor] | None = None
+
+
+class Algorithm:
+    """Base of every algorithm; see the module docstring. Subclasses set ``name`` and register."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = AlgorithmConfig
+    # Rounds run at all (zero-shot: evaluated once, at round 0).
+    trains: ClassVar[bool] = True
+    # Something travels to the server each round (local training: nothing).
+    communicates: ClassVar[bool] = True
+    # Saved models are <state_file>_selected.pt / <state_file>_final.pt.
+    state_file: ClassVar[str] = "adapter"
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.config = cfg, cfg.algorithm
+        self.ctx: RunContext | None = None
+        self.template: State = {}
+        self.global_state: State | None = None
+
+    # -- config ---------------------------------------------------------------
+    @classmethod
+    def encoder_frozen(cls, config: AlgorithmConfig) -> bool:
+        return True
+
+    @classmethod
+    def what_trains(cls, config: AlgorithmConfig) -> str:
+        return "the attention adapter"
+
+    @classmethod
+    def check(cls, config: AlgorithmConfig, bad: Callable[[str, Any, str, str], None]) -> None:
+        """Problems with this algorithm's own keys: ``bad(key, value, why, fix)``."""
+
+    # -- set up -----------------------------------------------------------------
+    def setup(self, ctx: RunContext) -> None:
+        raise NotImplementedError
+
+    def make_client(self, p: Participant) -> CLIPClient:
+        raise NotImplementedError
+
+    def warnings(self) -> list[str]:
+        """Said once at the start of the run (rank 0)."""
+        return []
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel() for t in self.template.values())
+
+    @property
+    def bytes_per_copy(self) -> int:
+        return state_bytes(self.template)
+
+    # -- a round --------------------------------------------------------------------
+    def start_state(self, p: Participant) -> State | None:
+        """What client ``p`` starts its local fit from."""
+        return self.global_state
+
+    def fit_client(self, client: CLIPClient, p: Participant, rnd: int) -> ClientResult:
+        raise NotImplementedError
+
+    def aggregate(self, rnd: int, active: list[int], results: dict[int, ClientResult]) -> None:
+        """Turn the clients' results into the server's new state (every rank computes the same)."""
+
+    def personalize(self, rnd: int, clients: dict[int, CLIPClient]) -> None:
+        """Runs on evaluated rounds, after aggregation and before evaluation."""
+
+    def evaluate_client(self, client: CLIPClient, p: Participant) -> dict[str, SplitResult]:
+        """Result slots (``val``, ``test``, and any extra such as ``val_global``) of client ``p``."""
+        raise NotImplementedError
+
+    def evaluate_unseen(self, client: CLIPClient, p: Participant) -> SplitResult:
+        raise NotImplementedError
+
+    def final_states(self) -> dict[str, State]:
+        """The models saved at the end: file name -> state dict."""
+        return {} if self.global_state is None else {f"{self.state_file}_final.pt": self.global_state}
+
+    def selected_state(self) -> State | None:
+        """The model saved as ``<state_file>_selected.pt`` when a round becomes the selected one."""
+        return self.global_state
+
+    # -- persistent state (checkpoints) ----------------------------------------------------
+    def server_state(self) -> dict[str, Any]:
+        return {"global_state": None if self.global_state is None else
+                {k: v.cpu() for k, v in self.global_state.items()}}
+
+    def load_server_state(self, state: dict[str, Any]) -> None:
+        g = state.get("global_state")
+        self.global_state = None if g is None else {k: v.clone() for k, v in g.items()}
+
+    def client_states(self) -> dict[str, dict[str, Any]]:
+        """This rank's clients' state that persists between rounds, by client name."""
+        return {}
+
+    def load_client_states(self, states: dict[str, dict[str, Any]]) -> None:
+        pass
+
+
+class AdapterAlgorithm(Algorithm):
+    """FedCLIP's machinery: a fresh copy of the attention adapter per client on the shared frozen backbone,
+    prompt features computed once, Adam moments in one block per process, aggregation by the server's
+    rule (``federation.aggregation`` weights, a streamed weighted mean)."""
+
+    uses_adapter: ClassVar[bool] = True
+
+    def prompt(self) -> str:
+        return self.cfg.data.prompt
+
+    def setup(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        backbone = ctx.backbone
+        self.text = backbone.text_features(ctx.prompts, self.prompt())
+        if self.uses_adapter:
+            torch.manual_seed(stable_seed(self.cfg.seed, "adapter-init"))
+            self.template = AttentionAdapter(backbone.embed_dim).state_dict()
+            self.global_state = {k: v.clone() for k, v in self.template.items()}
+        self._setup_adam(ctx)
+
+    def _setup_adam(self, ctx: RunContext) -> None:
+        """Adam's moments: one row per client when kept between rounds, one scratch row shared otherwise."""
+        self.keep_adam = self.config.optimizer_state == "keep"
+        self.adam_states: dict[str, dict[str, Any]] = {}
+        own = [p.index for p in ctx.my_clients]
+        self.arena = AdamStateArena(2 * self.num_params, len(own) if self.keep_adam else 0, ctx.device)
+        self.arena_row = {i: j for j, i in enumerate(own)}
+
+    def make_client(self, p: Participant) -> CLIPClient:
+        client = AdapterClient(p.name, self.ctx.backbone, self.text, self.config, use_adapter=self.uses_adapter)
+        if self.uses_adapter:
+            client.adam_buffer = self.arena.buffer_for(self.arena_row.get(p.index) if self.keep_adam else None)
+        return client
+
+    # -- a round --------------------------------------------------------------------
+    def fit_client(self, client: CLIPClient, p: Participant, rnd: int) -> ClientResult:
+        client.set_state(self.start_state(p))
+        saved = self.adam_states.get(p.name) if self.keep_adam else None
+        res, optimizer = local_fit(self.ctx.fabric, client, self.ctx.train_loader(p, "train", rnd),
+                                   self.config.local_epochs, optimizer_state=saved)
+        if self.keep_adam:
+            self.adam_states[p.name] = self.arena.stash(optimizer.state_dict(), self.arena_row[p.index])
+        return ClientResult(res, self.upload(client))
+
+    def upload(self, client: CLIPClient) -> Callable[[], torch.Tensor]:
+        """What travels: read from the client when the server asks (no copy kept in between)."""
+        return lambda: flatten(client.trainable())
+
+    def aggregate(self, rnd: int, active: list[int], results: dict[int, ClientResult]) -> None:
+        clients = self.ctx.task.clients
+        key = tuple(active)
+        cache = self.__dict__.setdefault("_weights", {})
+        if key not in cache:
+            cache[key] = aggregation_weights([len(clients[i].train) for i in active], self.cfg.federation.aggregation)
+
+        def row_of(i: int) -> torch.Tensor | None:
+            return results[i].update() if i in results else None
+
+        row = aggregate_rows(self.ctx.fabric, WeightedMean(), row_of, list(active), cache[key], self.num_params)
+        self.global_state = unflatten(row, self.template)
+
+    def held_state(self, p: Participant) -> State | None:
+        """The model client ``p`` holds after the round."""
+        return self.global_state
+
+    def evaluate_client(self, client: CLIPClient, p: Participant) -> dict[str, SplitResult]:
+        held = self.held_state(p)
+        if held is not None:
+            client.set_state(held)
+        return {"val": self.ctx.evaluate(client, p, "val"), "test": self.ctx.evaluate(client, p, "test")}
+
+    def evaluate_unseen(self, client: CLIPClient, p: Participant) -> SplitResult:
+        if self.global_state is not None:
+            client.set_state(self.global_state)
+        return self.ctx.evaluate(client, p, "unseen")
+
+    # -- persistent state ----------------------------------------------------------------
+    def client_states(self) -> dict[str, dict[str, Any]]:
+        return {name: {"optimizer_state": st} for name, st in self.adam_states.items()}
+
+    def load_client_states(self, states: dict[str, dict[str, Any]]) -> None:
+        for p in self.ctx.my_clients:
+            st = (states.get(p.name) or {}).get("optimizer_state")
+            if st is not None and self.keep_adam:
+                # Into the client's row, like a live one.
+                self.adam_states[p.name] = self.arena.stash(st, self.arena_row[p.index]) \
+                    if self.arena.rows is not None else st

@@ -1,0 +1,54 @@
+"""FedCLIP, then personalisation: on each evaluated round every client fine-tunes its own copy of the
+global adapter for ``personal_epochs`` on its training data and is evaluated with it; its accuracy with
+the global adapter is reported too (``val_global`` / ``test_global``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import AlgorithmConfig
+from ..evaluate import SplitResult, local_fit
+from ..optim import make_adam
+from .base import Participant, State
+from .fedclip import FedCLIP
+from .registry import register
+
+
+@dataclass
+class FedCLIPFTConfig(AlgorithmConfig):
+    name: str = "fedclip_ft"
+    personal_epochs: int = 1  # local fine-tuning epochs of each client's personal adapter
+
+
+@register
+class FedCLIPFT(FedCLIP):
+    name = "fedclip_ft"
+    config_class = FedCLIPFTConfig
+
+    @classmethod
+    def check(cls, config: FedCLIPFTConfig, bad) -> None:
+        if config.personal_epochs < 1:
+            bad("algorithm.personal_epochs", config.personal_epochs, "must be >= 1",
+                "set algorithm.personal_epochs=1 or more")
+
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        self.personal: dict[str, State] = {}
+
+    def personalize(self, rnd: int, clients: dict) -> None:
+        """Each of this rank's clients fine-tunes the global adapter on its own training data. A fresh Adam
+        in the shared scratch block: a kept training state (optimizer_state=keep) stays untouched."""
+        self.personal = {}
+        for p in self.ctx.my_clients:
+            client = clients[p.index]
+            client.set_state(self.global_state)
+            optimizer = make_adam(client.trainable().values(), self.config, buffer=self.arena.scratch)
+            local_fit(self.ctx.fabric, client, self.ctx.train_loader(p, "personal", rnd),
+                      self.config.personal_epochs, optimizer=optimizer)
+            self.personal[p.name] = {k: v.cpu() for k, v in client.get_state().items()}
+
+    def evaluate_client(self, client, p: Participant) -> dict[str, SplitResult]:
+        out = {f"{split}_global": res for split, res in super().evaluate_client(client, p).items()}
+        client.set_state(self.personal[p.name])
+        out.update({"val": self.ctx.evaluate(client, p, "val"), "test": self.ctx.evaluate(client, p, "test")})
+        return out

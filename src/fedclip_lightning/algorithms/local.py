@@ -1,0 +1,71 @@
+"""Local training only: each client trains its own adapter and never communicates (the personalisation
+floor). An unseen domain gets the mean accuracy of the clients' own adapters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..evaluate import SplitResult
+from ..federation.distributed import gather_rows
+from ..federation.strategy import flatten, unflatten
+from .base import AdapterAlgorithm, ClientResult, Participant, State
+from .registry import register
+
+
+@register
+class Local(AdapterAlgorithm):
+    name = "local"
+    communicates = False
+
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        self.own: dict[str, State] = {}  # this rank's clients' own adapters, on the CPU
+        self.table: torch.Tensor | None = None  # every client's adapter (one row each), on every rank
+
+    def start_state(self, p: Participant) -> State:
+        return self.own.get(p.name, self.global_state)
+
+    def fit_client(self, client, p: Participant, rnd: int) -> ClientResult:
+        result = super().fit_client(client, p, rnd)
+        self.own[p.name] = {k: v.cpu() for k, v in client.get_state().items()}
+        return ClientResult(result.train, None)
+
+    def aggregate(self, rnd: int, active: list[int], results: dict[int, ClientResult]) -> None:
+        # Nothing travels to a server; every rank assembles all clients' own adapters (no bytes
+        # counted) because an unseen domain is scored with each of them.
+        rows = {p.index: flatten(self.own.get(p.name, self.global_state)) for p in self.ctx.my_clients}
+        self.table = gather_rows(self.ctx.fabric, rows, self.ctx.num_clients, self.num_params)
+
+    def held_state(self, p: Participant) -> State:
+        return self.own.get(p.name, self.global_state)
+
+    def evaluate_unseen(self, client, p: Participant) -> SplitResult:
+        results = []
+        for row in self.table:
+            client.set_state(unflatten(row, self.template))
+            results.append(self.ctx.evaluate(client, p, "unseen"))
+        return SplitResult(accuracy=sum(r.accuracy for r in results) / len(results),
+                           loss=sum(r.loss for r in results) / len(results), n=results[0].n)
+
+    def final_states(self) -> dict[str, State]:
+        names = [c.name for c in self.ctx.task.clients]
+        return {"adapters_final.pt": {f"{c}/{k}": v for c, row in zip(names, self.table)
+                                      for k, v in unflatten(row, self.template).items()}}
+
+    def selected_state(self) -> None:
+        return None  # no global model to select
+
+    def client_states(self) -> dict[str, dict[str, Any]]:
+        out = super().client_states()
+        for name, st in self.own.items():
+            out.setdefault(name, {})["own_state"] = st
+        return out
+
+    def load_client_states(self, states: dict[str, dict[str, Any]]) -> None:
+        super().load_client_states(states)
+        for p in self.ctx.my_clients:
+            st = (states.get(p.name) or {}).get("own_state")
+            if st is not None:
+                self.own[p.name] = st

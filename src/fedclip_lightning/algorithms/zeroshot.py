@@ -1,0 +1,18 @@
+"""Zero-shot CLIP: the frozen model and the class prompts, nothing trained, evaluated once (round 0)."""
+
+from __future__ import annotations
+
+from .base import AdapterAlgorithm
+from .registry import register
+
+
+@register
+class ZeroShot(AdapterAlgorithm):
+    name = "zeroshot"
+    trains = False
+    communicates = False
+    uses_adapter = False
+
+    @classmethod
+    def what_trains(cls, config) -> str:
+        return "nothing"

@@ -1,0 +1,77 @@
+"""One round's evaluation across ranks: each rank evaluates what it holds, one all_reduce assembles
+the table, and every rank reads the same RoundMetrics from it. Evaluation never trains: what a client
+is evaluated with is its algorithm's to say (``evaluate_client``/``evaluate_unseen``), after the
+algorithm's ``personalize`` step of the round."""
+
+from __future__ import annotations
+
+import torch
+
+from ..evaluate import SplitResult
+from ..report import RoundMetrics
+from .distributed import gather_rows
+
+# Result slots of a participant (accuracy, loss, n each): train (the local fit of this round), val, test
+# (with the model the client holds), val_global / test_global (a personalising algorithm: the global
+# model before personalisation). Unseen domains use the test slot.
+SLOTS = ("train", "val", "test", "val_global", "test_global")
+
+
+class RoundEvaluator:
+    def __init__(self, fabric, parts, clients: dict, algorithm):
+        self.fabric, self.parts, self.clients, self.algorithm = fabric, parts, clients, algorithm
+
+    def _local(self, train: dict[int, SplitResult]) -> dict[int, torch.Tensor]:
+        """This rank's rows of the table: slot-major, participant index within."""
+        n = len(self.parts)
+        out: dict[int, torch.Tensor] = {}
+        for p in self.parts:
+            if p.rank != self.fabric.global_rank:
+                continue
+            client = self.clients[p.index]
+            if p.kind == "client":
+                results = dict(self.algorithm.evaluate_client(client, p))
+                if p.index in train:
+                    results["train"] = train[p.index]
+            else:
+                results = {"test": self.algorithm.evaluate_unseen(client, p)}
+            for slot, res in results.items():
+                if slot not in SLOTS:
+                    raise ValueError(f"{type(self.algorithm).__name__}.evaluate_client returned slot {slot!r}; "
+                                     f"the slots are {SLOTS}")
+                out[SLOTS.index(slot) * n + p.index] = res.as_row()
+        return out
+
+    def evaluate(self, rnd: int, train: dict[int, SplitResult]) -> tuple[RoundMetrics, list[tuple], dict]:
+        """``(metrics, metrics.csv rows, per-participant values to log)``, the same on every rank."""
+        n = len(self.parts)
+        # A fourth column marks rows that some rank filled (a train row is absent in round 0, say).
+        present = torch.ones(1, dtype=torch.float64)
+        table = gather_rows(self.fabric, {i: torch.cat([v, present]) for i, v in self._local(train).items()},
+                            len(SLOTS) * n, 4, torch.float64)
+
+        def row(s: str, i: int) -> SplitResult | None:
+            j = SLOTS.index(s) * n + i
+            return SplitResult.from_row(table[j]) if table[j, 3] > 0 else None
+
+        acc: dict[str, dict[str, float]] = {s: {} for s in SLOTS}
+        unseen: dict[str, float] = {}
+        csv_rows, logd = [], {}
+        for p in self.parts:
+            if p.kind == "client":
+                for s in SLOTS:
+                    res = row(s, p.index)
+                    if res is None:
+                        continue
+                    acc[s][p.name] = res.accuracy
+                    csv_rows.append((rnd, p.name, s, res.accuracy, res.loss))
+                    logd[f"client/{p.name}/{s}_acc"] = res.accuracy
+                    logd[f"client/{p.name}/{s}_loss"] = res.loss
+            else:
+                te = row("test", p.index)
+                unseen[p.name] = te.accuracy
+                csv_rows.append((rnd, p.name, "unseen", te.accuracy, te.loss))
+                logd[f"unseen/{p.name}/acc"] = te.accuracy
+                logd[f"unseen/{p.name}/loss"] = te.loss
+        metrics = RoundMetrics(rnd, acc["val"], acc["test"], unseen, acc["val_global"], acc["test_global"])
+        return metrics, csv_rows, logd

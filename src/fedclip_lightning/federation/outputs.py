@@ -1,0 +1,176 @@
+"""What a run shows and leaves behind, on rank 0: the console header and table, the progress bar,
+metrics.csv / rounds.csv / summary.json every evaluated round, the loggers (W&B, CSV), the saved
+models, and the end-of-run plot and W&B summary table. Other ranks get the same calls and do nothing
+but keep the progress bar's count."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from ..config import Config
+from ..loggers import wandb_mode
+from ..report import MetricsCSV, RoundMetrics, RoundsCSV, Summary, atomic_save, atomic_write_text, format_table, \
+    keep_rows_up_to
+
+log = logging.getLogger(__name__)
+
+
+class RunOutputs:
+    def __init__(self, cfg: Config, fabric, run_dir: Path, summary: Summary, started: float):
+        self.cfg, self.fabric, self.run_dir, self.summary, self.started = cfg, fabric, run_dir, summary, started
+        self.rank0 = fabric.is_global_zero
+        self.metrics_csv = self.rounds_csv = None
+        self.bar = None
+        self.last_bytes = (0, 0)  # totals at the previous evaluation
+
+    # -- start ----------------------------------------------------------------------
+    def start(self, start_round: int, random_init: bool) -> None:
+        """Trim the CSVs to the resumed round, print the header, write config.yaml and summary.json."""
+        s = self.summary
+        self.last_bytes = (s.bytes_up_total, s.bytes_down_total)
+        if not self.rank0:
+            return
+        for name in ("metrics.csv", "rounds.csv"):
+            keep_rows_up_to(self.run_dir / name, start_round)
+        self.metrics_csv = MetricsCSV(self.run_dir / "metrics.csv")
+        self.rounds_csv = RoundsCSV(self.run_dir / "rounds.csv")
+        print_header(self.cfg, s, self.run_dir, random_init, self.fabric)
+        atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(s.config))
+        for lg in self.fabric.loggers:
+            try:
+                lg.log_hyperparams(s.config)
+            except NotImplementedError:  # Fabric's CSVLogger; config.yaml above has it
+                pass
+        s.write(self.run_dir / "summary.json")
+
+    def warn(self, message: str) -> None:
+        if self.rank0:
+            log.warning(message)
+            print(f"  WARNING: {message}")
+
+    def features_ready(self, f: dict) -> None:
+        if self.rank0 and f.get("cache"):
+            print(f"  features: {f['encoded_images']} images encoded ({f['encode_seconds_max_rank']:.1f} s), "
+                  f"{f['cached_images']} read from the cache {f['dir'] or '(in memory)'}", flush=True)
+
+    def rounds_start(self, rounds: int, start_round: int, resumed_from: Path | None) -> None:
+        self.bar = tqdm(total=max(rounds, 1), desc="rounds", unit="round", dynamic_ncols=True,
+                        disable=not (self.rank0 and self.cfg.progress))
+        if self.rank0 and start_round:
+            print(f"  resumed from {resumed_from} (round {start_round} of {rounds})", flush=True)
+            self.bar.update(start_round)
+
+    # -- each evaluated round ------------------------------------------------------------
+    def evaluated(self, metrics: RoundMetrics, csv_rows: list[tuple], logd: dict) -> None:
+        self.bar.set_postfix(val=f"{metrics.mean_client_val_acc:.3f}", test=f"{metrics.mean_client_test_acc:.3f}",
+                             unseen=f"{metrics.mean_unseen_acc:.3f}")
+        if not self.rank0:
+            return
+        s = self.summary
+        s.wall_time_s = time.perf_counter() - self.started
+        self.rounds_csv.write(metrics, s.bytes_up_total - self.last_bytes[0], s.bytes_down_total - self.last_bytes[1],
+                              s.bytes_up_total, s.bytes_down_total, s.wall_time_s)
+        self.last_bytes = (s.bytes_up_total, s.bytes_down_total)
+        self.metrics_csv.write(csv_rows)
+        self._log(metrics, logd)
+        s.write(self.run_dir / "summary.json", durable=False)  # the checkpoint is durable
+
+    def _log(self, metrics: RoundMetrics, logd: dict) -> None:
+        s = self.summary
+        logd = {"round": metrics.round, **logd,
+                "mean/client_val_acc": metrics.mean_client_val_acc,
+                "mean/client_test_acc": metrics.mean_client_test_acc,
+                "comm/bytes_up_total": s.bytes_up_total,
+                "comm/bytes_down_total": s.bytes_down_total,
+                "comm/bytes_total": s.bytes_up_total + s.bytes_down_total}
+        if metrics.unseen_acc:
+            logd["mean/unseen_acc"] = metrics.mean_unseen_acc
+        if metrics.client_test_acc_global:
+            logd["mean/client_test_acc_global"] = metrics.mean_client_test_acc_global
+        if self.fabric.loggers:
+            self.fabric.log_dict({k: v for k, v in logd.items() if not (isinstance(v, float) and math.isnan(v))},
+                                 step=metrics.round)
+
+    def round_done(self) -> None:
+        self.bar.update(1)
+
+    def save_state(self, name: str, state: dict, rnd: int) -> None:
+        """Trained tensors as a plain state dict: ``torch.load(path, weights_only=True)["state"]``."""
+        if self.rank0:
+            atomic_save({"round": rnd, "state": {k: v.detach().cpu() for k, v in state.items()}},
+                        self.run_dir / name, durable=False)
+
+    # -- end -----------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.rank0:
+            self.summary.write(self.run_dir / "summary.json")
+            for f in (self.metrics_csv, self.rounds_csv):
+                if f is not None:
+                    f.close()
+
+    def finish(self, saved: list[str]) -> None:
+        """The plot, the W&B summary table, and the end-of-run table and file list on the console."""
+        if not self.rank0:
+            return
+        finish_loggers_outputs(self.fabric, self.summary, self.run_dir)
+        print("\n" + format_table(self.summary))
+        more = "".join(f", {name}" for name in saved)
+        cfg = self.cfg
+        print(f"\nrun directory: {self.run_dir}\n  summary.json, metrics.csv, rounds.csv, accuracy.png, config.yaml{more}"
+              + (f", W&B run under {self.run_dir / 'wandb'}" if cfg.logger.name == "wandb" and
+                 wandb_mode(cfg) != "disabled" else ""))
+
+
+def finish_loggers_outputs(fabric, summary: Summary, run_dir: Path) -> None:
+    """The per-round accuracy plot, and the final accuracies as a table in W&B."""
+    from ..plots import plot_run
+
+    try:
+        plot_run(run_dir)
+    except Exception as exc:  # noqa: BLE001 - a plot must never cost the run its results
+        log.warning("could not draw %s: %s", run_dir / "accuracy.png", exc)
+    fin, sel = summary.final, summary.selected
+    if fin is None:
+        return
+    rows = []
+    for c in summary.clients:
+        rows.append([c, "client", sel.client_val_acc.get(c), sel.client_test_acc.get(c),
+                     fin.client_val_acc.get(c), fin.client_test_acc.get(c)])
+    for u in summary.unseen:
+        rows.append([u, "unseen", None, sel.unseen_acc.get(u), None, fin.unseen_acc.get(u)])
+    for lg in fabric.loggers:
+        if hasattr(lg, "log_table"):
+            lg.log_table("summary_table", columns=["domain", "role", "selected_val_acc", "selected_test_acc",
+                                                   "final_val_acc", "final_test_acc"], data=rows)
+        exp = getattr(lg, "_experiment", None)
+        if exp is not None and hasattr(exp, "summary"):
+            exp.summary.update({"selected_round": sel.round, "selected/mean_unseen_acc": sel.mean_unseen_acc,
+                                "selected/mean_client_test_acc": sel.mean_client_test_acc,
+                                "trainable_params": summary.trainable_params,
+                                "bytes_up_total": summary.bytes_up_total})
+
+
+def print_header(cfg: Config, s: Summary, run_dir: Path, random_init: bool, fabric) -> None:
+    w = cfg.federation.rounds if s.trainable_params else 0  # nothing trains: evaluated once
+    print(f"fedclip-lightning: {s.algorithm} on {s.dataset} ({s.data_root})")
+    print(f"  backbone {s.backbone['name']} ({'random init' if random_init else s.backbone['weights_file'] or s.backbone['name']}),"
+          f" {s.trainable_params:,} trainable parameters, {s.bytes_per_client_per_round:,} bytes per client per round")
+    listed = ", ".join(f"{c} ({s.num_samples[c]['train']} train)" for c in s.clients)
+    print(f"  clients: {listed}")
+    print(f"  unseen:  {', '.join(s.unseen) or '-'}")
+    print(f"  {w} rounds on {fabric.world_size} process(es), {fabric.device.type}; run directory {run_dir}")
+    if s.skipped_images:
+        print(f"  skipped {len(s.skipped_images)} unreadable image(s) (data.on_corrupt=skip); listed in summary.json")
+    if random_init:
+        print("  NOTE: the backbone is RANDOMLY initialised (backbone.pretrained=null): accuracies here check the "
+              "pipeline and say nothing about CLIP.")
+    if cfg.note:
+        print(f"  {cfg.note}")

@@ -1,0 +1,66 @@
+"""Preemption: SIGUSR1 / SIGTERM (SLURM's warning before a time limit or a preemption) set a flag; the
+server checks it at its safe point, the end of a round, on every rank at once, writes a checkpoint and
+stops; under SLURM the job is requeued and resumes by itself (launch.sh passes resume=auto)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class Preempted(Exception):
+    """Stopped at a safe point on SIGUSR1/SIGTERM, after writing a checkpoint."""
+
+    def __init__(self, rnd: int, requeued: bool):
+        self.round, self.requeued = rnd, requeued
+        super().__init__(f"preempted after round {rnd}: checkpoint written"
+                         + ("; the job was requeued and will resume by itself" if requeued else
+                            "; continue with resume=auto"))
+
+
+class Preemption:
+    """Installs the handlers (main thread only); ``requested`` turns true on a signal; ``restore``."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+def any_rank(fabric, flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any (signals may reach ranks at different times)."""
+    if fabric.world_size == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=fabric.device)
+    return bool(fabric.all_reduce(t, reduce_op="sum").item() > 0)
+
+
+def requeue() -> bool:
+    """Under SLURM: put this job back in the queue."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if proc.returncode != 0:
+        log.warning("scontrol requeue %s failed: %s", job, proc.stderr.strip())
+        return False
+    return True

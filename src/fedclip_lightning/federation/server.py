@@ -1,0 +1,169 @@
+"""The server: the round loop, reading top to bottom like Lightning's build-your-own-trainer ``fit``.
+
+For each round: configure it (which clients train), fit this rank's clients,
+aggregate (the algorithm's rule, every rank computing the same), personalise
+and evaluate on evaluated rounds, checkpoint, and tell the outputs. Everything
+an algorithm decides is asked of the algorithm object; the server never asks
+its name. Every rank runs this loop over its own clients; random streams come
+from the seed and the (round, client) pair alone, and sums run in fixed client
+order, so results do not depend on the number of processes beyond BLAS rounding.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointWriter, write_checkpoint
+from ..data.partition import sample_clients
+from ..evaluate import SplitResult
+from ..report import ModelSelection, RoundMetrics, Summary
+from .evaluation import RoundEvaluator
+from .outputs import RunOutputs
+from .preemption import Preempted, Preemption, any_rank, requeue
+
+
+class Server:
+    def __init__(self, ctx, algorithm, clients: dict, summary: Summary, outputs: RunOutputs, run_dir: Path,
+                 preemption: Preemption, wandb_id: str):
+        self.ctx, self.algorithm, self.clients = ctx, algorithm, clients
+        self.summary, self.outputs, self.run_dir = summary, outputs, run_dir
+        self.preemption, self.wandb_id = preemption, wandb_id
+        self.fabric, self.cfg = ctx.fabric, ctx.cfg
+        self.selection = ModelSelection()
+        self.evaluator = RoundEvaluator(self.fabric, ctx.parts, clients, algorithm)
+        self.writer = CheckpointWriter()
+        self.rounds = self.cfg.federation.rounds if algorithm.trains else 0
+        self.start_round = 0
+        self.phase_seconds = {"fit": 0.0, "aggregate": 0.0, "evaluate": 0.0, "checkpoint": 0.0, "logging": 0.0}
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self) -> None:
+        if not self.algorithm.trains:  # evaluated once, as it is
+            self.evaluate_round(0, {})
+            self.outputs.round_done()
+        for rnd in range(self.start_round + 1, self.rounds + 1):
+            started = time.perf_counter()
+            active = self.configure_round(rnd)
+            train = self.fit_clients(rnd, active)
+            self.aggregate(rnd, active, train)
+            if rnd % self.cfg.federation.eval_interval == 0 or rnd == self.rounds:
+                self.algorithm.personalize(rnd, self.clients)
+                self.evaluate_round(rnd, {i: r.train for i, r in train.items()})
+            self.summary.round_seconds.append(time.perf_counter() - started)
+            self.outputs.round_done()
+            self.end_round(rnd)
+
+    def configure_round(self, rnd: int) -> list[int]:
+        """The clients that train this round: a seeded draw of ``federation.client_fraction``."""
+        return sample_clients(self.ctx.num_clients, self.cfg.federation.client_fraction, rnd, self.cfg.seed)
+
+    def fit_clients(self, rnd: int, active: list[int]) -> dict:
+        """Each of this rank's active clients fits locally, one after another."""
+        t = time.perf_counter()
+        results = {}
+        for p in self.ctx.my_clients:
+            if p.index in active:
+                results[p.index] = self.algorithm.fit_client(self.clients[p.index], p, rnd)
+                self._park(self.clients[p.index])
+        self.phase_seconds["fit"] += time.perf_counter() - t
+        return results
+
+    def aggregate(self, rnd: int, active: list[int], results: dict) -> None:
+        t = time.perf_counter()
+        self.algorithm.aggregate(rnd, active, results)
+        if self.algorithm.communicates:
+            per_copy = self.algorithm.bytes_per_copy
+            self.summary.bytes_up_total += len(active) * per_copy
+            self.summary.bytes_down_total += self.ctx.num_clients * per_copy
+        self.summary.rounds_run = rnd
+        self.phase_seconds["aggregate"] += time.perf_counter() - t
+
+    def evaluate_round(self, rnd: int, train: dict[int, SplitResult]) -> RoundMetrics:
+        t = time.perf_counter()
+        metrics, csv_rows, logd = self.evaluator.evaluate(rnd, train)
+        for client in self.clients.values():
+            self._park(client)
+        t2 = time.perf_counter()
+        self.phase_seconds["evaluate"] += t2 - t
+        if self.selection.update(metrics):
+            state = self.algorithm.selected_state()
+            if state is not None and self.algorithm.trains:
+                self.outputs.save_state(f"{self.algorithm.state_file}_selected.pt", state, metrics.round)
+        self.summary.selected, self.summary.final = self.selection.best, metrics
+        self.outputs.evaluated(metrics, csv_rows, logd)
+        self.phase_seconds["logging"] += time.perf_counter() - t2
+        return metrics
+
+    def end_round(self, rnd: int) -> None:
+        """Checkpoint on the interval, at the end, and whenever a preemption signal arrived (any rank)."""
+        t = time.perf_counter()
+        stop = any_rank(self.fabric, self.preemption.requested)
+        interval = self.cfg.federation.checkpoint_interval
+        if stop or rnd == self.rounds or (interval and rnd % interval == 0):
+            # The last one, and a preemption's, are on disk before the loop goes on.
+            self.checkpoint(rnd, wait=stop or rnd == self.rounds)
+        self.phase_seconds["checkpoint"] += time.perf_counter() - t
+        if stop:
+            self.summary.status = "preempted"
+            raise Preempted(rnd, requeue() if self.fabric.is_global_zero else False)
+
+    # -- state ----------------------------------------------------------------------------------
+    def checkpoint(self, rnd: int, wait: bool) -> None:
+        import json
+
+        meta = None
+        s = self.summary
+        if self.fabric.is_global_zero:
+            # Plain data and tensors that are never written in place (each round makes a new server state).
+            meta = {
+                "config": json.dumps(s.config, sort_keys=True),
+                "server": self.algorithm.server_state(),
+                "selected": self.selection.best.as_dict() if self.selection.best else None,
+                "final": s.final.as_dict() if s.final else None,
+                "bytes_up_total": s.bytes_up_total,
+                "bytes_down_total": s.bytes_down_total,
+                "round_seconds": list(s.round_seconds),
+                "wandb_id": self.wandb_id,
+            }
+        write_checkpoint(self.fabric, self.run_dir, rnd, self.cfg.federation.keep_checkpoints, meta,
+                         self.algorithm.client_states(), self.writer, wait=wait)
+
+    def restore(self, ckpt: Path, meta: dict, clients_state: dict) -> None:
+        """Continue from a checkpoint: the algorithm's server and client state, selection, counters."""
+        s = self.summary
+        self.start_round = int(meta["round"])
+        self.algorithm.load_server_state(meta["server"])
+        self.algorithm.load_client_states(clients_state)
+        if meta.get("selected"):
+            self.selection.best = RoundMetrics.from_dict(meta["selected"])
+        s.selected = self.selection.best
+        if meta.get("final"):
+            s.final = RoundMetrics.from_dict(meta["final"])
+        s.bytes_up_total, s.bytes_down_total = int(meta["bytes_up_total"]), int(meta["bytes_down_total"])
+        s.rounds_run = self.start_round
+        s.round_seconds = list(meta.get("round_seconds", []))
+        s.resumed_from = self.start_round
+
+    def save_final(self) -> list[str]:
+        """The algorithm's final models, on rank 0; returns their file names."""
+        if not self.algorithm.trains:
+            return []
+        saved = []
+        for name, state in self.algorithm.final_states().items():
+            self.outputs.save_state(name, state, self.summary.rounds_run)
+            saved.append(name)
+        if self.algorithm.selected_state() is not None:
+            saved.insert(0, f"{self.algorithm.state_file}_selected.pt")
+        return saved
+
+    def close(self) -> None:
+        self.writer.close()  # a checkpoint being written still lands: a resume starts from it
+        self.summary.phase_seconds = {k: round(v, 3) for k, v in self.phase_seconds.items()}
+
+    def _park(self, client) -> None:
+        """A client's state waits off the accelerator between turns (a no-op on a CPU run)."""
+        if client.device.type != "cpu":
+            client.to("cpu")
