@@ -34,6 +34,7 @@ def main() -> None:
     env.pop("FEDCLIP_RUN_DIR", None)
     base = [sys.executable, "-m", "fedclip_lightning", "experiment=pacs_mini_debug", f"data.root={MINI}",
             "logger=none", "progress=false", "features=reference", f"federation.rounds={args.rounds}",
+            "federation.checkpoint_min_seconds=0",
             f"output_dir={tmp}"]
 
     t0 = time.perf_counter()

@@ -15,7 +15,8 @@ import torch
 from helpers import PACS_MINI_ARGS, cli_env, read_summary, run_cli
 
 # features=reference runs the encoder every batch: rounds slow enough to interrupt.
-BASE = [*PACS_MINI_ARGS, "logger=none", "features=reference", "federation.rounds=12"]
+BASE = [*PACS_MINI_ARGS, "logger=none", "features=reference", "federation.rounds=12",
+        "federation.checkpoint_min_seconds=0"]
 
 
 def _start(args: list[str], tmp: Path) -> subprocess.Popen:

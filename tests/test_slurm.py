@@ -58,7 +58,8 @@ def test_sbatch_two_tasks_matches_one_local_process(tmp_path):
 
 
 def test_usr1_requeues_and_the_job_resumes_with_the_same_metrics(tmp_path):
-    extra = ["features=reference", "federation.rounds=12"]  # rounds slow enough to interrupt
+    # Rounds slow enough to interrupt, a checkpoint after each.
+    extra = ["features=reference", "federation.rounds=12", "federation.checkpoint_min_seconds=0"]
     ref = _local_reference(tmp_path, extra)
     out = tmp_path / "slurm"
     args = [*PACS_MINI_ARGS, "logger=none", f"output_dir={out}", *extra]

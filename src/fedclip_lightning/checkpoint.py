@@ -41,6 +41,7 @@ COMPLETE = "COMPLETE"
 # neither the arithmetic nor the result.
 RESUMABLE_DIFFERENCES = ("progress", "run_name", "resume", "fabric", "logger", "features", "note",
                          "federation.rounds", "federation.checkpoint_interval", "federation.keep_checkpoints",
+                         "federation.checkpoint_min_seconds",
                          "data.num_workers", "data.eval_batch_size", "backbone.download", "backbone.cache_dir")
 
 

@@ -138,6 +138,9 @@ class FederationConfig:
     client_fraction: float = 1.0
     # Checkpoint every this many rounds (0: only when preempted); keep the newest keep_checkpoints.
     checkpoint_interval: int = 1
+    # ...but at most once per this many seconds (the last round and a preemption always checkpoint): a
+    # crash loses at most this much work, and fast rounds do not spend their time writing checkpoints.
+    checkpoint_min_seconds: float = 10.0
     keep_checkpoints: int = 2
 
 
@@ -282,6 +285,9 @@ def validate(cfg: Config) -> Config:
     positive_int("federation.eval_interval", f.eval_interval)
     positive_int("federation.checkpoint_interval", f.checkpoint_interval, 0)
     positive_int("federation.keep_checkpoints", f.keep_checkpoints, 1)
+    if not f.checkpoint_min_seconds >= 0:
+        bad("federation.checkpoint_min_seconds", f.checkpoint_min_seconds, "must be >= 0",
+            "e.g. federation.checkpoint_min_seconds=10 (0: every checkpoint_interval rounds, however fast)")
     if cfg.resume not in ("never", "auto") and not Path(cfg.resume).expanduser().is_dir():
         bad("resume", cfg.resume, "neither never, auto nor an existing checkpoint folder",
             "use resume=auto (the newest checkpoint of the run directory) or a path to outputs/<run>/checkpoints/round-N")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.fabric import Fabric
 from torch.utils.data import DataLoader, SequentialSampler
 from torchmetrics.functional.classification import multiclass_accuracy
@@ -131,4 +132,19 @@ def evaluate(fabric: Fabric, client: CLIPClient, loader: DataLoader, stage: str 
     # The inputs are ours (class indices from argmax and the data set): no argument checks.
     acc = multiclass_accuracy(torch.cat(preds), torch.cat(targets), num_classes=client.num_classes,
                               average="micro", validate_args=False)
+    return SplitResult(accuracy=float(acc), loss=float(loss_sum) / n, n=n)
+
+
+@torch.no_grad()
+def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, batch_size: int, num_classes: int) -> SplitResult:
+    """``evaluate``'s numbers from a split's logits computed beforehand: the loss summed per batch of
+    ``batch_size`` as ``validation_step`` sums it, the accuracy as torchmetrics computes it."""
+    n = len(labels)
+    if n == 0:
+        return SplitResult(accuracy=float("nan"), loss=float("nan"), n=0)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for i in range(0, n, batch_size):
+        loss_sum += F.cross_entropy(logits[i : i + batch_size], labels[i : i + batch_size], reduction="sum")
+    acc = multiclass_accuracy(logits.argmax(dim=-1), labels, num_classes=num_classes, average="micro",
+                              validate_args=False)
     return SplitResult(accuracy=float(acc), loss=float(loss_sum) / n, n=n)

@@ -173,6 +173,11 @@ class Algorithm:
     def evaluate_unseen(self, client: CLIPClient, p: Participant) -> SplitResult:
         raise NotImplementedError
 
+    def evaluate_mine(self, clients: dict[int, CLIPClient], parts: list[Participant]) -> dict[int, dict[str, SplitResult]]:
+        """Every result slot of this rank's participants: ``evaluate_client`` / ``evaluate_unseen`` each."""
+        return {p.index: (dict(self.evaluate_client(clients[p.index], p)) if p.kind == "client"
+                          else {"test": self.evaluate_unseen(clients[p.index], p)}) for p in parts}
+
     def final_states(self) -> dict[str, State]:
         """The models saved at the end: file name -> state dict."""
         return {} if self.global_state is None else {f"{self.state_file}_final.pt": self.global_state}
@@ -273,6 +278,51 @@ class AdapterAlgorithm(Algorithm):
         if self.global_state is not None:
             client.set_state(self.global_state)
         return self.ctx.evaluate(client, p, "unseen")
+
+    def evaluate_mine(self, clients: dict[int, CLIPClient], parts: list[Participant]) -> dict[int, dict[str, SplitResult]]:
+        """On cached features, the participants that hold the same model are evaluated together: one
+        ``set_state`` for all their splits, each split's rows through the adapter in the batches
+        ``evaluate`` would use (the same numbers, bitwise). What an algorithm
+        evaluates its own way (an overridden ``evaluate_client``/``evaluate_unseen``) goes through that."""
+        from ..data.pipeline import FeatureDataset
+
+        own_client = type(self).evaluate_client is AdapterAlgorithm.evaluate_client
+        own_unseen = type(self).evaluate_unseen is AdapterAlgorithm.evaluate_unseen
+        groups: dict[int, tuple[State | None, list[tuple[Participant, str]]]] = {}
+        rest = []
+        for p in parts:
+            splits = ("val", "test") if p.kind == "client" else ("unseen",)
+            batched = own_client if p.kind == "client" else own_unseen
+            if not batched or not all(isinstance(self.ctx.datasets[(p.index, s)], FeatureDataset) for s in splits):
+                rest.append(p)
+                continue
+            held = self.held_state(p) if p.kind == "client" else self.global_state
+            groups.setdefault(id(held), (held, []))[1].extend((p, s) for s in splits)
+        out = super().evaluate_mine(clients, rest)
+        for held, jobs in groups.values():
+            client = clients[jobs[0][0].index]
+            if held is not None:
+                client.set_state(held)
+            for (p, split), res in zip(jobs, self._evaluate_together(client, jobs)):
+                out.setdefault(p.index, {})["test" if split == "unseen" else split] = res
+        return out
+
+    def _evaluate_together(self, client: CLIPClient, jobs: list[tuple[Participant, str]]) -> list[SplitResult]:
+        """Each split's rows through the adapter in the batches ``evaluate`` uses (so the same products,
+        bitwise), without its per-split set-up."""
+        from ..evaluate import evaluate_logits, place
+
+        client = place(self.ctx.fabric, client)
+        client.eval()
+        bs, device = self.cfg.data.eval_batch_size, self.ctx.device
+        out = []
+        with torch.no_grad():
+            for p, split in jobs:
+                ds = self.ctx.datasets[(p.index, split)]
+                feats = ds.features.to(device)
+                logits = torch.cat([client(feats[i : i + bs]) for i in range(0, len(ds), bs)]) if len(ds) else feats
+                out.append(evaluate_logits(logits, ds.labels.to(device), bs, client.num_classes))
+        return out
 
     # -- persistent state ----------------------------------------------------------------
     def client_states(self) -> dict[str, dict[str, Any]]:

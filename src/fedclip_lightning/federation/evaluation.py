@@ -24,20 +24,16 @@ class RoundEvaluator:
     def _local(self, train: dict[int, SplitResult]) -> dict[int, torch.Tensor]:
         """This rank's rows of the table: slot-major, participant index within."""
         n = len(self.parts)
+        mine = [p for p in self.parts if p.rank == self.fabric.global_rank]
+        results = self.algorithm.evaluate_mine(self.clients, mine)
         out: dict[int, torch.Tensor] = {}
-        for p in self.parts:
-            if p.rank != self.fabric.global_rank:
-                continue
-            client = self.clients[p.index]
-            if p.kind == "client":
-                results = dict(self.algorithm.evaluate_client(client, p))
-                if p.index in train:
-                    results["train"] = train[p.index]
-            else:
-                results = {"test": self.algorithm.evaluate_unseen(client, p)}
-            for slot, res in results.items():
+        for p in mine:
+            slots = dict(results[p.index])
+            if p.kind == "client" and p.index in train:
+                slots["train"] = train[p.index]
+            for slot, res in slots.items():
                 if slot not in SLOTS:
-                    raise ValueError(f"{type(self.algorithm).__name__}.evaluate_client returned slot {slot!r}; "
+                    raise ValueError(f"{type(self.algorithm).__name__} returned the result slot {slot!r}; "
                                      f"the slots are {SLOTS}")
                 out[SLOTS.index(slot) * n + p.index] = res.as_row()
         return out

@@ -20,6 +20,9 @@ from ..report import MetricsCSV, RoundMetrics, RoundsCSV, Summary, atomic_save, 
 
 log = logging.getLogger(__name__)
 
+# summary.json is rewritten after an evaluated round at most this often (and always at the end).
+SUMMARY_EVERY_S = 2.0
+
 
 class RunOutputs:
     def __init__(self, cfg: Config, fabric, run_dir: Path, summary: Summary, started: float):
@@ -28,6 +31,7 @@ class RunOutputs:
         self.metrics_csv = self.rounds_csv = None
         self.bar = None
         self.last_bytes = (0, 0)  # totals at the previous evaluation
+        self._summary_written = float("-inf")
 
     # -- start ----------------------------------------------------------------------
     def start(self, start_round: int, random_init: bool) -> None:
@@ -79,7 +83,12 @@ class RunOutputs:
         self.last_bytes = (s.bytes_up_total, s.bytes_down_total)
         self.metrics_csv.write(csv_rows)
         self._log(metrics, logd)
-        s.write(self.run_dir / "summary.json", durable=False)  # the checkpoint is durable
+        now = time.perf_counter()
+        if now - self._summary_written >= SUMMARY_EVERY_S:
+            # For a person or a script watching the run; metrics.csv has every round already, the
+            # checkpoint is what a resume reads, and the end of the run (or its failure) writes it again.
+            s.write(self.run_dir / "summary.json", durable=False)
+            self._summary_written = now
 
     def _log(self, metrics: RoundMetrics, logd: dict) -> None:
         s = self.summary

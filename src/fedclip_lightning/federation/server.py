@@ -37,6 +37,7 @@ class Server:
         self.writer = CheckpointWriter()
         self.rounds = self.cfg.federation.rounds if algorithm.trains else 0
         self.start_round = 0
+        self._last_checkpoint = time.perf_counter()
         self.phase_seconds = {"fit": 0.0, "aggregate": 0.0, "evaluate": 0.0, "checkpoint": 0.0, "logging": 0.0}
 
     # -- the loop ---------------------------------------------------------------------------
@@ -52,9 +53,12 @@ class Server:
             if rnd % self.cfg.federation.eval_interval == 0 or rnd == self.rounds:
                 self.algorithm.personalize(rnd, self.clients)
                 self.evaluate_round(rnd, {i: r.train for i, r in train.items()})
+            stop = self.end_round(rnd)
             self.summary.round_seconds.append(time.perf_counter() - started)
             self.outputs.round_done()
-            self.end_round(rnd)
+            if stop:
+                self.summary.status = "preempted"
+                raise Preempted(rnd, requeue() if self.fabric.is_global_zero else False)
 
     def configure_round(self, rnd: int) -> list[int]:
         """The clients that train this round: a seeded draw of ``federation.client_fraction``."""
@@ -97,18 +101,20 @@ class Server:
         self.phase_seconds["logging"] += time.perf_counter() - t2
         return metrics
 
-    def end_round(self, rnd: int) -> None:
-        """Checkpoint on the interval, at the end, and whenever a preemption signal arrived (any rank)."""
+    def end_round(self, rnd: int) -> bool:
+        """Checkpoint on the interval, at the end, and whenever a preemption signal arrived (any rank);
+        True when the run is to stop here."""
         t = time.perf_counter()
         stop = any_rank(self.fabric, self.preemption.requested)
-        interval = self.cfg.federation.checkpoint_interval
-        if stop or rnd == self.rounds or (interval and rnd % interval == 0):
+        fed = self.cfg.federation
+        due = bool(fed.checkpoint_interval) and rnd % fed.checkpoint_interval == 0 and \
+            t - self._last_checkpoint >= fed.checkpoint_min_seconds
+        if stop or rnd == self.rounds or any_rank(self.fabric, due):
             # The last one, and a preemption's, are on disk before the loop goes on.
             self.checkpoint(rnd, wait=stop or rnd == self.rounds)
+            self._last_checkpoint = time.perf_counter()
         self.phase_seconds["checkpoint"] += time.perf_counter() - t
-        if stop:
-            self.summary.status = "preempted"
-            raise Preempted(rnd, requeue() if self.fabric.is_global_zero else False)
+        return stop
 
     # -- state ----------------------------------------------------------------------------------
     def checkpoint(self, rnd: int, wait: bool) -> None:
