@@ -54,10 +54,23 @@ CASES: dict[str, list[str]] = {
     "local": ["algorithm=local"],
     "local_keep": ["algorithm=local", "algorithm.optimizer_state=keep"],
     "fedclip_ft": ["algorithm=fedclip_ft", "algorithm.personal_epochs=2"],
+    # The server side (issue 10): each option's numbers, and 1 vs 2 processes.
+    "server_adam_unreliable": ["algorithm=fedclip", "federation.server_optimizer=adam", "federation.dropout=0.3",
+                               "federation.straggler_fraction=0.5", "federation.local_epochs_range=[1,2]"],
+    "trimmed_mean_gaussian_attack": ["algorithm=fedclip", "federation.aggregator=trimmed_mean",
+                                     "federation.trim_beta=0.34", "federation.attack=gaussian",
+                                     "federation.attack_fraction=0.34"],
+    "krum_sign_flip": ["algorithm=fedclip_ft", "federation.aggregator=krum", "federation.attack=sign_flip",
+                       "federation.attack_fraction=0.34", "federation.server_optimizer=yogi"],
+    "dp_server_momentum": ["algorithm=fedclip", "federation.dp=server", "federation.dp_clip=0.05",
+                           "federation.server_optimizer=momentum", "federation.client_fraction=0.67"],
+    "dp_client_target": ["algorithm=fedavg", "algorithm.trainable=adapter", "federation.dp=client",
+                         "federation.dp_target_epsilon=20", "federation.server_optimizer=adagrad"],
 }
 
 # Cases also run on two processes (each spawn costs seconds): one of each code path across ranks.
-TWO_PROCESS = ("fedclip_keep", "fedclip_half", "fedavg", "fedprox_adapter", "local_keep", "fedclip_ft", "zeroshot")
+TWO_PROCESS = ("fedclip_keep", "fedclip_half", "fedavg", "fedprox_adapter", "local_keep", "fedclip_ft", "zeroshot",
+               "server_adam_unreliable", "krum_sign_flip", "dp_server_momentum")
 
 
 def _digest(t: torch.Tensor) -> str:

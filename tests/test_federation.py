@@ -212,3 +212,27 @@ def test_gather_rows_dtype_and_empty(fabric):
     out = gather_rows(fabric, {1: v}, num_rows=2, width=3, dtype=torch.float64)
     assert out.dtype == torch.float64 and torch.equal(out[1], v) and torch.equal(out[0], torch.zeros(3, dtype=torch.float64))
     assert torch.equal(gather_rows(fabric, {}, num_rows=3, width=2), torch.zeros(3, 2))
+
+
+# -- aggregation rules -----------------------------------------------------------------------------
+
+def test_aggregate_rows_streams_a_linear_rule_and_gathers_for_one_that_needs_every_row(fabric):
+    """The weighted mean streams row by row (bitwise weighted_sum_rows); a rule that is not linear, a
+    coordinate-wise median here, gets the whole table of the clients in order."""
+    from fedclip_lightning.federation.strategy import WeightedMean, aggregate_rows
+
+    g = torch.Generator().manual_seed(10)
+    rows = torch.randn(5, 7, generator=g)
+    order, weights = [4, 0, 2], [0.5, 0.25, 0.25]
+    mean = aggregate_rows(fabric, WeightedMean(), lambda i: rows[i], order, weights, 7)
+    assert torch.equal(mean, weighted_sum_rows(rows[order], weights))
+
+    class Median:
+        linear = False
+
+        def __call__(self, table, w):
+            assert w == weights and torch.equal(table, rows[order])
+            return table.median(dim=0).values
+
+    med = aggregate_rows(fabric, Median(), lambda i: rows[i], order, weights, 7)
+    assert torch.equal(med, rows[order].median(dim=0).values)

@@ -38,3 +38,20 @@ def test_one_process_matches_golden(golden, name, tmp_path):
 @pytest.mark.parametrize("name", TWO_PROCESS)
 def test_two_processes_match_golden(golden, name, tmp_path):
     _compare(run_two_processes(name, tmp_path), golden["two_processes"][name], name)
+
+
+@pytest.mark.parametrize("name", TWO_PROCESS)
+def test_two_processes_equal_one_up_to_rounding(golden, name):
+    """The recorded 1- and 2-process numbers: the same accuracies, bytes and selected round; losses equal to
+    float rounding (they differ only in the last bits, from BLAS thread counts)."""
+    one, two = golden["one_process"][name], golden["two_processes"][name]
+    assert one["bytes"] == two["bytes"] and one["params"] == two["params"]
+    assert one["selected_round"] == two["selected_round"]
+    for block in ("selected", "final"):
+        for key, v in one[block].items():
+            if isinstance(v, dict):
+                assert two[block][key] == pytest.approx(v, abs=1e-9), (block, key)
+    for a, b in zip(one["metrics"][1:], two["metrics"][1:], strict=True):
+        ra, rb = a.split(","), b.split(",")
+        assert ra[:4] == rb[:4], (a, b)  # round, client, split, accuracy
+        assert float(ra[4]) == pytest.approx(float(rb[4]), abs=2e-5), (a, b)

@@ -53,3 +53,35 @@ def test_sweep_rejects_unknown_algorithm_and_domain(tmp_path):
     assert main(["--algorithms", "fedfoo", *PACS_MINI_ARGS]) == 2
     assert main(["--heldout", "mars", *PACS_MINI_ARGS]) == 2
     assert main(["--algorithms", "fedclip", "--dry-run", *PACS_MINI_ARGS]) == 0
+
+
+def test_sweep_axes_become_columns_and_lines(tmp_path):
+    """--set axes multiply; each combination is a labelled column of the table and a line of the plots."""
+    cmd = [sys.executable, "-m", "fedclip_lightning.sweep", "--algorithms", "fedclip", "--heldout", "sketch",
+           "--name", "axes", "--set", "federation.aggregator=mean,median", "--set", "federation.attack=none,scaled",
+           *PACS_MINI_ARGS, "logger=none", "federation.rounds=1", "federation.attack_fraction=0.34"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = tmp_path / "outputs" / "axes"
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert runs == ["fedclip_aggregator_mean_attack_none-sketch", "fedclip_aggregator_mean_attack_scaled-sketch",
+                    "fedclip_aggregator_median_attack_none-sketch", "fedclip_aggregator_median_attack_scaled-sketch"]
+    s = read_summary(sweep / "fedclip_aggregator_median_attack_scaled-sketch")
+    assert s["config"]["federation"]["aggregator"] == "median" and s["config"]["federation"]["attack"] == "scaled"
+    with open(sweep / "table_final.csv") as f:
+        header = next(csv.reader(f))
+    assert [h for h in header if h.startswith("fedclip")] == [
+        "fedclip aggregator=mean attack=none", "fedclip aggregator=mean attack=scaled",
+        "fedclip aggregator=median attack=none", "fedclip aggregator=median attack=scaled"]
+    assert (sweep / "accuracy_vs_bytes.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_refuses_an_axis_that_clashes_before_running(tmp_path, capsys):
+    from fedclip_lightning.sweep import main
+
+    code = main(["--algorithms", "fedclip,local", "--heldout", "sketch", "--set", "federation.aggregator=mean,median",
+                 *PACS_MINI_ARGS, f"output_dir={tmp_path}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "1 of the sweep's 4 runs have an invalid config" in err and "local_aggregator_median" in err
+    assert not (tmp_path / "sweep").exists() and not any(tmp_path.iterdir())

@@ -39,7 +39,7 @@ COMPLETE = "COMPLETE"
 
 # Config keys that may differ between a run and its resumption: they change
 # neither the arithmetic nor the result.
-RESUMABLE_DIFFERENCES = ("progress", "run_name", "resume", "fabric", "logger", "features", "note",
+RESUMABLE_DIFFERENCES = ("progress", "run_name", "resume", "fabric", "logger", "features", "note", "label",
                          "federation.rounds", "federation.checkpoint_interval", "federation.keep_checkpoints",
                          "federation.checkpoint_min_seconds",
                          "data.num_workers", "data.eval_batch_size", "backbone.download", "backbone.cache_dir")

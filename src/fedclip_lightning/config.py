@@ -141,6 +141,35 @@ class FederationConfig:
     # ...but at most once per this many seconds (the last round and a preemption always checkpoint): a
     # crash loses at most this much work, and fast rounds do not spend their time writing checkpoints.
     checkpoint_min_seconds: float = 10.0
+    # -- the server side (federation/server_update.py); the defaults are the reference's plain averaging.
+    # none (average), momentum (FedAvgM), adam, yogi, adagrad (Reddi et al. 2021).
+    server_optimizer: str = "none"
+    server_lr: float | None = None  # null: 1.0 for none/momentum, 1e-2 for adam/yogi/adagrad
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    # mean (weighted, streamed), median, trimmed_mean, krum, multi_krum.
+    aggregator: str = "mean"
+    trim_beta: float = 0.1  # trimmed_mean: fraction trimmed at each end
+    krum_f: int = 0  # krum / multi_krum: attackers assumed
+    multi_krum_m: int | None = None  # multi_krum: rows averaged (null: K - f)
+    # Byzantine-client simulator: none, sign_flip, gaussian, scaled, on a seeded fraction of the clients.
+    attack: str = "none"
+    attack_fraction: float = 0.0
+    attack_scale: float = 100.0
+    # Client-level DP (DP-FedAvg): none, server (noise on the sum), client (local DP).
+    dp: str = "none"
+    dp_clip: float = 1.0
+    dp_noise_multiplier: float = 1.0
+    dp_target_epsilon: float | None = None  # picks dp_noise_multiplier for the planned rounds
+    dp_delta: float = 1e-5
+    # Unreliable clients: a client drops (sends nothing) with this probability each round; a straggler
+    # fraction completes only straggler_work of its local steps; local epochs drawn per (round, client)
+    # uniformly from local_epochs_range=[lo, hi] (null: algorithm.local_epochs for everyone).
+    dropout: float = 0.0
+    straggler_fraction: float = 0.0
+    straggler_work: float = 0.5
+    local_epochs_range: list[int] | None = None
     keep_checkpoints: int = 2
 
 
@@ -180,6 +209,8 @@ class Config:
     resume: str = "never"
     # Printed at start: why this run's accuracy means what it means.
     note: str | None = None
+    # This run's name in a sweep's tables and plots (the sweep sets it: algorithm and axis values).
+    label: str | None = None
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     # One algorithm's config (a subclass of AlgorithmConfig, chosen by ``name`` from the registry).
@@ -285,6 +316,7 @@ def validate(cfg: Config) -> Config:
     positive_int("federation.eval_interval", f.eval_interval)
     positive_int("federation.checkpoint_interval", f.checkpoint_interval, 0)
     positive_int("federation.keep_checkpoints", f.keep_checkpoints, 1)
+    _validate_server_side(f, cfg, bad, choice)
     if not f.checkpoint_min_seconds >= 0:
         bad("federation.checkpoint_min_seconds", f.checkpoint_min_seconds, "must be >= 0",
             "e.g. federation.checkpoint_min_seconds=10 (0: every checkpoint_interval rounds, however fast)")
@@ -373,6 +405,56 @@ def validate(cfg: Config) -> Config:
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _validate_server_side(f: FederationConfig, cfg: Config, bad, choice) -> None:
+    from .algorithms import registry
+    from .federation.attacks import ATTACKS
+    from .federation.privacy import DP_MODES
+    from .federation.robust import AGGREGATORS
+    from .federation.server_opt import SERVER_OPTIMIZERS
+
+    choice("federation.server_optimizer", f.server_optimizer, SERVER_OPTIMIZERS)
+    choice("federation.aggregator", f.aggregator, AGGREGATORS)
+    choice("federation.attack", f.attack, ATTACKS)
+    choice("federation.dp", f.dp, DP_MODES)
+    for key in ("server_beta1", "server_beta2"):
+        if not 0 <= getattr(f, key) < 1:
+            bad(f"federation.{key}", getattr(f, key), "must be in [0, 1)", f"e.g. federation.{key}=0.9")
+    if f.server_lr is not None and not f.server_lr > 0:
+        bad("federation.server_lr", f.server_lr, "must be > 0", "e.g. federation.server_lr=1e-2, or null for the default")
+    if not f.server_tau > 0:
+        bad("federation.server_tau", f.server_tau, "must be > 0", "e.g. federation.server_tau=1e-3")
+    if not 0 <= f.trim_beta < 0.5:
+        bad("federation.trim_beta", f.trim_beta, "must be in [0, 0.5)", "e.g. federation.trim_beta=0.1")
+    if f.krum_f < 0:
+        bad("federation.krum_f", f.krum_f, "must be >= 0", "e.g. federation.krum_f=1")
+    if f.multi_krum_m is not None and f.multi_krum_m < 1:
+        bad("federation.multi_krum_m", f.multi_krum_m, "must be >= 1 (or null: K - f)", "e.g. federation.multi_krum_m=2")
+    for key in ("attack_fraction", "dropout", "straggler_fraction"):
+        if not 0 <= getattr(f, key) < 1:
+            bad(f"federation.{key}", getattr(f, key), "must be in [0, 1)", f"e.g. federation.{key}=0.2")
+    if f.attack != "none" and f.attack_fraction == 0:
+        bad("federation.attack_fraction", 0.0, f"federation.attack={f.attack} needs attackers",
+            "e.g. federation.attack_fraction=0.34")
+    if not 0 < f.straggler_work <= 1:
+        bad("federation.straggler_work", f.straggler_work, "must be in (0, 1]", "e.g. federation.straggler_work=0.5")
+    if not (f.dp_clip > 0 and f.dp_noise_multiplier >= 0 and 0 < f.dp_delta < 1):
+        bad("federation.dp_clip/dp_noise_multiplier/dp_delta", (f.dp_clip, f.dp_noise_multiplier, f.dp_delta),
+            "need a clip > 0, a noise multiplier >= 0 and a delta in (0, 1)", "e.g. dp_clip=1 dp_noise_multiplier=1 dp_delta=1e-5")
+    if f.dp_target_epsilon is not None and not f.dp_target_epsilon > 0:
+        bad("federation.dp_target_epsilon", f.dp_target_epsilon, "must be > 0", "e.g. federation.dp_target_epsilon=8")
+    if f.dp != "none" and f.aggregator != "mean":
+        bad("federation.aggregator", f.aggregator, "DP-FedAvg noises a sum: it needs the mean",
+            "use federation.aggregator=mean with federation.dp")
+    r = f.local_epochs_range
+    if r is not None and not (len(r) == 2 and 1 <= r[0] <= r[1]):
+        bad("federation.local_epochs_range", list(r), "need [lo, hi] with 1 <= lo <= hi", "e.g. federation.local_epochs_range=[1,3]")
+    changed = [k for k, d in (("server_optimizer", "none"), ("aggregator", "mean"), ("attack", "none"), ("dp", "none"))
+               if getattr(f, k) != d]
+    if changed and not registry.get(cfg.algorithm.name).communicates:
+        bad(f"federation.{changed[0]}", getattr(f, changed[0]), f"algorithm={cfg.algorithm.name} sends nothing to a "
+            "server", "drop the federation.* server options, or choose an algorithm that aggregates")
 
 
 def conf_dir() -> Path:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.fabric import Fabric
 from torch.utils.data import DataLoader, SequentialSampler
 from torchmetrics.functional.classification import multiclass_accuracy
@@ -67,12 +66,14 @@ def place(fabric: Fabric, client: CLIPClient) -> CLIPClient:
 
 def local_fit(fabric: Fabric, client: CLIPClient, loader: DataLoader, epochs: int,
               optimizer_state: dict[str, Any] | None = None,
-              optimizer: torch.optim.Optimizer | None = None) -> tuple[SplitResult, torch.optim.Optimizer]:
+              optimizer: torch.optim.Optimizer | None = None,
+              max_steps: int | None = None) -> tuple[SplitResult, torch.optim.Optimizer]:
     """``epochs`` passes of ``training_step`` + ``fabric.backward`` + ``optimizer.step()``.
 
     The optimiser is the client's ``configure_optimizers()`` unless given; a
     kept Adam state (``optimizer_state``) is loaded into it first. Returns the mean loss and running
-    accuracy of the fit, and the optimiser (its state is the caller's to keep).
+    accuracy of the fit, and the optimiser (its state is the caller's to keep). ``max_steps``: stop
+    after that many optimiser steps (a straggler).
     Kept lean (no per-batch metric objects, no host syncs): with cached
     features this loop is most of a FedCLIP round.
     """
@@ -88,7 +89,11 @@ def local_fit(fabric: Fabric, client: CLIPClient, loader: DataLoader, epochs: in
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = n_batches = 0
     for _ in range(epochs):
+        if max_steps is not None and n_batches >= max_steps:
+            break
         for i, (x, y) in enumerate(batches(loader)):
+            if max_steps is not None and n_batches >= max_steps:
+                break
             if x.device != device:
                 x, y = fabric.to_device((x, y))
             out = client.training_step((x, y), i)
@@ -115,11 +120,17 @@ def evaluate(fabric: Fabric, client: CLIPClient, loader: DataLoader, stage: str 
     ``validation_step`` (``stage="validation"``) or ``test_step`` (``stage="test"``)."""
     client = place(fabric, client)
     client.eval()
+    return evaluate_batches(fabric, client, batches(loader), stage)
+
+
+@torch.no_grad()
+def evaluate_batches(fabric: Fabric, client: CLIPClient, batch_iter, stage: str) -> SplitResult:
+    """``evaluate`` on batches given directly (the client already placed and in eval mode)."""
     step = client.test_step if stage == "test" else client.validation_step
     device = fabric.device
     preds, targets = [], []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for i, (x, y) in enumerate(batches(loader)):
+    for i, (x, y) in enumerate(batch_iter):
         if x.device != device:
             x, y = fabric.to_device((x, y))
         out = step((x, y), i)
@@ -132,19 +143,4 @@ def evaluate(fabric: Fabric, client: CLIPClient, loader: DataLoader, stage: str 
     # The inputs are ours (class indices from argmax and the data set): no argument checks.
     acc = multiclass_accuracy(torch.cat(preds), torch.cat(targets), num_classes=client.num_classes,
                               average="micro", validate_args=False)
-    return SplitResult(accuracy=float(acc), loss=float(loss_sum) / n, n=n)
-
-
-@torch.no_grad()
-def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, batch_size: int, num_classes: int) -> SplitResult:
-    """``evaluate``'s numbers from a split's logits computed beforehand: the loss summed per batch of
-    ``batch_size`` as ``validation_step`` sums it, the accuracy as torchmetrics computes it."""
-    n = len(labels)
-    if n == 0:
-        return SplitResult(accuracy=float("nan"), loss=float("nan"), n=0)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
-    for i in range(0, n, batch_size):
-        loss_sum += F.cross_entropy(logits[i : i + batch_size], labels[i : i + batch_size], reduction="sum")
-    acc = multiclass_accuracy(logits.argmax(dim=-1), labels, num_classes=num_classes, average="micro",
-                              validate_args=False)
     return SplitResult(accuracy=float(acc), loss=float(loss_sum) / n, n=n)

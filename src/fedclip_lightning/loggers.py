@@ -62,7 +62,7 @@ def build_loggers(cfg: Config, run_dir: Path, run_name: str, run_id: str | None 
         entity=w.entity,
         name=run_name,
         group=w.group,
-        job_type=cfg.algorithm.name,
+        job_type=(cfg.label or cfg.algorithm.name)[:64],
         tags=list(w.tags) or None,
         save_dir=str(run_dir),
         offline=(mode == "offline"),

@@ -241,6 +241,8 @@ class Summary:
     round_seconds: list[float] = field(default_factory=list)  # each round: local fits, aggregation, evaluation
     # Seconds spent in each phase of the rounds (fit, aggregate, evaluate, checkpoint, logging), this process.
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    # Server-side figures of the last evaluated round (privacy spent, clients dropped...).
+    server: dict[str, float] = field(default_factory=dict)
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -270,6 +272,7 @@ class Summary:
             if self.round_seconds else None,
             "round_seconds_total": round(sum(self.round_seconds), 3),
             "phase_seconds": self.phase_seconds,
+            "server": self.server,
             "world_size": self.world_size,
             "skipped_images": self.skipped_images,
             "features": self.features,

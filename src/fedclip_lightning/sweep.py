@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import datetime
@@ -37,6 +38,9 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--heldout", default="all", help="comma-separated held-out domains, or 'all' (default)")
     ap.add_argument("--name", default=None, help="sweep name: its folder under output_dir and its W&B group")
     ap.add_argument("--slurm", action="store_true", help="submit one SLURM job array instead of running here")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
+                    help="an axis: one run per value, e.g. --set federation.aggregator=mean,median "
+                         "(repeatable: the axes multiply; each combination is a column of the tables)")
     ap.add_argument("--dry-run", action="store_true", help="print the runs and exit")
     args, overrides = ap.parse_known_args(argv)
     bad = [o for o in overrides if o.startswith("-")]
@@ -73,9 +77,46 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, list[tup
     runs = []
     for h in heldout:
         for a in algorithms:
-            runs.append((a, h, [*overrides, f"algorithm={a}", f"data.unseen=[{h}]", f"output_dir={sweep_dir}",
-                                f"run_name={a}-{h}", f"logger.wandb.group={name}"]))
+            for combo in _combinations(args.set):
+                label = " ".join([a, *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in combo)])
+                tag = re.sub(r"[^A-Za-z0-9_.]+", "_", "_".join([a, *(f"{k.rsplit('.', 1)[-1]}_{v}" for k, v in combo)]))
+                ov = [*overrides, f"algorithm={a}", *(f"{k}={v}" for k, v in combo), f"data.unseen=[{h}]",
+                      f"output_dir={sweep_dir}", f"run_name={tag}-{h}", f"logger.wandb.group={name}"]
+                if combo:
+                    ov.append(f"label='{label}'")
+                runs.append((tag, h, ov))
+    if args.set:
+        _check_each(runs)
     return sweep_dir, runs
+
+
+def _combinations(axes: list[str]) -> list[tuple[tuple[str, str], ...]]:
+    """``--set k=a,b --set j=x`` -> ((k, a), (j, x)), ((k, b), (j, x))."""
+    import itertools
+
+    parsed = []
+    for axis in axes:
+        key, eq, values = axis.partition("=")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not eq or not key.strip() or not vals:
+            raise ConfigError(f"--set {axis!r}: expected KEY=V1,V2,... Fix: e.g. --set federation.aggregator=mean,median.")
+        parsed.append([(key.strip(), v) for v in vals])
+    return list(itertools.product(*parsed))
+
+
+def _check_each(runs) -> None:
+    """Every combination composes into a valid config before anything runs (a clash is named)."""
+    from .config import load_config
+
+    problems = []
+    for tag, h, ov in runs:
+        try:
+            load_config(ov)
+        except UserError as exc:
+            problems.append(f"{tag}: {exc}")
+    if problems:
+        raise ConfigError(f"{len(problems)} of the sweep's {len(runs)} runs have an invalid config; the first: "
+                          f"{problems[0]} Fix: drop that algorithm or axis value from the sweep.")
 
 
 def _finished(run_dir: Path) -> bool:

@@ -55,7 +55,7 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
             continue
         name = run_dir.name
         prefix, _, suffix = name.partition("-")
-        algorithm = summary.get("algorithm") or prefix
+        algorithm = (summary.get("config") or {}).get("label") or summary.get("algorithm") or prefix
         unseen = summary.get("unseen") or []
         if unseen:
             heldout = str(unseen[0])
@@ -72,9 +72,9 @@ def order_algorithms(names: Iterable[str]) -> list[str]:
     from .algorithms import registry
 
     order = registry.names()
-    names = set(names)
-    known = [a for a in order if a in names]
-    return known + sorted(names - set(order))
+    rank = {a: i for i, a in enumerate(order)}
+    # A sweep's variants ("fedclip aggregator=median") sit with their algorithm, in name order.
+    return sorted(set(names), key=lambda n: (rank.get(n.split(" ")[0], len(order)), n != n.split(" ")[0], n))
 
 
 def _number(x: Any) -> float | None:

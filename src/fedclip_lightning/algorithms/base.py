@@ -23,6 +23,8 @@ every algorithm and never asks an algorithm's name.
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -33,7 +35,8 @@ from ..client import AdapterClient, CLIPClient
 from ..config import AlgorithmConfig, Config
 from ..data.partition import stable_seed
 from ..evaluate import SplitResult, evaluate, local_fit
-from ..federation.strategy import WeightedMean, aggregate_rows, aggregation_weights, flatten, state_bytes, unflatten
+from ..federation.server_update import ServerUpdate
+from ..federation.strategy import aggregation_weights, flatten, state_bytes, unflatten
 from ..model.adapter import AttentionAdapter
 from ..optim import AdamStateArena
 
@@ -79,6 +82,17 @@ class RunContext:
     @property
     def device(self) -> torch.device:
         return self.fabric.device
+
+    def local_plan(self, p: Participant, rnd: int, epochs: int) -> tuple[int, float]:
+        """``(local epochs, share of the local steps done)`` of client ``p`` in round ``rnd``: heterogeneous
+        epochs (``federation.local_epochs_range``) and stragglers, seeded by (round, client) alone."""
+        fed = self.cfg.federation
+        if fed.local_epochs_range is None and fed.straggler_fraction == 0:
+            return epochs, 1.0
+        rng = random.Random(stable_seed(self.cfg.seed, "local-plan", rnd, p.name))
+        if fed.local_epochs_range is not None:
+            epochs = rng.randint(*fed.local_epochs_range)
+        return epochs, (fed.straggler_work if rng.random() < fed.straggler_fraction else 1.0)
 
     def train_loader(self, p: Participant, tag: str, rnd: int):
         """Client ``p``'s training split, shuffled by (seed, tag, round, client) alone."""
@@ -143,6 +157,10 @@ class Algorithm:
     def warnings(self) -> list[str]:
         """Said once at the start of the run (rank 0)."""
         return []
+
+    def metrics(self, rounds_run: int) -> dict[str, float]:
+        """Server-side figures logged with each evaluated round and kept in summary.json (privacy spent...)."""
+        return {}
 
     @property
     def num_params(self) -> int:
@@ -222,6 +240,12 @@ class AdapterAlgorithm(Algorithm):
             self.template = AttentionAdapter(backbone.embed_dim).state_dict()
             self.global_state = {k: v.clone() for k, v in self.template.items()}
         self._setup_adam(ctx)
+        self._setup_server(ctx)
+
+    def _setup_server(self, ctx: RunContext) -> None:
+        if self.communicates:
+            self.server_update = ServerUpdate(self.cfg.federation, self.cfg.seed, ctx.num_clients,
+                                              self.cfg.federation.rounds)
 
     def _setup_adam(self, ctx: RunContext) -> None:
         """Adam's moments: one row per client when kept between rounds, one scratch row shared otherwise."""
@@ -241,8 +265,11 @@ class AdapterAlgorithm(Algorithm):
     def fit_client(self, client: CLIPClient, p: Participant, rnd: int) -> ClientResult:
         client.set_state(self.start_state(p))
         saved = self.adam_states.get(p.name) if self.keep_adam else None
-        res, optimizer = local_fit(self.ctx.fabric, client, self.ctx.train_loader(p, "train", rnd),
-                                   self.config.local_epochs, optimizer_state=saved)
+        loader = self.ctx.train_loader(p, "train", rnd)
+        epochs, work = self.ctx.local_plan(p, rnd, self.config.local_epochs)
+        max_steps = None if work >= 1 else max(1, math.floor(work * epochs * len(loader)))
+        res, optimizer = local_fit(self.ctx.fabric, client, loader, epochs, optimizer_state=saved,
+                                   max_steps=max_steps)
         if self.keep_adam:
             self.adam_states[p.name] = self.arena.stash(optimizer.state_dict(), self.arena_row[p.index])
         return ClientResult(res, self.upload(client))
@@ -252,6 +279,9 @@ class AdapterAlgorithm(Algorithm):
         return lambda: flatten(client.trainable())
 
     def aggregate(self, rnd: int, active: list[int], results: dict[int, ClientResult]) -> None:
+        """The server's update (``federation.*``: by default the clients' weighted mean, streamed)."""
+        if not active:  # every client dropped: the model stays
+            return
         clients = self.ctx.task.clients
         key = tuple(active)
         cache = self.__dict__.setdefault("_weights", {})
@@ -261,8 +291,15 @@ class AdapterAlgorithm(Algorithm):
         def row_of(i: int) -> torch.Tensor | None:
             return results[i].update() if i in results else None
 
-        row = aggregate_rows(self.ctx.fabric, WeightedMean(), row_of, list(active), cache[key], self.num_params)
+        row = self.server_update(self.ctx.fabric, rnd, list(active), row_of, cache[key],
+                                 lambda: flatten(self.global_state), self.num_params)
         self.global_state = unflatten(row, self.template)
+
+    def warnings(self) -> list[str]:
+        return self.server_update.warnings() if self.communicates else []
+
+    def metrics(self, rounds_run: int) -> dict[str, float]:
+        return self.server_update.metrics(rounds_run) if self.communicates else {}
 
     def held_state(self, p: Participant) -> State | None:
         """The model client ``p`` holds after the round."""
@@ -280,12 +317,10 @@ class AdapterAlgorithm(Algorithm):
         return self.ctx.evaluate(client, p, "unseen")
 
     def evaluate_mine(self, clients: dict[int, CLIPClient], parts: list[Participant]) -> dict[int, dict[str, SplitResult]]:
-        """On cached features, the participants that hold the same model are evaluated together: one
-        ``set_state`` for all their splits, each split's rows through the adapter in the batches
-        ``evaluate`` would use (the same numbers, bitwise). What an algorithm
-        evaluates its own way (an overridden ``evaluate_client``/``evaluate_unseen``) goes through that."""
-        from ..data.pipeline import FeatureDataset
-
+        """The participants that hold the same model are evaluated together: one ``set_state`` and one
+        placement for all their splits, each split in the batches ``evaluate`` would use (the same
+        numbers, bitwise). What an algorithm evaluates its own way (an overridden
+        ``evaluate_client``/``evaluate_unseen``) goes through that."""
         own_client = type(self).evaluate_client is AdapterAlgorithm.evaluate_client
         own_unseen = type(self).evaluate_unseen is AdapterAlgorithm.evaluate_unseen
         groups: dict[int, tuple[State | None, list[tuple[Participant, str]]]] = {}
@@ -293,7 +328,7 @@ class AdapterAlgorithm(Algorithm):
         for p in parts:
             splits = ("val", "test") if p.kind == "client" else ("unseen",)
             batched = own_client if p.kind == "client" else own_unseen
-            if not batched or not all(isinstance(self.ctx.datasets[(p.index, s)], FeatureDataset) for s in splits):
+            if not batched:
                 rest.append(p)
                 continue
             held = self.held_state(p) if p.kind == "client" else self.global_state
@@ -308,23 +343,27 @@ class AdapterAlgorithm(Algorithm):
         return out
 
     def _evaluate_together(self, client: CLIPClient, jobs: list[tuple[Participant, str]]) -> list[SplitResult]:
-        """Each split's rows through the adapter in the batches ``evaluate`` uses (so the same products,
-        bitwise), without its per-split set-up."""
-        from ..evaluate import evaluate_logits, place
+        """Each split through the client's ``validation_step``/``test_step`` in the batches ``evaluate``
+        uses (the same products, bitwise), without its per-split set-up."""
+        from ..evaluate import batches, evaluate_batches, place
 
         client = place(self.ctx.fabric, client)
         client.eval()
-        bs, device = self.cfg.data.eval_batch_size, self.ctx.device
-        out = []
-        with torch.no_grad():
-            for p, split in jobs:
-                ds = self.ctx.datasets[(p.index, split)]
-                feats = ds.features.to(device)
-                logits = torch.cat([client(feats[i : i + bs]) for i in range(0, len(ds), bs)]) if len(ds) else feats
-                out.append(evaluate_logits(logits, ds.labels.to(device), bs, client.num_classes))
-        return out
+        return [evaluate_batches(self.ctx.fabric, client, batches(self.ctx.eval_loaders[(p.index, split)]),
+                                 "validation" if split == "val" else "test") for p, split in jobs]
 
     # -- persistent state ----------------------------------------------------------------
+    def server_state(self) -> dict[str, Any]:
+        out = super().server_state()
+        if self.communicates:
+            out["server_update"] = self.server_update.state()
+        return out
+
+    def load_server_state(self, state: dict[str, Any]) -> None:
+        super().load_server_state(state)
+        if self.communicates:
+            self.server_update.load(state.get("server_update"))
+
     def client_states(self) -> dict[str, dict[str, Any]]:
         return {name: {"optimizer_state": st} for name, st in self.adam_states.items()}
 

@@ -77,6 +77,7 @@ class FedAvg(AdapterAlgorithm):
         self.template = {k: v.detach().cpu().clone() for k, v in self.work.named_parameters() if v.requires_grad}
         self.global_state = {k: v.clone() for k, v in self.template.items()}
         self._setup_adam(ctx)
+        self._setup_server(ctx)
 
     def make_client(self, p: Participant) -> CLIPClient:
         if not self.full_model:

@@ -11,13 +11,14 @@ order, so results do not depend on the number of processes beyond BLAS rounding.
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import CheckpointWriter, write_checkpoint
-from ..data.partition import sample_clients
+from ..data.partition import sample_clients, stable_seed
 from ..evaluate import SplitResult
 from ..report import ModelSelection, RoundMetrics, Summary
 from .evaluation import RoundEvaluator
@@ -39,6 +40,7 @@ class Server:
         self.start_round = 0
         self._last_checkpoint = time.perf_counter()
         self.phase_seconds = {"fit": 0.0, "aggregate": 0.0, "evaluate": 0.0, "checkpoint": 0.0, "logging": 0.0}
+        self.unreliable = {"dropped_total": 0, "straggled_total": 0}
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self) -> None:
@@ -61,8 +63,20 @@ class Server:
                 raise Preempted(rnd, requeue() if self.fabric.is_global_zero else False)
 
     def configure_round(self, rnd: int) -> list[int]:
-        """The clients that train this round: a seeded draw of ``federation.client_fraction``."""
-        return sample_clients(self.ctx.num_clients, self.cfg.federation.client_fraction, rnd, self.cfg.seed)
+        """The clients that train and report this round: a seeded draw of ``federation.client_fraction``,
+        less those that drop out (``federation.dropout``, seeded by (round, client): they send nothing).
+        Stragglers (``federation.straggler_fraction``) are counted here and slowed in their local fit."""
+        fed, seed = self.cfg.federation, self.cfg.seed
+        active = sample_clients(self.ctx.num_clients, fed.client_fraction, rnd, seed)
+        if fed.dropout > 0:
+            arrived = [i for i in active if random.Random(stable_seed(seed, "dropout", rnd, i)).random() >= fed.dropout]
+            self.unreliable["dropped_total"] += len(active) - len(arrived)
+            active = arrived
+        if fed.straggler_fraction > 0:
+            parts = self.ctx.parts
+            self.unreliable["straggled_total"] += sum(
+                self.ctx.local_plan(parts[i], rnd, 1)[1] < 1 for i in active)
+        return active
 
     def fit_clients(self, rnd: int, active: list[int]) -> dict:
         """Each of this rank's active clients fits locally, one after another."""
@@ -97,7 +111,11 @@ class Server:
             if state is not None and self.algorithm.trains:
                 self.outputs.save_state(f"{self.algorithm.state_file}_selected.pt", state, metrics.round)
         self.summary.selected, self.summary.final = self.selection.best, metrics
-        self.outputs.evaluated(metrics, csv_rows, logd)
+        server = self.algorithm.metrics(self.summary.rounds_run)
+        if self.cfg.federation.dropout > 0 or self.cfg.federation.straggler_fraction > 0:
+            server.update({f"clients/{k}": v for k, v in self.unreliable.items()})
+        self.summary.server = server
+        self.outputs.evaluated(metrics, csv_rows, {**logd, **server})
         self.phase_seconds["logging"] += time.perf_counter() - t2
         return metrics
 
@@ -132,6 +150,7 @@ class Server:
                 "bytes_up_total": s.bytes_up_total,
                 "bytes_down_total": s.bytes_down_total,
                 "round_seconds": list(s.round_seconds),
+                "unreliable": dict(self.unreliable),
                 "wandb_id": self.wandb_id,
             }
         write_checkpoint(self.fabric, self.run_dir, rnd, self.cfg.federation.keep_checkpoints, meta,
@@ -151,6 +170,7 @@ class Server:
         s.bytes_up_total, s.bytes_down_total = int(meta["bytes_up_total"]), int(meta["bytes_down_total"])
         s.rounds_run = self.start_round
         s.round_seconds = list(meta.get("round_seconds", []))
+        self.unreliable.update(meta.get("unreliable") or {})
         s.resumed_from = self.start_round
 
     def save_final(self) -> list[str]:

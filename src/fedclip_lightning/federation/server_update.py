@@ -1,0 +1,100 @@
+"""What the server does with a round's client rows, as ``federation.*`` configures it.
+
+With every option at its default (``aggregator=mean``, ``server_optimizer=none``,
+no attack, no DP) the new global model is the clients' weighted mean, streamed
+row by row in fixed client order: the reference, bitwise. Otherwise the server
+works on updates ``u_k = w_k - w``: a simulated attacker corrupts its own
+(``attacks.py``), DP clips each (and a client adds its noise: ``privacy.py``),
+the rule (``robust.py``, or the weighted mean) makes one update of them (DP on
+the server adds its noise to the sum), and the server optimiser
+(``server_opt.py``) takes its step from ``w``. Every rank computes the same,
+from the same rows and the same seeded noise.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..data.partition import stable_seed
+from .attacks import attackers, corrupt
+from .distributed import gather_rows, stream_rows
+from .privacy import Privacy, clip
+from .robust import make_rule
+from .server_opt import ServerOptimizer
+from .strategy import aggregate_rows
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERVER_LR = {"none": 1.0, "momentum": 1.0, "adam": 1e-2, "yogi": 1e-2, "adagrad": 1e-2}
+
+
+class ServerUpdate:
+    def __init__(self, fed, seed: int, num_clients: int, rounds: int):
+        self.fed, self.seed = fed, seed
+        self.rule = make_rule(fed)
+        lr = fed.server_lr if fed.server_lr is not None else DEFAULT_SERVER_LR[fed.server_optimizer]
+        self.optimizer = ServerOptimizer(fed.server_optimizer, lr, fed.server_beta1, fed.server_beta2, fed.server_tau)
+        self.privacy = Privacy(fed, rounds) if fed.dp != "none" else None
+        self.attackers = attackers(num_clients, fed.attack_fraction, seed) if fed.attack != "none" else set()
+        self.plain = fed.server_optimizer == "none" and self.privacy is None and not self.attackers
+
+    def warnings(self) -> list[str]:
+        out = []
+        if not getattr(self.rule, "uses_weights", True) and self.fed.aggregation == "samples":
+            out.append(f"federation.aggregator={self.fed.aggregator} cannot use sample weights: "
+                       "federation.aggregation=samples is ignored")
+        if self.attackers:
+            out.append(f"simulated attack {self.fed.attack!r} (scale {self.fed.attack_scale:g}) by "
+                       f"client(s) {sorted(self.attackers)}")
+        if self.privacy is not None:
+            out.append(f"client-level DP ({self.fed.dp}): clip {self.fed.dp_clip:g}, noise multiplier "
+                       f"{self.privacy.sigma:.4g}, delta {self.fed.dp_delta:g}")
+        return out
+
+    def __call__(self, fabric, rnd: int, order: list[int], row_of: Callable[[int], torch.Tensor | None],
+                 weights: Sequence[float], w_of: Callable[[], torch.Tensor], width: int) -> torch.Tensor:
+        """The new flat global weights from the old ones (``w_of()``) and the rows of the clients in ``order``."""
+        if self.plain:
+            return aggregate_rows(fabric, self.rule, row_of, order, weights, width)
+        w = w_of()
+        if self.privacy is not None:
+            weights = [1.0 / len(order)] * len(order)  # DP-FedAvg: uniform, over the clients that sent
+        if getattr(self.rule, "linear", False):
+            delta = self.rule.start(width)
+            for k, row in stream_rows(fabric, row_of, order, width):
+                self.rule.add(delta, self._update(rnd, order[k], row, w), weights[k])
+        else:
+            table = gather_rows(fabric, {k: r for k, i in enumerate(order) if (r := row_of(i)) is not None},
+                                len(order), width)
+            updates = torch.stack([self._update(rnd, i, table[k], w) for k, i in enumerate(order)])
+            delta = self.rule(updates, weights)
+        if self.privacy is not None and self.privacy.mode == "server":
+            g = torch.Generator().manual_seed(stable_seed(self.seed, "dp-server", rnd))
+            delta = delta + self.privacy.noise(delta, g) / len(order)
+        return self.optimizer.step(w, delta)
+
+    def _update(self, rnd: int, client: int, row: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        u = row - w
+        if client in self.attackers:
+            u = corrupt(self.fed.attack, u, self.fed.attack_scale, self.seed, rnd, client)
+        if self.privacy is not None:
+            u = clip(u, self.privacy.c)
+            if self.privacy.mode == "client":
+                g = torch.Generator().manual_seed(stable_seed(self.seed, "dp-client", rnd, client))
+                u = u + self.privacy.noise(u, g)
+        return u
+
+    def metrics(self, rounds_run: int) -> dict[str, float]:
+        if self.privacy is None:
+            return {}
+        return {"privacy/epsilon": self.privacy.epsilon(rounds_run), "privacy/delta": self.privacy.delta,
+                "privacy/noise_multiplier": self.privacy.sigma}
+
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer.state()}
+
+    def load(self, state: dict | None) -> None:
+        self.optimizer.load((state or {}).get("optimizer"))
