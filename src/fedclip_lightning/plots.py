@@ -81,8 +81,9 @@ def _human_bytes(x: float, _pos=None) -> str:
 
 
 def _colors(algorithms: list[str]) -> dict[str, Any]:
-    cmap = plt.get_cmap("tab10")
-    return {a: cmap(i % 10) for i, a in enumerate(algorithms)}
+    """One distinct colour per line: tab10 up to 10 lines, tab20 up to 20 (a sweep's axes multiply)."""
+    cmap, n = (plt.get_cmap("tab10"), 10) if len(algorithms) <= 10 else (plt.get_cmap("tab20"), 20)
+    return {a: cmap(i % n) for i, a in enumerate(algorithms)}
 
 
 # --------------------------------------------------------------------------- one run
