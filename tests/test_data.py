@@ -209,6 +209,21 @@ def test_corrupt_image_error_and_skip(mini_copy: Path) -> None:
         scan_domains(mini_copy, on_corrupt="ignore")
 
 
+def test_a_truncated_jpeg_is_caught_before_training(mini_copy: Path) -> None:
+    """PIL's verify() passes a JPEG cut short; decoding it fails. The check decodes, so the file is
+    refused (or skipped and listed) before any training starts."""
+    src = next((mini_copy / "photo" / "dog").glob("*.jpg"))
+    data = src.read_bytes()
+    cut = mini_copy / "photo" / "dog" / "cut.jpg"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with Image.open(cut) as im:
+        im.verify()  # what the check did before: it passes
+    with pytest.raises(DataError, match="cut.jpg"):
+        scan_domains(mini_copy)
+    ds = scan_domains(mini_copy, on_corrupt="skip")
+    assert ds.skipped == [str(cut.resolve())]
+
+
 def test_many_corrupt_images_are_capped(mini_copy: Path) -> None:
     for i in range(25):
         (mini_copy / "cartoon" / "dog" / f"bad{i:02d}.png").write_bytes(b"garbage")

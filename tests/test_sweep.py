@@ -85,3 +85,19 @@ def test_sweep_refuses_an_axis_that_clashes_before_running(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "1 of the sweep's 4 runs have an invalid config" in err and "local_aggregator_median" in err
     assert not (tmp_path / "sweep").exists() and not any(tmp_path.iterdir())
+
+
+def test_sweep_rerun_with_other_settings_runs_again_and_odd_names_work(tmp_path):
+    name = "odd (name), v=1"
+    base = [sys.executable, "-m", "fedclip_lightning.sweep", "--algorithms", "fedclip", "--heldout", "sketch",
+            "--name", name, *PACS_MINI_ARGS, "logger=none", "federation.rounds=1"]
+    first = subprocess.run(base, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / name / "fedclip-sketch"
+    assert read_summary(run_dir)["config"]["logger"]["wandb"]["group"] == name
+    same = subprocess.run(base, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert "finished earlier, skipped" in same.stdout
+    other = subprocess.run([*base, "algorithm.lr=1e-3"], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
+                           text=True, timeout=600)
+    assert other.returncode == 0 and "finished earlier with other settings (algorithm.lr" in other.stdout
+    assert read_summary(run_dir)["config"]["algorithm"]["lr"] == 1e-3  # the table is over the new settings

@@ -21,8 +21,10 @@ from the seed and the (round, client) pair.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from .report import atomic_save
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: the server state is the algorithm's (meta['server'])
+FORMAT = 3  # 2: the server state is the algorithm's (meta['server']); 3: COMPLETE lists the files it seals
 COMPLETE = "COMPLETE"
 
 # Config keys that may differ between a run and its resumption: they change
@@ -65,10 +67,23 @@ def save_meta(run_dir: Path, rnd: int, meta: dict[str, Any]) -> None:
     atomic_save({"format": FORMAT, "round": rnd, **meta}, d / "meta.pt")
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def mark_complete(run_dir: Path, rnd: int, keep: int) -> None:
-    """Seal a checkpoint (after every rank wrote its shard) and drop the oldest beyond ``keep``."""
+    """Seal a checkpoint (after every rank wrote its shard): ``COMPLETE`` lists every file of the folder
+    with its size and SHA-256, so a resume can prove the folder whole; then drop the oldest beyond ``keep``."""
     d = round_dir(run_dir, rnd)
-    (d / COMPLETE).write_text(str(rnd))
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(d.iterdir()) if p.is_file() and p.suffix == ".pt"}
+    from .report import atomic_write_text
+
+    atomic_write_text(d / COMPLETE, json.dumps({"format": FORMAT, "round": rnd, "files": files}, indent=1))
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for partial in checkpoint_root(run_dir).glob("round-*"):
@@ -91,8 +106,36 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest(run_dir: Path) -> Path | None:
-    found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
+    """The newest sealed checkpoint that proves whole; a damaged one is passed over with a warning."""
+    for ckpt in reversed(complete_checkpoints(run_dir)):
+        problems = verify(ckpt)
+        if not problems:
+            return ckpt
+        msg = (f"checkpoint {ckpt} is damaged ({'; '.join(problems[:3])}): resuming from the one before it")
+        log.warning(msg)
+        print(f"  WARNING: {msg}", flush=True)
+    return None
+
+
+def verify(ckpt: Path) -> list[str]:
+    """What is wrong with a sealed checkpoint folder: files missing, of another size or content."""
+    try:
+        seal = json.loads((ckpt / COMPLETE).read_text())
+        files = seal["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [f"its {COMPLETE} marker lists no files (written by an older version, or damaged)"]
+    problems = []
+    for name, want in files.items():
+        p = ckpt / name
+        if not p.is_file():
+            problems.append(f"{name} is missing")
+        elif p.stat().st_size != want["size"]:
+            problems.append(f"{name} has {p.stat().st_size} bytes, sealed with {want['size']}")
+        elif _sha256(p) != want["sha256"]:
+            problems.append(f"{name} differs from what was sealed (SHA-256)")
+    if "meta.pt" not in files:
+        problems.append("meta.pt was not sealed")
+    return problems
 
 
 def load_meta(ckpt: Path) -> dict[str, Any]:
@@ -111,7 +154,11 @@ def load_clients(ckpt: Path) -> dict[str, dict[str, Any]]:
     """Every client's persistent state in a checkpoint, by client name (all ranks' shards)."""
     out: dict[str, dict[str, Any]] = {}
     for shard in sorted(ckpt.glob("clients-rank*.pt")):
-        out.update(torch.load(shard, map_location="cpu", weights_only=True)["clients"])
+        try:
+            out.update(torch.load(shard, map_location="cpu", weights_only=True)["clients"])
+        except Exception as exc:  # noqa: BLE001 - a damaged shard is the user's to see
+            raise ConfigError(f"resume: cannot read {shard} ({type(exc).__name__}: {str(exc)[:200]}). Fix: delete "
+                              "that checkpoint folder to resume from an older one, or set resume=never.") from None
     return out
 
 
@@ -136,6 +183,62 @@ def config_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
         if a.get(key) != b.get(key):
             bad.append(f"{key}: checkpoint {a.get(key)!r}, now {b.get(key)!r}")
     return bad
+
+
+MANIFEST = "data_manifest.json"
+
+
+def data_manifest(task) -> dict[str, list]:
+    """Every image the run uses: ``path -> [size, mtime_ns, label, where]`` (``client/split`` or
+    ``unseen/domain``): what a resumed run must find unchanged."""
+    out: dict[str, list] = {}
+
+    def add(samples, where: str) -> None:
+        for s in samples:
+            st = os.stat(s.path)
+            out[s.path] = [st.st_size, st.st_mtime_ns, s.label, where]
+
+    for c in task.clients:
+        for split in ("train", "val", "test"):
+            add(getattr(c, split), f"{c.name}/{split}")
+    for name, samples in task.unseen.items():
+        add(samples, f"unseen/{name}")
+    return out
+
+
+def manifest_digest(manifest: dict[str, list]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def data_changes(old: dict[str, list], new: dict[str, list]) -> list[str]:
+    """What differs between two manifests, one phrase per image."""
+    out = [f"added {p}" for p in sorted(set(new) - set(old))]
+    out += [f"removed {p}" for p in sorted(set(old) - set(new))]
+    for p in sorted(set(old) & set(new)):
+        (s0, m0, l0, w0), (s1, m1, l1, w1) = old[p], new[p]
+        if (s0, m0) != (s1, m1):
+            out.append(f"modified {p} (size {s0} -> {s1})")
+        elif (l0, w0) != (l1, w1):
+            out.append(f"moved {p} ({w0} -> {w1})")
+    return out
+
+
+def check_data(ckpt: Path, meta: dict[str, Any], run_dir: Path, manifest: dict[str, list]) -> None:
+    """Refuse to resume when the images (or the split they make) differ from the checkpoint's."""
+    saved = meta.get("data_digest")
+    if saved == manifest_digest(manifest):
+        return
+    if saved is None:
+        raise ConfigError(f"resume: {ckpt} does not record the data it was trained on, so a resume cannot be "
+                          "checked. Fix: start over with resume=never (or another run_name).")
+    try:
+        changes = data_changes(json.loads((run_dir / MANIFEST).read_text()), manifest)
+    except (OSError, ValueError):
+        changes = ["(the run's data_manifest.json is missing, so what changed cannot be listed)"]
+    shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+    raise ConfigError(f"resume: the images differ from those the checkpoint {ckpt} was trained on: {shown}. "
+                      "A resumed run would mix the old split with the new data. Fix: restore the data set as it "
+                      "was, or start over with resume=never (or another run_name).")
 
 
 def check_resumable(ckpt: Path, meta: dict[str, Any], current_config: dict[str, Any]) -> None:

@@ -83,7 +83,40 @@ def _is_rank_zero() -> bool:
     return True
 
 
+def _disk_message(exc: OSError) -> str | None:
+    """One message for a disk that is full, read-only or not ours: the path, what is free, the fix."""
+    import errno
+    import shutil
+    from pathlib import Path
+
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        return None
+    # The first write that failed is the one to name (writing summary.json afterwards may fail too).
+    first, seen = exc, set()
+    while first.__context__ is not None and id(first.__context__) not in seen:
+        seen.add(id(first.__context__))
+        if isinstance(first.__context__, OSError) and first.__context__.errno == exc.errno:
+            first = first.__context__
+        else:
+            break
+    exc = first
+    path = exc.filename or "?"
+    where = Path(path).parent if path != "?" else Path(".")
+    try:
+        free = f"{shutil.disk_usage(where).free:,} bytes free there"
+    except OSError:
+        free = "free space unknown"
+    what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system"}.get(exc.errno, "permission denied")
+    return (f"cannot write {path}: {what} ({free}). The run stopped there; its last complete checkpoint is "
+            "intact and summary.json says failed where it could be written. Fix: free space (or use a writable "
+            "folder) for output_dir / features.dir, then rerun with resume=auto.")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .signals import install_early
+
+    install_early()  # before the seconds of importing torch: a SLURM warning then is kept, not fatal
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE.format(presets=_presets()))
@@ -123,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         elif _is_rank_zero():
             print(f"fedclip-lightning: {_user_message(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        message = _disk_message(exc)
+        if message is None:
+            raise
+        print(f"fedclip-lightning: {message}", file=sys.stderr)
+        return 1
     except RuntimeError as exc:
         if not _peer_failed(exc):
             raise

@@ -168,8 +168,9 @@ class FullCLIPClient(CLIPClient):
         return F.normalize(self.model.encode_text(self.tokens).float(), dim=-1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.model.visual.parameters()).dtype
-        return F.normalize(self.model.encode_image(x.to(dtype)).float(), dim=-1)
+        from .model.backbone import input_dtype
+
+        return F.normalize(self.model.encode_image(x.to(input_dtype(self.model.visual))).float(), dim=-1)
 
 
 def make_working_copy(backbone: Backbone, trainable: str) -> torch.nn.Module:

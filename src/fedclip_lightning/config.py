@@ -30,7 +30,7 @@ ON_CORRUPT = ("error", "skip")
 CLASS_NAME_STYLES = ("verbatim", "spaces")
 LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "pure_fp16")
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 
 
@@ -44,7 +44,8 @@ class BackboneConfig:
     # Where open_clip / Hugging Face look for (and would download) weights.
     cache_dir: str | None = None
     # Precision of the frozen encoders; the adapter always runs in fp32.
-    # auto: fp16 on a GPU (as the reference's clip.load), fp32 on the CPU.
+    # auto: fp16 on a GPU, fp32 on the CPU. fp16 is clip.load's mixed precision (the reference's numerics:
+    # weights in fp16, LayerNorm computed in fp32); pure_fp16 runs everything in fp16; bf16 is pure bf16.
     precision: str = "auto"
     # QuickGELU activations (OpenAI weights need them); null: as the tag says.
     quick_gelu: bool | None = None
@@ -229,6 +230,10 @@ def to_config(cfg: DictConfig | dict) -> Config:
     """
     schema = OmegaConf.structured(Config)
     raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    unknown = _unknown_keys(OmegaConf.to_container(raw, resolve=False), Config)
+    if unknown:
+        raise ConfigError([f"{k}: unknown key{hint}. Fix: correct or drop it (`fedclip-lightning --print-config` "
+                           "lists every key)." for k, hint in unknown])
     try:
         merged = OmegaConf.merge(schema, raw)
         algo_node = merged.algorithm
@@ -241,6 +246,26 @@ def to_config(cfg: DictConfig | dict) -> Config:
     assert isinstance(obj, Config)
     obj.algorithm = algorithm_config(algo_node)
     return obj
+
+
+def _unknown_keys(data: Any, cls: type, prefix: str = "") -> list[tuple[str, str]]:
+    """Keys of ``data`` that the dataclass ``cls`` (recursively) does not have, with a spelling hint.
+    (``+section.key=...`` on the command line would otherwise be dropped without a word.)"""
+    import difflib
+
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return []
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = []
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            out.append((f"{prefix}{key}", f" (did you mean {prefix}{close[0]}?)" if close else ""))
+        elif key != "algorithm":  # the algorithm's own class checks its keys (algorithm_config)
+            sub_cls = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+            if isinstance(sub_cls, type):
+                out += _unknown_keys(value, sub_cls, f"{prefix}{key}.")
+    return out
 
 
 def algorithm_config(node: Any) -> AlgorithmConfig:

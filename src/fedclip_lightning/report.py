@@ -24,12 +24,19 @@ def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
     down; files rewritten every round skip that (a millisecond each) and are made durable at the end.
     """
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)  # the file a person can act on, not a descriptor
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)  # never left behind (a full disk, say)
 
 
 def atomic_save(obj: Any, path: Path, durable: bool = True) -> None:
@@ -50,6 +57,17 @@ def atomic_save(obj: Any, path: Path, durable: bool = True) -> None:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except RuntimeError as exc:  # torch.save's zip writer reports a full disk as an "enforce fail"
+        import errno
+        import shutil
+
+        if shutil.disk_usage(path.parent).free < (1 << 20):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        raise
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -281,7 +299,19 @@ class Summary:
         })
 
     def write(self, path: Path, durable: bool = True) -> None:
-        atomic_write_text(path, json.dumps(self.as_dict(), indent=2) + "\n", durable)
+        text = json.dumps(self.as_dict(), indent=2) + "\n"
+        try:
+            atomic_write_text(path, text, durable)
+        except OSError as exc:
+            import errno
+
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.exists():
+                raise
+            # No room for a second copy: overwrite in place (truncating frees the old blocks), so the file
+            # still says how the run ended; then report the full disk all the same.
+            with open(path, "w") as f:
+                f.write(text)
+            raise
 
 
 def _pct(x: float | None) -> str:

@@ -81,13 +81,18 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, list[tup
                 label = " ".join([a, *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in combo)])
                 tag = re.sub(r"[^A-Za-z0-9_.]+", "_", "_".join([a, *(f"{k.rsplit('.', 1)[-1]}_{v}" for k, v in combo)]))
                 ov = [*overrides, f"algorithm={a}", *(f"{k}={v}" for k, v in combo), f"data.unseen=[{h}]",
-                      f"output_dir={sweep_dir}", f"run_name={tag}-{h}", f"logger.wandb.group={name}"]
+                      f"output_dir={_q(str(sweep_dir))}", f"run_name={_q(f'{tag}-{h}')}",
+                      f"logger.wandb.group={_q(name)}"]
                 if combo:
-                    ov.append(f"label='{label}'")
+                    ov.append(f"label={_q(label)}")
                 runs.append((tag, h, ov))
-    if args.set:
-        _check_each(runs)
+    _check_each(runs)
     return sweep_dir, runs
+
+
+def _q(value: str) -> str:
+    """A Hydra-quoted string value: any character (parentheses, commas, '=') stays part of it."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _combinations(axes: list[str]) -> list[tuple[tuple[str, str], ...]]:
@@ -105,7 +110,7 @@ def _combinations(axes: list[str]) -> list[tuple[tuple[str, str], ...]]:
 
 
 def _check_each(runs) -> None:
-    """Every combination composes into a valid config before anything runs (a clash is named)."""
+    """Every run's config composes and validates before anything runs (a clash is named)."""
     from .config import load_config
 
     problems = []
@@ -113,35 +118,58 @@ def _check_each(runs) -> None:
         try:
             load_config(ov)
         except UserError as exc:
-            problems.append(f"{tag}: {exc}")
+            problems.append(f"{tag}-{h}: {exc}")
     if problems:
         raise ConfigError(f"{len(problems)} of the sweep's {len(runs)} runs have an invalid config; the first: "
                           f"{problems[0]} Fix: drop that algorithm or axis value from the sweep.")
 
 
-def _finished(run_dir: Path) -> bool:
+def _finished_as_planned(run_dir: Path, ov: list[str]) -> tuple[bool, str]:
+    """``(reusable, why not)``: a run that finished with the config this sweep would give it now."""
+    from .checkpoint import config_mismatch
+    from .config import load_config, to_dict
+
     try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status") == "finished"
+        summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
-        return False
+        return False, ""
+    if summary.get("status") != "finished":
+        return False, ""
+    diff = config_mismatch(summary.get("config") or {}, to_dict(load_config(ov)))
+    if diff:
+        return False, "finished earlier with other settings (" + "; ".join(diff[:3]) + "): run again"
+    return True, ""
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the sweep process dies, however it dies (Linux's PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def run_local(sweep_dir: Path, runs) -> list[str]:
-    """Run each (algorithm, held-out) in its own process; return the ones that failed."""
+    """Run each (algorithm, held-out) in its own process; return the ones that failed (the others go on)."""
     failed = []
     env = dict(os.environ)
     env.pop("FEDCLIP_RUN_DIR", None)
     for i, (a, h, ov) in enumerate(runs, 1):
         run_dir = sweep_dir / f"{a}-{h}"
-        if _finished(run_dir):
+        reusable, why = _finished_as_planned(run_dir, ov)
+        if reusable:
             print(f"[{i}/{len(runs)}] {a}, held out {h}: finished earlier, skipped", flush=True)
             continue
-        print(f"[{i}/{len(runs)}] {a}, held out {h}", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "fedclip_lightning", *ov], env=env)
+        print(f"[{i}/{len(runs)}] {a}, held out {h}" + (f": {why}" if why else ""), flush=True)
+        proc = subprocess.run([sys.executable, "-m", "fedclip_lightning", *ov], env=env,
+                              preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         if proc.returncode != 0:
             failed.append(f"{a}-{h} (exit {proc.returncode})")
-            if proc.returncode == 2:  # a user error: every other run would hit it too
-                break
+            print(f"[{i}/{len(runs)}] {a}, held out {h}: FAILED (exit {proc.returncode}); going on with the others",
+                  file=sys.stderr, flush=True)
     return failed
 
 

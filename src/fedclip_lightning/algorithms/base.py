@@ -66,6 +66,7 @@ class RunContext:
     datasets: dict[tuple[int, str], Any] = field(default_factory=dict)  # (participant index, split) -> data set
     loader: Callable[..., Any] | None = None  # loader(dataset, batch_size, shuffle_seed=None)
     eval_loaders: dict[tuple[int, str], Any] = field(default_factory=dict)
+    data_digest: str = ""  # the images and split this run trains on (checkpoint.data_manifest)
 
     @property
     def mine(self) -> list[Participant]:

@@ -14,6 +14,7 @@ problems can be found in one pass they are reported together.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,8 @@ import torch.utils.data
 from PIL import Image
 
 from ..errors import DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -85,25 +88,68 @@ def is_image_file(path: Path) -> bool:
     return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _visible_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _visible_dirs(folder: Path, what: str = "folder") -> list[Path]:
+    """Sub-folders of ``folder`` that are not hidden, sorted; a symlink that leads back up the tree (a
+    cycle: every image below would count again) is left out with a warning; an unreadable folder is an
+    error naming it."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError as exc:
+        raise DataError(f"cannot read the {what} {folder} ({exc.strerror}). Fix: make it readable "
+                        "(chmod/chown), or leave it out of data.domains.") from None
+    out = []
+    real = folder.resolve()
+    for p in entries:
+        if p.name.startswith(".") or not p.is_dir():
+            continue
+        if p.is_symlink():
+            target = p.resolve()
+            if target == real or target in real.parents:
+                log.warning("ignoring %s: a symlink to %s, which contains it (its images would count twice)",
+                            p, target)
+                continue
+        out.append(p)
+    return sorted(out)
 
 
 def _images_under(folder: Path) -> list[Path]:
-    """Image files anywhere below ``folder``, skipping hidden files and folders."""
+    """Image files anywhere below ``folder``, skipping hidden files and folders (symlinked sub-folders
+    are not followed); a folder that cannot be read is an error naming it, never skipped silently."""
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    errors: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=errors.append):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         base = Path(dirpath)
         found.extend(base / f for f in filenames if is_image_file(base / f))
+    if errors:
+        e = errors[0]
+        raise DataError(f"cannot read {e.filename} ({e.strerror}): its images would be left out without a word. "
+                        "Fix: make it readable (chmod/chown), or move it out of the data set.")
     return found
 
 
+def _similar_class_names(classes: list[str]) -> list[list[str]]:
+    """Groups of class folder names that differ only by case or surrounding whitespace."""
+    groups: dict[str, list[str]] = {}
+    for c in classes:
+        groups.setdefault(c.strip().casefold(), []).append(c)
+    return [sorted(g) for g in groups.values() if len(g) > 1]
+
+
 def _check_image(path: str) -> str | None:
-    """``None`` when PIL can open and verify ``path``, else the reason it cannot."""
+    """``None`` when PIL can open, verify and decode ``path``, else the reason it cannot.
+
+    ``verify`` checks the file's structure (PNG checksums) but not the compressed image data: a
+    truncated JPEG passes it and then fails when decoded, mid-run. So the image is decoded too, cheaply:
+    JPEGs in draft mode (the DCT scaled down 8x, which still reads every byte of the stream).
+    """
     try:
         with Image.open(path) as im:
             im.verify()
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
     except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return None
@@ -199,7 +245,7 @@ def scan_domains(
     for d in selected:
         dom_dir = root_path / d
         per_class: dict[str, list[Path]] = {}
-        for cdir in _visible_dirs(dom_dir):
+        for cdir in _visible_dirs(dom_dir, f"domain folder {d!r}"):
             imgs = _images_under(cdir)
             if imgs:
                 per_class[cdir.name] = imgs
@@ -215,6 +261,9 @@ def scan_domains(
         found[d] = per_class
 
     classes = sorted({c for per_class in found.values() for c in per_class})
+    for group in _similar_class_names(classes):
+        log.warning("class folders %s differ only by case or whitespace: they are %d different classes. "
+                    "Rename them to one name if they are one class.", [repr(g) for g in group], len(group))
     if selected and not classes:
         problems.append(
             f"data.root={str(root)!r}: no class folders with images in domains {selected}. "

@@ -7,6 +7,7 @@ models are never wrapped in DDP (ranks train *different* clients).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -18,18 +19,20 @@ import torch
 from lightning.fabric import Fabric
 
 from ..algorithms import Participant, RunContext, registry
-from ..checkpoint import COMPLETE, check_resumable, checkpoint_root, latest, load_clients, load_meta
+from ..checkpoint import (COMPLETE, MANIFEST, check_data, check_resumable, checkpoint_root, data_manifest, latest,
+                          load_clients, load_meta, manifest_digest, verify)
 from ..config import Config, to_dict, uses_feature_cache, validate
 from ..data.pipeline import build_task, class_prompt_names, make_loader
 from ..errors import ConfigError
 from ..loggers import build_loggers, finish_loggers
 from ..model.backbone import load_backbone, resolve_weights
-from ..report import Summary
+from ..report import Summary, atomic_write_text
 from .datasets import build_datasets
 from .outputs import RunOutputs
 from .placement import assign
 from .preemption import Preempted, Preemption
 from .server import Server
+from ..runlock import RunLock
 
 # Set once this process joined a multi-process run: errors are then this rank's own to report.
 LAUNCHED_RANK: int | None = None
@@ -85,7 +88,7 @@ def build_fabric(cfg: Config, loggers: list) -> Fabric:
                           "where GPUs are visible, and at most as many devices as there are.") from None
 
 
-def find_resume(cfg: Config, run_dir: Path) -> tuple[Path, dict] | None:
+def find_resume(cfg: Config, run_dir: Path, manifest: dict | None = None) -> tuple[Path, dict] | None:
     """The checkpoint to continue from (and its meta), or None for a fresh start."""
     if cfg.resume == "never":
         return None
@@ -95,31 +98,56 @@ def find_resume(cfg: Config, run_dir: Path) -> tuple[Path, dict] | None:
     if not (ckpt / COMPLETE).exists():
         raise ConfigError(f"resume={cfg.resume!r}: {ckpt} is not a complete checkpoint. "
                           "Fix: point resume at a checkpoints/round-N folder holding COMPLETE, or use resume=auto.")
+    problems = verify(ckpt)
+    if problems:
+        raise ConfigError(f"resume={cfg.resume!r}: {ckpt} is damaged ({'; '.join(problems[:4])}). Fix: resume from "
+                          "an older checkpoint folder, use resume=auto (it passes over damaged ones), or resume=never.")
     meta = load_meta(ckpt)
     check_resumable(ckpt, meta, to_dict(cfg))
+    if manifest is not None:
+        check_data(ckpt, meta, run_dir, manifest)
     return ckpt, meta
 
 
 def run(cfg: Config) -> dict:
     """Run one federated experiment; returns summary.json's content (on every rank)."""
-    global LAUNCHED_RANK
     validate(cfg)
     started = time.perf_counter()
+    # Before the slow start-up (scanning and checking images, loading weights): a SIGUSR1/SIGTERM that
+    # arrives then is kept, and the run checkpoints and stops (requeued under SLURM) after its first round.
+    preemption = Preemption()
+    try:
+        return _run(cfg, started, preemption)
+    finally:
+        preemption.restore()
+
+
+def _run(cfg: Config, started: float, preemption: Preemption) -> dict:
     # Data problems surface here, in every process, before anything launches.
     task, domains = build_task(cfg)
     resolve_weights(cfg.backbone)
     run_dir = resolve_run_dir(cfg)
-    resume = find_resume(cfg, run_dir)
+    manifest = data_manifest(task)
+    resume = find_resume(cfg, run_dir, manifest)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir).acquire()
     except OSError as exc:
-        raise ConfigError(f"output_dir={cfg.output_dir!r}: cannot create the run directory {run_dir} ({exc.strerror}). "
-                          "Fix: set output_dir to a folder you can write to.") from None
+        raise ConfigError(f"output_dir={cfg.output_dir!r}: cannot write to the run directory {run_dir} "
+                          f"({exc.strerror}). Fix: set output_dir to a folder you can write to.") from None
+    try:
+        return _launch(cfg, started, preemption, task, domains, run_dir, resume, manifest)
+    finally:
+        lock.release()
+
+
+def _launch(cfg: Config, started: float, preemption: Preemption, task, domains, run_dir: Path,
+            resume: tuple[Path, dict] | None, manifest: dict) -> dict:
+    global LAUNCHED_RANK
     # Only rank 0 logs (and writes checkpoints), so its id is the run's.
     wandb_id = resume[1]["wandb_id"] if resume else secrets.token_hex(4)
     loggers = build_loggers(cfg, run_dir, run_dir.name, run_id=wandb_id)
     fabric = build_fabric(cfg, loggers)
-    preemption = Preemption()
     fabric.launch()
     LAUNCHED_RANK = fabric.global_rank if fabric.world_size > 1 else None
     if fabric.device.type == "cpu" and fabric.world_size > 1:
@@ -128,14 +156,13 @@ def run(cfg: Config) -> dict:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     exit_code = 1
     try:
-        summary = _run_rounds(cfg, fabric, task, domains, run_dir, started, resume, wandb_id, preemption)
+        summary = _run_rounds(cfg, fabric, task, domains, run_dir, started, resume, wandb_id, preemption, manifest)
         exit_code = 0
         return summary
     except Preempted:
         exit_code = 0  # the W&B run is paused, not failed: the requeued job continues it
         raise
     finally:
-        preemption.restore()
         if fabric.is_global_zero:
             finish_loggers(loggers, exit_code)
         if os.environ.get("FEDCLIP_RUN_DIR_OWNER") == str(os.getpid()):
@@ -176,12 +203,23 @@ def make_summary(cfg: Config, fabric, backbone, task, domains, algorithm, random
     )
 
 
+def _loader_factory(cfg: Config, fabric: Fabric):
+    cached = uses_feature_cache(cfg)
+    pin = fabric.device.type == "cuda" and not cached
+
+    def loader(ds, batch_size, shuffle_seed=None):
+        return make_loader(ds, batch_size, num_workers=0 if cached else cfg.data.num_workers,
+                           shuffle_seed=shuffle_seed, pin_memory=pin)
+
+    return loader
+
+
 def _run_rounds(cfg: Config, fabric: Fabric, task, domains, run_dir: Path, started: float,
-                resume: tuple[Path, dict] | None, wandb_id: str, preemption: Preemption) -> dict:
+                resume: tuple[Path, dict] | None, wandb_id: str, preemption: Preemption, manifest: dict) -> dict:
     backbone = load_backbone(cfg.backbone, device=fabric.device, seed=cfg.seed)
     random_init = backbone.weights_file is None and not backbone.name.startswith(("hf-hub:", "local-dir:"))
     ctx = RunContext(cfg, fabric, backbone, task, class_prompt_names(task.classes, cfg.data.class_names),
-                     place_participants(task, fabric.world_size))
+                     place_participants(task, fabric.world_size), data_digest=manifest_digest(manifest))
     algorithm = registry.get(cfg.algorithm.name)(cfg)
     algorithm.setup(ctx)
     clients = {p.index: algorithm.make_client(p) for p in ctx.mine}
@@ -193,23 +231,20 @@ def _run_rounds(cfg: Config, fabric: Fabric, task, domains, run_dir: Path, start
     # A fresh start replaces an earlier run in this directory; a resumed one continues it.
     if resume is not None:
         server.restore(resume[0], resume[1], load_clients(resume[0]))
-    elif fabric.is_global_zero and checkpoint_root(run_dir).exists():
-        shutil.rmtree(checkpoint_root(run_dir))
+    elif fabric.is_global_zero:
+        if checkpoint_root(run_dir).exists():
+            shutil.rmtree(checkpoint_root(run_dir))
+        # What the checkpoints' data_digest stands for, so a refused resume can say what changed.
+        atomic_write_text(run_dir / MANIFEST, json.dumps(manifest, sort_keys=True))
     outputs.start(server.start_round, random_init)
-    ctx.datasets, summary.features = build_datasets(cfg, fabric, backbone, task, ctx.mine)
-    outputs.features_ready(summary.features)
-    cached = uses_feature_cache(cfg)
-    pin = fabric.device.type == "cuda" and not cached
-
-    def loader(ds, batch_size, shuffle_seed=None):
-        return make_loader(ds, batch_size, num_workers=0 if cached else cfg.data.num_workers,
-                           shuffle_seed=shuffle_seed, pin_memory=pin)
-
-    ctx.loader = loader
-    ctx.prepare_eval_loaders()
-    outputs.rounds_start(server.rounds, server.start_round, resume[0] if resume else None)
-    summary.setup_seconds = time.perf_counter() - started
-    try:
+    saved: list[str] = []
+    try:  # from here on, whatever stops the run is in summary.json: status failed (or preempted) and why
+        ctx.datasets, summary.features = build_datasets(cfg, fabric, backbone, task, ctx.mine)
+        outputs.features_ready(summary.features)
+        ctx.loader = _loader_factory(cfg, fabric)
+        ctx.prepare_eval_loaders()
+        outputs.rounds_start(server.rounds, server.start_round, resume[0] if resume else None)
+        summary.setup_seconds = time.perf_counter() - started
         server.fit()
         saved = server.save_final()
         summary.status = "finished"

@@ -31,7 +31,10 @@ class Preemption:
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
+        from .. import signals
+
+        self.requested = bool(signals.received)  # a signal that came while the command line started
+        signals.received.clear()
         self._old = {}
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:

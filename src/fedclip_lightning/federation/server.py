@@ -151,6 +151,7 @@ class Server:
                 "bytes_down_total": s.bytes_down_total,
                 "round_seconds": list(s.round_seconds),
                 "unreliable": dict(self.unreliable),
+                "data_digest": self.ctx.data_digest,
                 "wandb_id": self.wandb_id,
             }
         write_checkpoint(self.fabric, self.run_dir, rnd, self.cfg.federation.keep_checkpoints, meta,

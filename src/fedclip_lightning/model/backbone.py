@@ -61,9 +61,9 @@ class FrozenCLIP(nn.Module):
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw (un-normalised) image features, returned in fp32."""
-        dtype = next(self.model.visual.parameters()).dtype
-        return self.model.encode_image(images.to(dtype)).float()
+        """Raw (un-normalised) image features, returned in fp32. The images go in at the dtype of the
+        tower's first weight layer (under mixed fp16 some parameters, the class embedding say, stay fp32)."""
+        return self.model.encode_image(images.to(input_dtype(self.model.visual))).float()
 
     @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,18 @@ class Backbone:
         return self.clip.encode_image(images.to(self.device, non_blocking=True))
 
 
-_PRECISION = {"fp32": "fp32", "bf16": "pure_bf16", "fp16": "pure_fp16"}
+# Ours -> open_clip's. "fp16" is open_clip's mixed fp16: the weights of the linear and convolution layers in
+# fp16, LayerNorm computed in fp32 (LayerNormFp32), which is what OpenAI's clip.load gives the reference
+# (convert_weights + its fp32 LayerNorm). "pure_fp16" casts everything, LayerNorm and embeddings included.
+def input_dtype(tower: torch.nn.Module) -> torch.dtype:
+    """The dtype of the first convolution or linear layer of ``tower``: what its input must be."""
+    for mod in tower.modules():
+        if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+            return mod.weight.dtype
+    return next(tower.parameters()).dtype
+
+
+_PRECISION = {"fp32": "fp32", "bf16": "pure_bf16", "fp16": "fp16", "pure_fp16": "pure_fp16"}
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
