@@ -23,15 +23,13 @@ init costs the same), fp32 on the CPU, the 42-image-per-domain PACS subset
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from feature_cache import run_cli  # the same subprocess runner (benchmarks/ is on sys.path as the script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
 PACS = REPO.parent / "shared" / "data" / "PACS"
@@ -45,14 +43,6 @@ def overrides(args, out: Path, name: str, per_domain: int | None, *more: str) ->
     if per_domain:
         o.append(f"data.max_per_domain={per_domain}")
     return o + list(more)
-
-
-def run_cli(ov: list[str], env: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "fedclip_lightning", *ov], env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"benchmark run failed:\n{proc.stderr[-3000:]}")
-    get = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in ov}
-    return json.loads((Path(get["output_dir"]) / get["run_name"] / "summary.json").read_text())
 
 
 def bare_pass(args, out: Path, per_domain: int | None) -> tuple[float, int]:

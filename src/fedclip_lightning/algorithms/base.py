@@ -224,8 +224,8 @@ class Algorithm:
 
 class AdapterAlgorithm(Algorithm):
     """FedCLIP's machinery: a fresh copy of the attention adapter per client on the shared frozen backbone,
-    prompt features computed once, Adam moments in one block per process, aggregation by the server's
-    rule (``federation.aggregation`` weights, a streamed weighted mean)."""
+    prompt features computed once, Adam moments in one block per process, and the server's update as
+    ``federation.*`` configures it (by default the clients' weighted mean, streamed)."""
 
     uses_adapter: ClassVar[bool] = True
 
@@ -244,6 +244,7 @@ class AdapterAlgorithm(Algorithm):
         self._setup_server(ctx)
 
     def _setup_server(self, ctx: RunContext) -> None:
+        self._weights: dict[tuple[int, ...], list[float]] = {}  # aggregation weights by the clients that sent
         if self.communicates:
             self.server_update = ServerUpdate(self.cfg.federation, self.cfg.seed, ctx.num_clients,
                                               self.cfg.federation.rounds)
@@ -285,14 +286,14 @@ class AdapterAlgorithm(Algorithm):
             return
         clients = self.ctx.task.clients
         key = tuple(active)
-        cache = self.__dict__.setdefault("_weights", {})
-        if key not in cache:
-            cache[key] = aggregation_weights([len(clients[i].train) for i in active], self.cfg.federation.aggregation)
+        if key not in self._weights:
+            self._weights[key] = aggregation_weights([len(clients[i].train) for i in active],
+                                                     self.cfg.federation.aggregation)
 
         def row_of(i: int) -> torch.Tensor | None:
             return results[i].update() if i in results else None
 
-        row = self.server_update(self.ctx.fabric, rnd, list(active), row_of, cache[key],
+        row = self.server_update(self.ctx.fabric, rnd, list(active), row_of, self._weights[key],
                                  lambda: flatten(self.global_state), self.num_params)
         self.global_state = unflatten(row, self.template)
 

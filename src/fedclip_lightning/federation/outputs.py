@@ -55,7 +55,7 @@ class RunOutputs:
 
     def warn(self, message: str) -> None:
         if self.rank0:
-            log.warning(message)
+            log.debug("warning: %s", message)  # said once, on the console below (a root handler would repeat it)
             print(f"  WARNING: {message}")
 
     def features_ready(self, f: dict) -> None:
@@ -133,7 +133,8 @@ class RunOutputs:
         print("\n" + format_table(self.summary))
         more = "".join(f", {name}" for name in saved)
         cfg = self.cfg
-        print(f"\nrun directory: {self.run_dir}\n  summary.json, metrics.csv, rounds.csv, accuracy.png, config.yaml{more}"
+        print(f"\nrun directory: {self.run_dir}\n  summary.json, metrics.csv, rounds.csv, accuracy.png, config.yaml, "
+              f"data_manifest.json{more}"
               + (f", W&B run under {self.run_dir / 'wandb'}" if cfg.logger.name == "wandb" and
                  wandb_mode(cfg) != "disabled" else ""))
 
