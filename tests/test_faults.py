@@ -226,3 +226,33 @@ def test_fp16_is_clip_loads_mixed_precision_and_pure_fp16_an_option():
     images = torch.rand(3, 3, 32, 32, generator=g)
     f32, f16 = fp32.image_features(images), mixed.image_features(images)
     assert f16.dtype == torch.float32 and torch.nn.functional.cosine_similarity(f16, f32).min() > 0.999
+
+
+def test_unreadable_class_and_domain_folders_are_named(mini):
+    """A class folder (or a domain folder) that cannot be read stops the scan with its name instead of
+    silently losing its images. Root reads everything, so the scan runs without root's power to bypass
+    permissions (setpriv drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH)."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and util-linux's setpriv")
+    code = ("import sys; from fedclip_lightning.data.domains import scan_domains\n"
+            "from fedclip_lightning.errors import DataError\n"
+            "try:\n    scan_domains(sys.argv[1]); print('OK')\n"
+            "except DataError as e:\n    print('ERR', e)\n")
+
+    def scan_without_override() -> str:
+        return subprocess.run([setpriv, "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c", code,
+                               str(mini)], capture_output=True, text=True).stdout
+
+    assert scan_without_override().startswith("OK")
+    try:
+        os.chmod(mini / "photo" / "dog", 0o000)
+        out = scan_without_override()
+        assert out.startswith("ERR") and str((mini / "photo" / "dog").resolve()) in out and "Permission denied" in out
+        os.chmod(mini / "photo" / "dog", 0o755)
+        os.chmod(mini / "cartoon", 0o000)
+        out = scan_without_override()
+        assert out.startswith("ERR") and "cannot read the domain folder 'cartoon'" in out
+    finally:
+        os.chmod(mini / "photo" / "dog", 0o755)
+        os.chmod(mini / "cartoon", 0o755)
