@@ -60,6 +60,24 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=r".*`srun` command is available on your system.*")
     for name in ("lightning", "lightning.fabric", "lightning.pytorch", "wandb"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    _log_format()
+
+
+def _log_format() -> None:
+    """Log lines that a cluster's output files can be read by: a timestamp and the process's rank in each.
+    Rank 0 logs warnings and up (and our own INFO); other ranks only errors, unless
+    FEDCLIP_LOG_LEVEL=DEBUG, which every rank then follows."""
+    rank = next((os.environ[v] for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK") if os.environ.get(v)), "0")
+    level = os.environ.get("FEDCLIP_LOG_LEVEL", "").upper()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+                                           "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    if level in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        root.setLevel(level)
+    else:
+        root.setLevel(logging.WARNING if rank == "0" else logging.ERROR)
 
 
 def _user_message(exc: UserError) -> str:

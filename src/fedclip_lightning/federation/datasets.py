@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -64,4 +65,4 @@ def _cache(cfg: Config, fabric, backbone) -> FeatureCache:
     return FeatureCache(root, backbone, model_identity(backbone, backbone.precision, cfg.seed),
                         batch_size=fc.batch_size,
                         num_workers=fc.num_workers if fc.num_workers is not None else min(8, os.cpu_count() or 1),
-                        progress=cfg.progress and fabric.is_global_zero)
+                        progress=cfg.progress and fabric.is_global_zero and sys.stderr.isatty())

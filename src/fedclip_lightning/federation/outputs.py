@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +32,7 @@ class RunOutputs:
         self.rank0 = fabric.is_global_zero
         self.metrics_csv = self.rounds_csv = None
         self.bar = None
+        self.lines, self.rounds = False, 0
         self.last_bytes = (0, 0)  # totals at the previous evaluation
         self._summary_written = float("-inf")
 
@@ -64,8 +67,13 @@ class RunOutputs:
                   f"{f['cached_images']} read from the cache {f['dir'] or '(in memory)'}", flush=True)
 
     def rounds_start(self, rounds: int, start_round: int, resumed_from: Path | None) -> None:
+        # A bar on a terminal; in a file (a SLURM job's output) a line per evaluated round instead of
+        # carriage-return noise.
+        tty = sys.stdout.isatty()
+        self.lines = self.rank0 and self.cfg.progress and not tty
+        self.rounds = rounds
         self.bar = tqdm(total=max(rounds, 1), desc="rounds", unit="round", dynamic_ncols=True,
-                        disable=not (self.rank0 and self.cfg.progress))
+                        disable=not (self.rank0 and self.cfg.progress and tty))
         if self.rank0 and start_round:
             print(f"  resumed from {resumed_from} (round {start_round} of {rounds})", flush=True)
             self.bar.update(start_round)
@@ -76,6 +84,10 @@ class RunOutputs:
                              unseen=f"{metrics.mean_unseen_acc:.3f}")
         if not self.rank0:
             return
+        if self.lines:
+            print(f"  round {metrics.round}/{self.rounds}: val {metrics.mean_client_val_acc:.3f}, test "
+                  f"{metrics.mean_client_test_acc:.3f}, unseen {metrics.mean_unseen_acc:.3f} "
+                  f"({time.perf_counter() - self.started:.1f} s since the start)", flush=True)
         s = self.summary
         s.wall_time_s = time.perf_counter() - self.started
         self.rounds_csv.write(metrics, s.bytes_up_total - self.last_bytes[0], s.bytes_down_total - self.last_bytes[1],
@@ -177,6 +189,14 @@ def print_header(cfg: Config, s: Summary, run_dir: Path, random_init: bool, fabr
     print(f"  clients: {listed}")
     print(f"  unseen:  {', '.join(s.unseen) or '-'}")
     print(f"  {w} rounds on {fabric.world_size} process(es), {fabric.device.type}; run directory {run_dir}")
+    if os.environ.get("SLURM_JOB_ID"):
+        env = os.environ.get
+        job = env("SLURM_JOB_ID") + (f" (array {env('SLURM_ARRAY_JOB_ID')}_{env('SLURM_ARRAY_TASK_ID')})"
+                                     if env("SLURM_ARRAY_TASK_ID") else "")
+        print(f"  SLURM job {job} on {env('SLURM_JOB_NODELIST', '?')}: {env('SLURM_NTASKS', '?')} task(s), "
+              f"{env('SLURM_CPUS_PER_TASK', env('SLURM_CPUS_ON_NODE', '?'))} CPUs per task, GPUs "
+              f"{env('SLURM_GPUS_ON_NODE', env('CUDA_VISIBLE_DEVICES', 'none'))}; fabric: "
+              f"{cfg.fabric.num_nodes} node(s) x {cfg.fabric.devices} device(s), accelerator {fabric.device.type}")
     if s.skipped_images:
         print(f"  skipped {len(s.skipped_images)} unreadable image(s) (data.on_corrupt=skip); listed in summary.json")
     if random_init:
