@@ -467,7 +467,7 @@ def test_cached_batches_follow_the_loaders_order():
     """Training on cached features gathers batches by the loader's own sampler, not through the
     DataLoader: the same batches in the same order, epoch after epoch, as iterating the loader."""
     from fedclip_lightning.data.pipeline import FeatureDataset, make_loader
-    from fedclip_lightning.evaluate import _batches
+    from fedclip_lightning.evaluate import batches
 
     ds = FeatureDataset(torch.arange(70.0).reshape(70, 1), torch.arange(70))
 
@@ -476,11 +476,11 @@ def test_cached_batches_follow_the_loaders_order():
 
     through, direct = make(), make()
     epochs_a = [[y.tolist() for _, y in through] for _ in range(2)]
-    epochs_b = [[y.tolist() for _, y in _batches(direct)] for _ in range(2)]
+    epochs_b = [[y.tolist() for _, y in batches(direct)] for _ in range(2)]
     assert epochs_a == epochs_b
     assert epochs_a[0] != epochs_a[1] and sorted(sum(epochs_a[0], [])) == list(range(70))
     assert [len(b) for b in epochs_a[0]] == [32, 32, 6]
     other = [y.tolist() for _, y in make_loader(ds, 32, num_workers=0, shuffle_seed=(0, "train", 2, "client0"))]
     assert other != epochs_a[0]  # another round, another order
     ordered = make_loader(ds, 32, num_workers=0, shuffle_seed=None)
-    assert [y.tolist() for _, y in _batches(ordered)] == [list(range(0, 32)), list(range(32, 64)), list(range(64, 70))]
+    assert [y.tolist() for _, y in batches(ordered)] == [list(range(0, 32)), list(range(32, 64)), list(range(64, 70))]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedclip_lightning.client import ClientModule
+from fedclip_lightning.client import AdapterClient
 from fedclip_lightning.config import AlgorithmConfig, BackboneConfig
 from fedclip_lightning.data.domains import ImageDataset, scan_domains
 from fedclip_lightning.data.pipeline import make_loader
@@ -165,7 +165,7 @@ def test_training_leaves_backbone_untouched(name, mini):
     assert any(k.endswith("running_mean") for k in before) == (name == "fedclip-tiny-rn")
     text = bb.text_features(mini.classes)
     algo = AlgorithmConfig(lr=1e-2, weight_decay=0.0)
-    client = ClientModule("photo", bb, text, algo)
+    client = AdapterClient("photo", bb, text, algo)
     adapter_before = {k: v.clone() for k, v in client.get_state().items()}
     loader = make_loader(ImageDataset(mini.samples["photo"], bb.preprocess), 4, num_workers=0,
                          shuffle_seed=(0, 0, "photo"))
@@ -220,8 +220,8 @@ def test_text_features_are_normalised_prompts(mini):
 def test_clients_share_backbone_by_reference():
     bb = tiny()
     text = bb.text_features(["dog", "cat"])
-    a = ClientModule("a", bb, text, AlgorithmConfig())
-    b = ClientModule("b", bb, text, AlgorithmConfig())
+    a = AdapterClient("a", bb, text, AlgorithmConfig())
+    b = AdapterClient("b", bb, text, AlgorithmConfig())
     assert a.backbone is b.backbone is bb
     assert a.text_features is b.text_features
     for m in (a, b):
@@ -255,7 +255,7 @@ def loss_setup(mini):
 def test_contrastive_loss_matches_method(loss_setup):
     bb, x, y, text = loss_setup
     torch.manual_seed(3)
-    client = ClientModule("c", bb, text, AlgorithmConfig(loss="contrastive"))
+    client = AdapterClient("c", bb, text, AlgorithmConfig(loss="contrastive"))
     out = client.training_step((x, y), 0)
     with torch.no_grad():
         raw = bb.clip.model.encode_image(x).float()
@@ -274,7 +274,7 @@ def test_contrastive_loss_matches_method(loss_setup):
 def test_prototype_loss_matches_method(loss_setup):
     bb, x, y, text = loss_setup
     torch.manual_seed(3)
-    client = ClientModule("c", bb, text, AlgorithmConfig(loss="prototype"))
+    client = AdapterClient("c", bb, text, AlgorithmConfig(loss="prototype"))
     out = client.training_step((x, y), 0)
     with torch.no_grad():
         i_star = adapter_by_hand(client.adapter, bb.clip.model.encode_image(x).float())
@@ -286,13 +286,13 @@ def test_prototype_loss_matches_method(loss_setup):
 @pytest.mark.parametrize("loss", ["contrastive", "prototype"])
 def test_batch_of_one_is_skipped(loss_setup, loss):
     bb, x, y, text = loss_setup
-    client = ClientModule("c", bb, text, AlgorithmConfig(loss=loss))
+    client = AdapterClient("c", bb, text, AlgorithmConfig(loss=loss))
     assert client.training_step((x[:1], y[:1]), 0) is None
 
 
 def test_forward_on_features_equals_forward_on_images(loss_setup):
     bb, x, y, text = loss_setup
-    client = ClientModule("c", bb, text, AlgorithmConfig())
+    client = AdapterClient("c", bb, text, AlgorithmConfig())
     with torch.no_grad():
         feats = bb.image_features(x)
         assert feats.shape == (len(y), bb.embed_dim) and feats.dtype == torch.float32
@@ -312,7 +312,7 @@ def test_training_step_gradients_equal_plain_autograd(loss_setup, loss):
 
     bb, x, y, text = loss_setup
     torch.manual_seed(5)
-    client = ClientModule("c", bb, text, AlgorithmConfig(loss=loss))
+    client = AdapterClient("c", bb, text, AlgorithmConfig(loss=loss))
     with torch.no_grad():  # a trained-looking adapter, not the near-uniform initial attention
         for prm in client.adapter.parameters():
             prm.add_(torch.randn_like(prm) * 0.5)

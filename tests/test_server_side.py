@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 import random
-from types import SimpleNamespace
 
 import pytest
 import torch

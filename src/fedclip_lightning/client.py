@@ -135,10 +135,6 @@ class AdapterClient(CLIPClient):
         return self.adapter(x)
 
 
-# The name the first version used.
-ClientModule = AdapterClient
-
-
 class FullCLIPClient(CLIPClient):
     """A client that fine-tunes CLIP itself (the paper's FedAvg / FedProx baselines).
 

@@ -54,9 +54,6 @@ def batches(loader: DataLoader):
         yield from loader
 
 
-_batches = batches  # the first version's name
-
-
 def place(fabric: Fabric, client: CLIPClient) -> CLIPClient:
     """The client on this rank's device (skipped when it is already there: a CPU run moves nothing)."""
     if client.device != fabric.device:
@@ -70,8 +67,9 @@ def local_fit(fabric: Fabric, client: CLIPClient, loader: DataLoader, epochs: in
               max_steps: int | None = None) -> tuple[SplitResult, torch.optim.Optimizer]:
     """``epochs`` passes of ``training_step`` + ``fabric.backward`` + ``optimizer.step()``.
 
-    The optimiser is the client's ``configure_optimizers()`` unless given; a
-    kept Adam state (``optimizer_state``) is loaded into it first. Returns the mean loss and running
+    The optimiser is the client's ``configure_optimizers()``, continuing a kept
+    Adam state (``optimizer_state``) if there is one, unless an ``optimizer`` is
+    given. Returns the mean loss and running
     accuracy of the fit, and the optimiser (its state is the caller's to keep). ``max_steps``: stop
     after that many optimiser steps (a straggler).
     Kept lean (no per-batch metric objects, no host syncs): with cached
@@ -80,8 +78,6 @@ def local_fit(fabric: Fabric, client: CLIPClient, loader: DataLoader, epochs: in
     client = place(fabric, client)
     if optimizer is None:
         optimizer = client.configure_optimizers(state=optimizer_state)
-    elif optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
     client.train()
     params = list(client.trainable().values())
     device = fabric.device

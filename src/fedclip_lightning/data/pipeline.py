@@ -82,7 +82,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, num_workers: int, shuffle_
         sampler = RandomSampler(dataset, generator=order)
         # Each iteration the DataLoader draws a seed for its workers from its own generator: that one is
         # separate, so the order comes from `sampler` alone, iterated through the loader or directly
-        # (evaluate._batches gathers cached features by the batch sampler).
+        # (evaluate.batches gathers cached features by the batch sampler).
         generator = torch.Generator()
         generator.manual_seed(stable_seed(*shuffle_seed, "loader"))
     return DataLoader(

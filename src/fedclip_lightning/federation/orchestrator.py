@@ -88,7 +88,7 @@ def build_fabric(cfg: Config, loggers: list) -> Fabric:
                           "where GPUs are visible, and at most as many devices as there are.") from None
 
 
-def find_resume(cfg: Config, run_dir: Path, manifest: dict | None = None) -> tuple[Path, dict] | None:
+def find_resume(cfg: Config, run_dir: Path, manifest: dict) -> tuple[Path, dict] | None:
     """The checkpoint to continue from (and its meta), or None for a fresh start."""
     if cfg.resume == "never":
         return None
@@ -104,8 +104,7 @@ def find_resume(cfg: Config, run_dir: Path, manifest: dict | None = None) -> tup
                           "an older checkpoint folder, use resume=auto (it passes over damaged ones), or resume=never.")
     meta = load_meta(ckpt)
     check_resumable(ckpt, meta, to_dict(cfg))
-    if manifest is not None:
-        check_data(ckpt, meta, run_dir, manifest)
+    check_data(ckpt, meta, run_dir, manifest)
     return ckpt, meta
 
 
@@ -230,7 +229,7 @@ def _run_rounds(cfg: Config, fabric: Fabric, task, domains, run_dir: Path, start
         outputs.warn(message)
     # A fresh start replaces an earlier run in this directory; a resumed one continues it.
     if resume is not None:
-        server.restore(resume[0], resume[1], load_clients(resume[0]))
+        server.restore(resume[1], load_clients(resume[0]))
     elif fabric.is_global_zero:
         if checkpoint_root(run_dir).exists():
             shutil.rmtree(checkpoint_root(run_dir))

@@ -11,11 +11,10 @@ order, so results do not depend on the number of processes beyond BLAS rounding.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
-
-import torch
 
 from ..checkpoint import CheckpointWriter, write_checkpoint
 from ..data.partition import sample_clients, stable_seed
@@ -136,8 +135,6 @@ class Server:
 
     # -- state ----------------------------------------------------------------------------------
     def checkpoint(self, rnd: int, wait: bool) -> None:
-        import json
-
         meta = None
         s = self.summary
         if self.fabric.is_global_zero:
@@ -157,7 +154,7 @@ class Server:
         write_checkpoint(self.fabric, self.run_dir, rnd, self.cfg.federation.keep_checkpoints, meta,
                          self.algorithm.client_states(), self.writer, wait=wait)
 
-    def restore(self, ckpt: Path, meta: dict, clients_state: dict) -> None:
+    def restore(self, meta: dict, clients_state: dict) -> None:
         """Continue from a checkpoint: the algorithm's server and client state, selection, counters."""
         s = self.summary
         self.start_round = int(meta["round"])
