@@ -31,7 +31,8 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
         "WANDB_DATA_DIR": str(tmp_path / "wandb_home" / "data"),
         "PYTHONUNBUFFERED": "1",
     })
-    for var in ("FEDCLIP_RUN_DIR", "WANDB_API_KEY", "SLURM_JOB_ID", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+    # WANDB_SERVICE: a W&B service that an in-process test started (and stopped) is not the child's.
+    for var in ("FEDCLIP_RUN_DIR", "WANDB_API_KEY", "WANDB_SERVICE", "SLURM_JOB_ID", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
         env.pop(var, None)
     return env
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import PACS_MINI_ARGS, read_summary, run_cli
-from wandb_offline import find_offline_runs, read_offline_run
+from fedclip_lightning.wandb_files import find_offline_runs, read_offline_run
 
 CLIENTS = ["art_painting", "cartoon", "photo"]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedclip_lightning.wandb_files import find_offline_runs, read_offline_run
 from helpers import PACS_MINI_ARGS, cli_env, read_summary, run_cli
 
 # features=reference runs the encoder every batch: rounds slow enough to interrupt.
@@ -140,3 +141,90 @@ def test_checkpoint_writer_runs_one_write_at_a_time_and_raises_its_errors(caplog
     writer.submit(fail)
     writer.close()  # the run is ending: logged, not raised over the run's own outcome
     assert "No space left" in caplog.text
+
+
+# -- one W&B run per training run -----------------------------------------------------------------
+
+def _wandb_sessions(run_dir: Path) -> tuple[str, list[dict]]:
+    """The run's W&B id and its offline sessions (oldest first), each read back."""
+    sessions = [read_offline_run(d) for d in find_offline_runs(run_dir / "wandb")]
+    ids = {s["id"] for s in sessions}
+    assert len(ids) == 1, f"more than one W&B run: {ids}"
+    return ids.pop(), sessions
+
+
+def _one_run_each_round_once(run_dir: Path, rounds: int, sessions_expected: int) -> list[dict]:
+    run_id, sessions = _wandb_sessions(run_dir)
+    assert len(sessions) == sessions_expected
+    assert read_summary(run_dir)["wandb_id"] == run_id
+    rows = [r for s in sessions for r in s["history"] if "round" in r]
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1))  # each round once, no gap, in order
+    steps = [r["_step"] for r in rows]
+    assert steps == sorted(set(steps)) and steps == [r["round"] for r in rows]  # W&B's step is the round
+    return sessions
+
+
+def test_wandb_after_sigkill_and_resume_is_one_run_with_each_round_once(tmp_path):
+    # Checkpoints every 3 rounds, the kill after round 5: W&B's offline writer buffers, so the killed
+    # session's file holds some prefix of rounds 1-5 (often none); the resumed session logs the rest.
+    args = [*BASE, "run_name=r", "logger=wandb", "federation.checkpoint_interval=3", "algorithm.local_epochs=4"]
+    run_dir = tmp_path / "outputs" / "r"
+    proc = _start(args, tmp_path)
+    _wait_for(run_dir / "checkpoints" / "round-000003" / "COMPLETE", proc)
+    end = time.monotonic() + 120
+    while "\n5," not in (run_dir / "rounds.csv").read_text():
+        assert proc.poll() is None and time.monotonic() < end, "round 5 never ended"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _logged(run_dir)
+    resumed = run_cli([*args, "resume=auto"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and read_summary(run_dir)["resumed_from"] in (3, 6)
+    sessions = _one_run_each_round_once(run_dir, 12, 2)
+    assert {r["round"] for r in sessions[0]["history"] if "round" in r} == before
+    # the README's upload command, as far as it runs offline: both sessions, in order
+    sync = subprocess.run(["wandb", "sync", "--dry-run", *map(str, find_offline_runs(run_dir / "wandb"))],
+                          cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert sync.returncode == 0 and "Would sync 2 run(s)" in sync.stdout + sync.stderr, sync.stdout + sync.stderr
+    # the models, once, in the last session
+    arts = [a for a in sessions[-1]["artifacts"] if a["type"] == "model"]
+    assert sorted(a for art in arts for a in art["aliases"] if a != "latest") == ["final", "selected"]
+
+
+def test_wandb_after_sigusr1_and_resume_is_one_run_with_each_round_once(tmp_path):
+    args = [*BASE, "run_name=r", "logger=wandb"]
+    run_dir = tmp_path / "outputs" / "r"
+    proc = _start(args, tmp_path)
+    _wait_for(run_dir / "checkpoints" / "round-000002" / "COMPLETE", proc)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    resumed = run_cli([*args, "resume=auto"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    sessions = _one_run_each_round_once(run_dir, 12, 2)
+    assert sessions[0]["exit_code"] == 0  # paused, not failed
+
+
+def test_wandb_run_killed_before_its_first_checkpoint_restarts_as_the_same_run(tmp_path):
+    args = [*BASE, "run_name=r", "logger=wandb", "federation.rounds=4", "federation.checkpoint_interval=0"]
+    run_dir = tmp_path / "outputs" / "r"
+    proc = _start(args, tmp_path)
+    end = time.monotonic() + 120
+    while 1 not in _logged(run_dir):
+        assert proc.poll() is None and time.monotonic() < end, "round 1 never reached the W&B file"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = run_cli([*args, "resume=auto"], tmp_path)
+    assert again.returncode == 0, again.stderr
+    _one_run_each_round_once(run_dir, 4, 2)
+    # another config in the same directory is another W&B run
+    other = run_cli([*args, "resume=never", "algorithm.lr=1e-3"], tmp_path)
+    assert other.returncode == 0, other.stderr
+    assert len({read_offline_run(d)["id"] for d in find_offline_runs(run_dir / "wandb")}) == 2
+
+
+def _logged(run_dir: Path) -> set[int]:
+    return {int(r["round"]) for d in find_offline_runs(run_dir / "wandb") for r in read_offline_run(d)["history"]
+            if "round" in r}

@@ -5,15 +5,19 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO
+from fedclip_lightning.wandb_files import find_offline_runs, read_offline_run
 from helpers import PACS_MINI_ARGS, cli_env, read_summary, run_cli
 
 
@@ -86,3 +90,51 @@ def test_usr1_requeues_and_the_job_resumes_with_the_same_metrics(tmp_path):
     s = read_summary(run_dir)
     assert s["resumed_from"] is not None and s["world_size"] == 2
     _same_metrics(ref, s)
+
+
+def test_sweep_array_gets_launch_sh_resources_resumes_a_preempted_task_and_writes_the_tables(tmp_path):
+    """fedclip-lightning-sweep --slurm: a 2-task array (submitit) with the requested CPUs, USR1 to one task
+    (it checkpoints, requeues and resumes), and the job after the array writes the tables."""
+    out = tmp_path / "outputs"
+    # rounds of about 0.4 s (8 local epochs, encoder every batch): time to signal the run mid-way
+    cmd = [sys.executable, "-m", "fedclip_lightning.sweep", "--slurm", "--algorithms", "fedclip,local", "--heldout",
+           "sketch", "--name", "s", "--cpus-per-task", "1", "--gpus-per-node", "0", "--time", "15:00",
+           *PACS_MINI_ARGS, "logger=wandb", "features=reference", "federation.rounds=12", "algorithm.local_epochs=8",
+           "federation.checkpoint_min_seconds=0", f"output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    array = re.search(r"submitted job array (\d+)", proc.stdout).group(1)
+    tables = re.search(r"table job (\d+)", proc.stdout).group(1)
+    sweep = out / "s"
+    deadline = time.monotonic() + 480
+    while not (sweep / "fedclip-sketch" / "checkpoints" / "round-000002" / "COMPLETE").exists():
+        assert time.monotonic() < deadline, "task 0 never wrote its round-2 checkpoint"
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=USR1", f"{array}_0"], check=True)
+    while _in_queue(array) or _in_queue(tables):
+        assert time.monotonic() < deadline, f"the array or the table job is still queued: {_squeue()}"
+        time.sleep(1)
+    logs = "".join(p.read_text() for p in sorted((sweep / "slurm").glob("*_log.out")))
+    for run in ("fedclip-sketch", "local-sketch"):
+        s = read_summary(sweep / run)
+        assert s["status"] == "finished", logs[-3000:]
+        assert s["slurm"]["cpus_per_task"] == "1" and s["slurm"]["array_job_id"] == array  # from inside the job
+    preempted = read_summary(sweep / "fedclip-sketch")
+    assert preempted["resumed_from"] is not None and int(preempted["slurm"]["restart_count"]) >= 1
+    # the preempted run is one W&B run, each round once
+    rows = [r for d in find_offline_runs(sweep / "fedclip-sketch" / "wandb") for r in read_offline_run(d)["history"]
+            if "round" in r]
+    assert [r["round"] for r in rows] == list(range(1, 13))
+    # the table job ran after the array and wrote the tables
+    with open(sweep / "table_selected.csv") as f:
+        header = next(csv.reader(f))
+    assert "fedclip" in header and "local" in header
+    assert "written: s/table_selected.md" in logs
+
+
+def _squeue() -> str:
+    return subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True).stdout
+
+
+def _in_queue(job: str) -> bool:
+    return any(line.split()[0].split("_")[0] == job for line in _squeue().splitlines() if line.strip())

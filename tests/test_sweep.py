@@ -6,8 +6,10 @@ import csv
 import subprocess
 import sys
 
+from conftest import REPO
+from fedclip_lightning.slurm import minutes
 from helpers import PACS_MINI_ARGS, cli_env, read_summary
-from wandb_offline import find_offline_runs, read_offline_run
+from fedclip_lightning.wandb_files import find_offline_runs, read_offline_run
 
 
 def test_sweep_writes_tables_plots_and_a_wandb_group(tmp_path):
@@ -17,7 +19,7 @@ def test_sweep_writes_tables_plots_and_a_wandb_group(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = tmp_path / "outputs" / "s"
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert runs == ["fedavg-photo", "fedavg-sketch", "fedclip-photo", "fedclip-sketch"]
+    assert runs == ["fedavg-photo", "fedavg-sketch", "fedclip-photo", "fedclip-sketch", "wandb"]  # + the sweep's
     # the paper-style table: rows = held-out domain + average, columns = algorithms
     with open(sweep / "table_selected.csv") as f:
         rows = list(csv.reader(f))
@@ -34,14 +36,22 @@ def test_sweep_writes_tables_plots_and_a_wandb_group(tmp_path):
         data = (sweep / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     # one W&B group for the sweep, the algorithm as job type, names that say algorithm and held-out domain
-    seen = {}
+    seen, arts = {}, {}
     for run_dir in find_offline_runs(sweep):
         w = read_offline_run(run_dir)
         assert w["group"] == "s" and w["exit_code"] == 0
         seen[w["name"]] = w["job_type"]
-        assert any("mean/unseen_acc" in row for row in w["history"])  # the same keys for every algorithm
-    assert seen == {"fedclip-sketch": "fedclip", "fedclip-photo": "fedclip",
-                    "fedavg-sketch": "fedavg", "fedavg-photo": "fedavg"}
+        arts[w["name"]] = {a["type"]: a for a in w["artifacts"]}
+        if w["job_type"] != "sweep":
+            assert any("mean/unseen_acc" in row for row in w["history"])  # the same keys for every algorithm
+            models = {alias: a for a in w["artifacts"] if a["type"] == "model" for alias in a["aliases"]}
+            assert models["selected"]["metadata"]["round"] == models["final"]["metadata"]["round"] == 1
+            assert models["final"]["metadata"]["algorithm"] == w["job_type"]
+    assert seen == {"fedclip-sketch": "fedclip", "fedclip-photo": "fedclip", "fedavg-sketch": "fedavg",
+                    "fedavg-photo": "fedavg", "s-tables": "sweep"}
+    # the sweep's tables and plots: an artifact of a run in the sweep's group
+    results = arts["s-tables"]["sweep-results"]
+    assert {"table_selected.csv", "table_final.md", "accuracy_vs_bytes.png"} <= set(results["files"])
     # a rerun skips what finished
     again = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 4
@@ -101,3 +111,34 @@ def test_sweep_rerun_with_other_settings_runs_again_and_odd_names_work(tmp_path)
                            text=True, timeout=600)
     assert other.returncode == 0 and "finished earlier with other settings (algorithm.lr" in other.stdout
     assert read_summary(run_dir)["config"]["algorithm"]["lr"] == 1e-3  # the table is over the new settings
+
+
+def test_sweep_dry_run_prints_the_job_scripts_with_launch_sh_resources(tmp_path):
+    cmd = [sys.executable, "-m", "fedclip_lightning.sweep", "--slurm", "--dry-run", "--algorithms", "fedclip,zeroshot",
+           "--heldout", "sketch", "--name", "d", "--partition", "gpu", "--max-parallel", "1", *PACS_MINI_ARGS]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    header = [line for line in (REPO / "launch.sh").read_text().splitlines() if line.startswith("#SBATCH")]
+    array = proc.stdout.split("# the table job")[0]
+    for line in header:  # launch.sh's resources (the time in minutes), but --output (submitit's log files)
+        if line.startswith("#SBATCH --time="):
+            line = f"#SBATCH --time={minutes(line.split('=', 1)[1])}"
+        if "--output" not in line:
+            assert line in array, line
+    assert "#SBATCH --partition=gpu" in array and "#SBATCH --array=0-1%1" in array
+    assert "#SBATCH --dependency=afterany:ARRAY_JOB_ID" in proc.stdout
+    assert not (tmp_path / "outputs" / "d").exists()  # nothing submitted, nothing written
+
+
+def test_slurm_options_are_checked_before_anything_is_submitted(tmp_path, capsys):
+    from fedclip_lightning.sweep import main
+
+    base = ["--algorithms", "fedclip", "--heldout", "sketch", "--name", "x", *PACS_MINI_ARGS]
+    assert main(["--slurm", "--dry-run", "--time", "soon", *base]) == 2
+    assert "--time='soon'" in capsys.readouterr().err
+    assert main(["--slurm", "--dry-run", "--cpus-per-task", "two", *base]) == 2
+    assert main(["--slurm", "--dry-run", "--max-parallel", "0", *base]) == 2
+    assert main(["--partition", "gpu", *base]) == 2  # a SLURM option without --slurm
+    assert "without --slurm" in capsys.readouterr().err
+    assert [minutes(v) for v in ("24:00:00", "15:00", "90", "1-12:00:00", "2-0", "0:30")] == [1440, 15, 90, 2160,
+                                                                                                2880, 1]

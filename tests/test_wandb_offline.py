@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wandb_offline import find_offline_runs, read_offline_run
+from fedclip_lightning.wandb_files import find_offline_runs, read_offline_run
 
 wandb = pytest.importorskip("wandb")
 

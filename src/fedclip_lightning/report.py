@@ -261,6 +261,8 @@ class Summary:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     # Server-side figures of the last evaluated round (privacy spent, clients dropped...).
     server: dict[str, float] = field(default_factory=dict)
+    wandb_id: str | None = None  # the W&B run of this training run (kept across resumes)
+    slurm: dict[str, str] = field(default_factory=dict)  # the SLURM job as rank 0 saw it (empty outside SLURM)
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -292,6 +294,8 @@ class Summary:
             "phase_seconds": self.phase_seconds,
             "server": self.server,
             "world_size": self.world_size,
+            "wandb_id": self.wandb_id,
+            "slurm": self.slurm,
             "skipped_images": self.skipped_images,
             "features": self.features,
             "error": self.error,

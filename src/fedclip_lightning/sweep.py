@@ -12,8 +12,13 @@ job type, so one W&B panel compares them. At the end the sweep directory holds
 the paper-style tables (Markdown and CSV, selected and final round) and the
 comparison plots, and the table is printed.
 
-``--slurm`` submits the same runs as one SLURM job array (one task per run,
-each through launch.sh) instead of running them here.
+``--slurm`` submits the same runs as one SLURM job array through submitit
+instead of running them here: each task gets launch.sh's ``#SBATCH`` resources
+(override them with --partition, --account, --gpus-per-node, --cpus-per-task,
+--ntasks-per-node, --time, --mem; --max-parallel throttles the array), runs
+launch.sh (srun, resume=auto, USR1 -> checkpoint, requeue, resume), and a job
+after the array writes the tables and plots. ``--slurm --dry-run`` prints both
+job scripts without submitting.
 """
 
 from __future__ import annotations
@@ -41,8 +46,20 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
                     help="an axis: one run per value, e.g. --set federation.aggregator=mean,median "
                          "(repeatable: the axes multiply; each combination is a column of the tables)")
-    ap.add_argument("--dry-run", action="store_true", help="print the runs and exit")
+    ap.add_argument("--dry-run", action="store_true", help="print the runs (with --slurm: the job scripts) and exit")
+    slurm = ap.add_argument_group("SLURM (with --slurm; defaults: launch.sh's #SBATCH header)")
+    for opt in ("partition", "account", "nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "time",
+                "mem"):
+        slurm.add_argument(f"--{opt}", default=None, metavar="V", help=f"sbatch --{opt} of each array task")
+    slurm.add_argument("--max-parallel", type=int, default=None, metavar="N",
+                       help="at most N array tasks at once (sbatch --array=...%%N; default: all)")
     args, overrides = ap.parse_known_args(argv)
+    slurm_only = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                  if v is not None and k in ("partition", "account", "nodes", "ntasks_per_node", "gpus_per_node",
+                                             "cpus_per_task", "time", "mem", "max_parallel")]
+    if slurm_only and not args.slurm:
+        raise ConfigError(f"{slurm_only[0]} is a SLURM option, given without --slurm. Fix: add --slurm to submit "
+                          "the sweep as a job array, or drop it to run here.")
     bad = [o for o in overrides if o.startswith("-")]
     if bad:
         raise ConfigError(f"unknown option {bad[0]!r}. Fix: see `fedclip-lightning-sweep --help`; "
@@ -156,7 +173,8 @@ def run_local(sweep_dir: Path, runs) -> list[str]:
     """Run each (algorithm, held-out) in its own process; return the ones that failed (the others go on)."""
     failed = []
     env = dict(os.environ)
-    env.pop("FEDCLIP_RUN_DIR", None)
+    for var in ("FEDCLIP_RUN_DIR", "WANDB_SERVICE"):  # each run has its own directory and its own W&B service
+        env.pop(var, None)
     for i, (a, h, ov) in enumerate(runs, 1):
         run_dir = sweep_dir / f"{a}-{h}"
         reusable, why = _finished_as_planned(run_dir, ov)
@@ -173,42 +191,95 @@ def run_local(sweep_dir: Path, runs) -> list[str]:
     return failed
 
 
-def submit_slurm(sweep_dir: Path, runs) -> None:
-    """One SLURM job array: task i runs the i-th (algorithm, held-out) through launch.sh."""
-    import shlex
+def submit_slurm(args: argparse.Namespace, sweep_dir: Path, runs) -> None:
+    """One SLURM job array (submitit) with launch.sh's resources, and the table job after it."""
+    from .slurm import RESOURCES, SlurmSweep
 
-    launch = Path(__file__).resolve().parents[2] / "launch.sh"
-    if not launch.is_file():
-        raise ConfigError(f"--slurm needs launch.sh, not found at {launch}. Fix: run the sweep from a checkout.")
+    given = {k: getattr(args, k.replace("-", "_")) for k in RESOURCES}
+    job = SlurmSweep(sweep_dir, runs, given, args.max_parallel)
+    if args.dry_run:
+        array, tables = job.scripts()
+        print(f"# the array: {job.describe()}\n{array}\n# the table job, after the array:\n{tables}")
+        for i, (a, h, ov) in enumerate(runs):
+            print(f"# task {i}: {job.launch} {' '.join(ov)}")
+        return
+    array_id, report_id = job.submit()
+    print(f"submitted job array {array_id}: {job.describe()}\n"
+          f"table job {report_id} runs when the array has ended (afterany) and writes {sweep_dir}/table_*.md\n"
+          f"logs: {job.folder}/<job id>_<task>_0_log.out; runs: {sweep_dir}/<algorithm>-<held out>/")
+
+
+PLAN = "sweep.json"
+
+
+def save_plan(sweep_dir: Path, overrides: list[str], runs) -> None:
+    """sweep.json: what the sweep runs, its settings and its W&B run id (the table job reads it)."""
+    import secrets
+
+    from .report import atomic_write_text
+
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    table = sweep_dir / "runs.txt"
-    table.write_text("".join(" ".join(shlex.quote(o) for o in ov) + "\n" for _, _, ov in runs))
-    script = sweep_dir / "array.sh"
-    script.write_text(
-        "#!/usr/bin/env bash\n"
-        f"#SBATCH --array=1-{len(runs)}\n"
-        f"#SBATCH --output={sweep_dir}/slurm-%A_%a.out\n"
-        "set -euo pipefail\n"
-        f'args=$(sed -n "${{SLURM_ARRAY_TASK_ID}}p" {shlex.quote(str(table))})\n'
-        f"eval exec {shlex.quote(str(launch))} $args\n"
-    )
-    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise UserError(f"sbatch failed: {proc.stderr.strip()}. Fix: check your SLURM account/partition "
-                        f"(SBATCH_* environment variables apply), or run the sweep without --slurm.")
-    print(f"submitted job array {proc.stdout.strip()} ({len(runs)} runs); when it is done, run "
-          f"`fedclip-lightning-sweep --name {sweep_dir.name} ...` again (same arguments) to write the tables")
+    try:
+        old = json.loads((sweep_dir / PLAN).read_text())
+    except (OSError, ValueError):
+        old = {}
+    atomic_write_text(sweep_dir / PLAN, json.dumps({
+        "name": sweep_dir.name, "overrides": overrides, "runs": [f"{a}-{h}" for a, h, _ in runs],
+        "wandb_id": old.get("wandb_id") or secrets.token_hex(4)}, indent=1))
 
 
 def report(sweep_dir: Path) -> str:
-    """Write the tables and plots of a sweep directory; return the Markdown of the selected-round table."""
+    """Write the tables and plots of a sweep directory (and log them to W&B, as the sweep's runs are);
+    return the Markdown of the selected-round table."""
     from .plots import plot_sweep
     from .tables import write_sweep_tables
 
     paths = write_sweep_tables(sweep_dir)
     paths += plot_sweep(sweep_dir)
     md = (sweep_dir / "table_selected.md").read_text()
-    return md + "\nwritten: " + ", ".join(str(p.relative_to(sweep_dir.parent)) for p in paths)
+    where = log_to_wandb(sweep_dir, paths)
+    return md + "\nwritten: " + ", ".join(str(p.relative_to(sweep_dir.parent)) for p in paths) + where
+
+
+def log_to_wandb(sweep_dir: Path, paths: list[Path]) -> str:
+    """The tables and plots as an artifact (type ``sweep-results``) of a W&B run in the sweep's group."""
+    from .config import load_config
+    from .loggers import wandb_mode
+
+    try:
+        plan = json.loads((sweep_dir / PLAN).read_text())
+        cfg = load_config(plan["overrides"])
+    except (OSError, ValueError, KeyError, UserError):
+        return ""  # a sweep directory from before sweep.json: its runs say where W&B is
+    if cfg.logger.name != "wandb" or wandb_mode(cfg) == "disabled":
+        return ""
+    import wandb
+
+    w, name = cfg.logger.wandb, sweep_dir.name
+    if wandb.run is not None:
+        wandb.finish()
+    run = wandb.init(project=w.project, entity=w.entity, group=name, job_type="sweep", name=f"{name}-tables",
+                     id=plan["wandb_id"], resume="allow", dir=str(sweep_dir), mode=wandb_mode(cfg),
+                     config={"runs": plan["runs"], "overrides": plan["overrides"]})
+    try:
+        art = wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]+", "-", f"sweep-{name}"), type="sweep-results",
+                             metadata={"runs": plan["runs"], "overrides": plan["overrides"]})
+        logged = {}
+        for p in paths:
+            art.add_file(str(p), name=str(p.relative_to(sweep_dir)))
+            if p.suffix == ".png" and p.parent == sweep_dir:
+                logged[p.stem] = wandb.Image(str(p))
+            elif p.suffix == ".csv":
+                import csv
+
+                with open(p, newline="") as f:
+                    rows = list(csv.reader(f))
+                logged[p.stem] = wandb.Table(columns=rows[0], data=rows[1:])
+        run.log(logged)
+        run.log_artifact(art)
+    finally:
+        run.finish()
+    return f"\nW&B: run {name}-tables in group {name} ({wandb_mode(cfg)}), artifact {art.name}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,12 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, overrides = _parse(argv)
         sweep_dir, runs = plan(args, overrides)
+        if not args.dry_run:
+            save_plan(sweep_dir, overrides, runs)
+        if args.slurm:
+            submit_slurm(args, sweep_dir, runs)
+            return 0
         if args.dry_run:
             for a, h, ov in runs:
                 print(f"{a}-{h}: fedclip-lightning {' '.join(ov)}")
-            return 0
-        if args.slurm:
-            submit_slurm(sweep_dir, runs)
             return 0
         print(f"sweep {sweep_dir.name}: {len(runs)} runs into {sweep_dir}", flush=True)
         failed = run_local(sweep_dir, runs)

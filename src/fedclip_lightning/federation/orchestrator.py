@@ -19,8 +19,8 @@ import torch
 from lightning.fabric import Fabric
 
 from ..algorithms import Participant, RunContext, registry
-from ..checkpoint import (COMPLETE, MANIFEST, check_data, check_resumable, checkpoint_root, data_manifest, latest,
-                          load_clients, load_meta, manifest_digest, verify)
+from ..checkpoint import (COMPLETE, MANIFEST, check_data, check_resumable, checkpoint_root, config_mismatch,
+                          data_manifest, latest, load_clients, load_meta, manifest_digest, verify)
 from ..config import Config, to_dict, uses_feature_cache, validate
 from ..data.pipeline import build_task, class_prompt_names, make_loader
 from ..errors import ConfigError
@@ -108,6 +108,21 @@ def find_resume(cfg: Config, run_dir: Path, manifest: dict) -> tuple[Path, dict]
     return ckpt, meta
 
 
+def restarted_wandb_id(cfg: Config, run_dir: Path) -> str | None:
+    """The W&B id of an unfinished run in ``run_dir`` with this same config that restarts from round 0
+    (stopped before its first checkpoint): the restart continues that W&B run, not a second one."""
+    if cfg.resume != "auto":
+        return None
+    try:
+        old = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if old.get("status") == "finished" or not old.get("wandb_id") or \
+            config_mismatch(old.get("config") or {}, to_dict(cfg)):
+        return None
+    return str(old["wandb_id"])
+
+
 def run(cfg: Config) -> dict:
     """Run one federated experiment; returns summary.json's content (on every rank)."""
     validate(cfg)
@@ -144,7 +159,7 @@ def _launch(cfg: Config, started: float, preemption: Preemption, task, domains, 
             resume: tuple[Path, dict] | None, manifest: dict) -> dict:
     global LAUNCHED_RANK
     # Only rank 0 logs (and writes checkpoints), so its id is the run's.
-    wandb_id = resume[1]["wandb_id"] if resume else secrets.token_hex(4)
+    wandb_id = resume[1]["wandb_id"] if resume else (restarted_wandb_id(cfg, run_dir) or secrets.token_hex(4))
     loggers = build_loggers(cfg, run_dir, run_dir.name, run_id=wandb_id)
     fabric = build_fabric(cfg, loggers)
     fabric.launch()
@@ -199,7 +214,19 @@ def make_summary(cfg: Config, fabric, backbone, task, domains, algorithm, random
         world_size=fabric.world_size,
         config=to_dict(cfg),
         skipped_images=list(domains.skipped),
+        slurm=slurm_job(),
     )
+
+
+def slurm_job() -> dict[str, str]:
+    """The SLURM job this process runs in, as its environment says (what the job really got)."""
+    keys = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID",
+            "restart_count": "SLURM_RESTART_COUNT", "nodelist": "SLURM_JOB_NODELIST", "ntasks": "SLURM_NTASKS",
+            "cpus_per_task": "SLURM_CPUS_PER_TASK", "cpus_on_node": "SLURM_CPUS_ON_NODE",
+            "gpus_on_node": "SLURM_GPUS_ON_NODE", "partition": "SLURM_JOB_PARTITION"}
+    if not os.environ.get("SLURM_JOB_ID"):
+        return {}
+    return {k: os.environ[v] for k, v in keys.items() if os.environ.get(v)}
 
 
 def _loader_factory(cfg: Config, fabric: Fabric):
@@ -223,6 +250,7 @@ def _run_rounds(cfg: Config, fabric: Fabric, task, domains, run_dir: Path, start
     algorithm.setup(ctx)
     clients = {p.index: algorithm.make_client(p) for p in ctx.mine}
     summary = make_summary(cfg, fabric, backbone, task, domains, algorithm, random_init)
+    summary.wandb_id = wandb_id
     outputs = RunOutputs(cfg, fabric, run_dir, summary, started)
     server = Server(ctx, algorithm, clients, summary, outputs, run_dir, preemption, wandb_id)
     for message in algorithm.warnings():

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..loggers import wandb_mode
+from .tracking import WandbTracking, wandb_logger
 from ..report import MetricsCSV, RoundMetrics, RoundsCSV, Summary, atomic_save, atomic_write_text, format_table, \
     keep_rows_up_to
 
@@ -33,6 +34,7 @@ class RunOutputs:
         self.metrics_csv = self.rounds_csv = None
         self.bar = None
         self.lines, self.rounds = False, 0
+        self.wandb: WandbTracking | None = None
         self.last_bytes = (0, 0)  # totals at the previous evaluation
         self._summary_written = float("-inf")
 
@@ -49,6 +51,7 @@ class RunOutputs:
         self.rounds_csv = RoundsCSV(self.run_dir / "rounds.csv")
         print_header(self.cfg, s, self.run_dir, random_init, self.fabric)
         atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(s.config))
+        self.wandb = WandbTracking(self.fabric, self.run_dir, start_round)
         for lg in self.fabric.loggers:
             try:
                 lg.log_hyperparams(s.config)
@@ -114,9 +117,11 @@ class RunOutputs:
             logd["mean/unseen_acc"] = metrics.mean_unseen_acc
         if metrics.client_test_acc_global:
             logd["mean/client_test_acc_global"] = metrics.mean_client_test_acc_global
-        if self.fabric.loggers:
-            self.fabric.log_dict({k: v for k, v in logd.items() if not (isinstance(v, float) and math.isnan(v))},
-                                 step=metrics.round)
+        logd = {k: v for k, v in logd.items() if not (isinstance(v, float) and math.isnan(v))}
+        self.wandb.log_round(metrics.round, logd)
+        for lg in self.fabric.loggers:
+            if lg is not wandb_logger(self.fabric):
+                lg.log_metrics(logd, step=metrics.round)
 
     def round_done(self) -> None:
         self.bar.update(1)
@@ -128,11 +133,34 @@ class RunOutputs:
                         self.run_dir / name, durable=False)
 
     # -- end -----------------------------------------------------------------------------
+    def _finish_plot_and_wandb(self, saved: list[str]) -> None:
+        """The per-round accuracy plot; in W&B the final accuracies as a table and the models."""
+        from ..plots import plot_run
+
+        try:
+            plot_run(self.run_dir)
+        except Exception as exc:  # noqa: BLE001 - a plot must never cost the run its results
+            log.warning("could not draw %s: %s", self.run_dir / "accuracy.png", exc)
+        s = self.summary
+        fin, sel = s.final, s.selected
+        if fin is None:
+            return
+        rows = [[c, "client", sel.client_val_acc.get(c), sel.client_test_acc.get(c), fin.client_val_acc.get(c),
+                 fin.client_test_acc.get(c)] for c in s.clients]
+        rows += [[u, "unseen", None, sel.unseen_acc.get(u), None, fin.unseen_acc.get(u)] for u in s.unseen]
+        columns = ["domain", "role", "selected_val_acc", "selected_test_acc", "final_val_acc", "final_test_acc"]
+        try:
+            self.wandb.finish(s, saved, (columns, rows))
+        except Exception as exc:  # noqa: BLE001 - the run's own files are written; W&B is a copy
+            log.warning("could not log the end of the run to W&B: %s", exc)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.rank0:
             self.summary.write(self.run_dir / "summary.json")
+            if self.wandb is not None:
+                self.wandb.close()
             for f in (self.metrics_csv, self.rounds_csv):
                 if f is not None:
                     f.close()
@@ -141,7 +169,7 @@ class RunOutputs:
         """The plot, the W&B summary table, and the end-of-run table and file list on the console."""
         if not self.rank0:
             return
-        finish_loggers_outputs(self.fabric, self.summary, self.run_dir)
+        self._finish_plot_and_wandb(saved)
         print("\n" + format_table(self.summary))
         more = "".join(f", {name}" for name in saved)
         cfg = self.cfg
@@ -149,35 +177,6 @@ class RunOutputs:
               f"data_manifest.json{more}"
               + (f", W&B run under {self.run_dir / 'wandb'}" if cfg.logger.name == "wandb" and
                  wandb_mode(cfg) != "disabled" else ""))
-
-
-def finish_loggers_outputs(fabric, summary: Summary, run_dir: Path) -> None:
-    """The per-round accuracy plot, and the final accuracies as a table in W&B."""
-    from ..plots import plot_run
-
-    try:
-        plot_run(run_dir)
-    except Exception as exc:  # noqa: BLE001 - a plot must never cost the run its results
-        log.warning("could not draw %s: %s", run_dir / "accuracy.png", exc)
-    fin, sel = summary.final, summary.selected
-    if fin is None:
-        return
-    rows = []
-    for c in summary.clients:
-        rows.append([c, "client", sel.client_val_acc.get(c), sel.client_test_acc.get(c),
-                     fin.client_val_acc.get(c), fin.client_test_acc.get(c)])
-    for u in summary.unseen:
-        rows.append([u, "unseen", None, sel.unseen_acc.get(u), None, fin.unseen_acc.get(u)])
-    for lg in fabric.loggers:
-        if hasattr(lg, "log_table"):
-            lg.log_table("summary_table", columns=["domain", "role", "selected_val_acc", "selected_test_acc",
-                                                   "final_val_acc", "final_test_acc"], data=rows)
-        exp = getattr(lg, "_experiment", None)
-        if exp is not None and hasattr(exp, "summary"):
-            exp.summary.update({"selected_round": sel.round, "selected/mean_unseen_acc": sel.mean_unseen_acc,
-                                "selected/mean_client_test_acc": sel.mean_client_test_acc,
-                                "trainable_params": summary.trainable_params,
-                                "bytes_up_total": summary.bytes_up_total})
 
 
 def print_header(cfg: Config, s: Summary, run_dir: Path, random_init: bool, fabric) -> None:

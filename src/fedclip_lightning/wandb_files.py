@@ -1,5 +1,8 @@
 """Read back what a W&B run logged in offline mode (``WANDB_MODE=offline``).
 
+The trainer uses it on resume (which rounds did the earlier sessions of this W&B
+run already log?) and the tests use it to check what a run leaves behind.
+
 An offline run lives in ``<dir>/wandb/offline-run-<time>-<id>/`` and its data is
 in ``run-<id>.wandb``: a LevelDB-style log (https://github.com/google/leveldb/
 blob/master/doc/log_format.md) of serialized ``wandb.proto.wandb_internal_pb2.Record``
@@ -90,6 +93,10 @@ def _value(item: Any) -> Any:
     return json.loads(item.value_json) if item.value_json else None
 
 
+def _metric_summary(summary: Any) -> list[str]:
+    return [f.name for f in summary.DESCRIPTOR.fields if f.type == f.TYPE_BOOL and getattr(summary, f.name)]
+
+
 def _unwrap(cfg: dict) -> dict:
     """Turn config.yaml-style ``{"k": {"value": v, "desc": ...}}`` into ``{"k": v}``."""
     return {
@@ -103,7 +110,7 @@ def read_offline_run(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     out: dict[str, Any] = dict(
         id=None, name=None, group=None, job_type=None, project=None, tags=[],
-        config={}, history=[], summary={}, exit_code=None,
+        config={}, history=[], summary={}, exit_code=None, metrics={}, artifacts=[],
     )  # fmt: skip
     files = sorted(run_dir.glob("run-*.wandb"))
     for rec in iter_records(files[0]) if files else ():
@@ -134,6 +141,20 @@ def read_offline_run(run_dir: Path) -> dict:
                 out["summary"].pop(_key(it), None)
         elif kind == "exit":
             out["exit_code"] = rec.exit.exit_code
+        elif kind == "metric":
+            m = rec.metric
+            out["metrics"][m.name or m.glob_name] = {
+                "step_metric": m.step_metric, "summary": _metric_summary(m.summary),
+            }  # fmt: skip
+        elif kind == "artifact":
+            a = rec.artifact
+            out["artifacts"].append(dict(
+                name=a.name, type=a.type, aliases=list(a.aliases), digest=a.digest,
+                metadata=json.loads(a.metadata) if a.metadata else {},
+                files=sorted(e.path for e in a.manifest.contents),
+            ))  # fmt: skip
+    if out["id"] is None and "-" in run_dir.name:  # a session killed before W&B wrote its run record
+        out["id"] = run_dir.name.rsplit("-", 1)[1]
     out["config"].pop("_wandb", None)
     out["summary"].pop("_wandb/runtime", None)
     # Fallbacks (written by online runs / older wandb; offline 0.31 writes neither).
@@ -146,3 +167,22 @@ def read_offline_run(run_dir: Path) -> dict:
 
         out["config"] = _unwrap(yaml.safe_load(config_yaml.read_text()) or {})
     return out
+
+
+def runs_of(wandb_dir: Path, run_id: str) -> list[Path]:
+    """The offline directories of one W&B run id (a resumed run has one per session), oldest first."""
+    return [p for p in find_offline_runs(wandb_dir) if p.name.endswith(f"-{run_id}")]
+
+
+def logged_rounds(wandb_dir: Path, run_id: str, but: Path | None = None) -> set[int]:
+    """The rounds that the offline sessions of run ``run_id`` (except the directory ``but``) hold in
+    their history; a torn tail after a SIGKILL is left out, so those rounds are logged again."""
+    rounds: set[int] = set()
+    for d in runs_of(wandb_dir, run_id):
+        if but is not None and d == Path(but).resolve():
+            continue
+        try:
+            rounds.update(int(r["round"]) for r in read_offline_run(d)["history"] if r.get("round") is not None)
+        except (OSError, ValueError):  # an unreadable session: its rounds are logged again
+            continue
+    return rounds
