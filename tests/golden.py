@@ -66,6 +66,11 @@ CASES: dict[str, list[str]] = {
                            "federation.server_optimizer=momentum", "federation.client_fraction=0.67"],
     "dp_client_target": ["algorithm=fedavg", "algorithm.trainable=adapter", "federation.dp=client",
                          "federation.dp_target_epsilon=20", "federation.server_optimizer=adagrad"],
+    # The other parameter-efficient methods (issue 11) and a bottleneck adapter.
+    "promptfl": ["algorithm=promptfl", "algorithm.n_ctx=4"],
+    "clip_adapter": ["algorithm=clip_adapter"],
+    "linear_probe": ["algorithm=linear_probe"],
+    "fedclip_hidden8": ["algorithm=fedclip", "algorithm.adapter_hidden=8"],
 }
 
 # Cases also run on two processes (each spawn costs seconds): one of each code path across ranks.

@@ -142,3 +142,22 @@ def test_slurm_options_are_checked_before_anything_is_submitted(tmp_path, capsys
     assert "without --slurm" in capsys.readouterr().err
     assert [minutes(v) for v in ("24:00:00", "15:00", "90", "1-12:00:00", "2-0", "0:30")] == [1440, 15, 90, 2160,
                                                                                                 2880, 1]
+
+
+def test_sweep_of_parameter_efficient_methods_writes_the_pareto_table_and_plot(tmp_path):
+    """An algorithm.<key> axis sizes only the methods that have the key; one point per method."""
+    cmd = [sys.executable, "-m", "fedclip_lightning.sweep", "--algorithms", "fedclip,promptfl,linear_probe,zeroshot",
+           "--heldout", "sketch", "--name", "p", "--set", "algorithm.adapter_hidden=8,4", *PACS_MINI_ARGS,
+           "logger=none", "federation.rounds=1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = tmp_path / "outputs" / "p"
+    with open(sweep / "pareto.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["zeroshot", "fedclip adapter_hidden=4", "fedclip adapter_hidden=8", "promptfl",
+                          "linear_probe"]
+    d = 64  # the tiny backbone's feature width
+    assert int(rows["fedclip adapter_hidden=8"]["trainable params"]) == 2 * d * 8 + 8 + d
+    assert int(rows["linear_probe"]["bytes / client / round"]) == 4 * 7 * d  # 7 classes x d, fp32
+    assert rows["zeroshot"]["bytes / client / round"] == "0" and rows["zeroshot"]["on the front"] == "yes"
+    assert (sweep / "pareto.png").read_bytes()[:4] == b"\x89PNG"

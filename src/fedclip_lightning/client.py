@@ -22,6 +22,8 @@ Prediction is ``argmax_c I* @ T_c`` in both cases.
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -52,6 +54,7 @@ class CLIPClient(L.LightningModule):
         self.adam_buffer: torch.Tensor | None = None
         self.anchor: dict[str, torch.Tensor] | None = None
         self.mu = 0.0
+        self.lr_factor = 1.0  # this round's share of algorithm.lr (a schedule over rounds)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``exp(logit_scale) * I* @ T^T``."""
@@ -88,7 +91,13 @@ class CLIPClient(L.LightningModule):
         params = self.trainable()
         if not params:
             raise RuntimeError(f"client {self.client_name!r} has nothing to optimise")
-        return make_adam(params.values(), self.algorithm, buffer=self.adam_buffer, state=state)
+        a = self.algorithm
+        lr = a.lr * self.lr_factor
+        if getattr(a, "optimizer", "adam") == "sgd":  # CoOp / PromptFL
+            return torch.optim.SGD(params.values(), lr=lr, momentum=a.momentum, weight_decay=a.weight_decay)
+        if self.lr_factor != 1.0:
+            a = dataclasses.replace(a, lr=lr)
+        return make_adam(params.values(), a, buffer=self.adam_buffer, state=state)
 
     # -- federation interface ------------------------------------------------
     def get_state(self) -> dict[str, torch.Tensor]:
@@ -105,21 +114,25 @@ class CLIPClient(L.LightningModule):
 
 
 class AdapterClient(CLIPClient):
-    """A FedCLIP client: its own attention adapter on the shared frozen backbone (no adapter: zero-shot)."""
+    """A client that trains a head on the shared frozen backbone: FedCLIP's attention adapter by default,
+    or any head of ``model.heads`` (CLIP-Adapter, a linear probe, CoOp's context); ``head=None`` is
+    zero-shot CLIP. A head may replace the class features (``head.class_features(text)``)."""
 
     def __init__(self, name: str, backbone: Backbone, text_features: torch.Tensor, algorithm: AlgorithmConfig,
-                 use_adapter: bool = True):
+                 head: torch.nn.Module | None | str = "adapter"):
         super().__init__(name, algorithm, int(text_features.shape[0]))
         # Shared by reference, deliberately not registered as submodules/buffers.
         object.__setattr__(self, "backbone", backbone)
         object.__setattr__(self, "text_features", text_features)
-        self.adapter = AttentionAdapter(backbone.embed_dim) if use_adapter else None
+        self.adapter = AttentionAdapter(backbone.embed_dim) if head == "adapter" else head
 
     @property
     def scale(self) -> float:
         return self.backbone.logit_scale
 
     def class_features(self) -> torch.Tensor:
+        if self.adapter is not None and hasattr(self.adapter, "class_features"):
+            return self.adapter.class_features(self.text_features)
         return self.text_features
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:

@@ -300,7 +300,46 @@ def plot_sweep(sweep_dir: str | Path) -> list[Path]:
     fig.suptitle(f"{name}: test accuracy vs. communication, mean over held-out tasks")
     _legend_below(fig, axes)
     written.append(_save(fig, sweep_dir / "accuracy_vs_bytes.png"))
+    written.append(plot_pareto(sweep_dir))
     return written
+
+
+def plot_pareto(sweep_dir: Path) -> Path:
+    """``pareto.png``: one point per method, bytes one client sends per round (log) against the
+    selected model's mean accuracy, unseen domains (left) and clients (right); the front (no method at
+    least as accurate for at most the same bytes) joined by a line, its points outlined. Methods that
+    send nothing sit at the left edge (said in the legend)."""
+    from .tables import pareto_table
+
+    _, rows = pareto_table(collect_runs(sweep_dir))
+    rows = [r for r in rows if r[3] is not None]
+    colors = _colors([r[0] for r in rows])
+    positive = [r[3] for r in rows if r[3] > 0]
+    floor = min(positive) / 4 if positive else 1.0  # where "0 bytes" is drawn on the log axis
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharex=True)
+    for ax, col, title in zip(axes, (4, 5), ("unseen domains (generalisation)", "clients (personalisation)")):
+        pts = [(r[3] if r[3] > 0 else floor, r[col], r) for r in rows if r[col] is not None]
+        for x, y, r in pts:
+            ax.scatter([x], [y], s=60, color=colors[r[0]], edgecolor="black" if r[6] else "none", zorder=3,
+                       label=r[0] + (" (sends nothing: at the left edge)" if r[3] == 0 else ""))
+        front = sorted((x, y) for x, y, r in pts if _on_front(x, y, pts))
+        if len(front) > 1:
+            ax.plot([f[0] for f in front], [f[1] for f in front], color="black", linewidth=1, alpha=0.5,
+                    linestyle="--", label="front")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(_human_bytes))
+        ax.set_title(title)
+        ax.set_xlabel("bytes one client sends per round (log scale)")
+        ax.set_ylabel("mean test accuracy (%), selected model")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.margins(y=0.15)
+    fig.suptitle(f"{sweep_dir.name}: accuracy against communication, one point per method")
+    _legend_below(fig, axes)
+    return _save(fig, sweep_dir / "pareto.png")
+
+
+def _on_front(x: float, y: float, pts) -> bool:
+    return not any((px <= x and py >= y) and (px < x or py > y) for px, py, _ in pts)
 
 
 def _legend_below(fig, axes) -> None:

@@ -39,13 +39,15 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap = argparse.ArgumentParser(prog="fedclip-lightning-sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--algorithms", default="fedclip,zeroshot",
-                    help="comma-separated algorithms (fedclip, zeroshot, fedavg, fedprox, local, fedclip_ft)")
+                    help="comma-separated algorithms (fedclip, zeroshot, fedavg, fedprox, local, fedclip_ft, "
+                         "promptfl, clip_adapter, linear_probe)")
     ap.add_argument("--heldout", default="all", help="comma-separated held-out domains, or 'all' (default)")
     ap.add_argument("--name", default=None, help="sweep name: its folder under output_dir and its W&B group")
     ap.add_argument("--slurm", action="store_true", help="submit one SLURM job array instead of running here")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
                     help="an axis: one run per value, e.g. --set federation.aggregator=mean,median "
-                         "(repeatable: the axes multiply; each combination is a column of the tables)")
+                         "(repeatable: the axes multiply; each combination is a column of the tables; an "
+                         "algorithm.<key> axis applies to the algorithms that have the key)")
     ap.add_argument("--dry-run", action="store_true", help="print the runs (with --slurm: the job scripts) and exit")
     slurm = ap.add_argument_group("SLURM (with --slurm; defaults: launch.sh's #SBATCH header)")
     for opt in ("partition", "account", "nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "time",
@@ -94,7 +96,7 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, list[tup
     runs = []
     for h in heldout:
         for a in algorithms:
-            for combo in _combinations(args.set):
+            for combo in _combinations(_axes_for(a, args.set)):
                 label = " ".join([a, *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in combo)])
                 tag = re.sub(r"[^A-Za-z0-9_.]+", "_", "_".join([a, *(f"{k.rsplit('.', 1)[-1]}_{v}" for k, v in combo)]))
                 ov = [*overrides, f"algorithm={a}", *(f"{k}={v}" for k, v in combo), f"data.unseen=[{h}]",
@@ -110,6 +112,17 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, list[tup
 def _q(value: str) -> str:
     """A Hydra-quoted string value: any character (parentheses, commas, '=') stays part of it."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _axes_for(algorithm: str, axes: list[str]) -> list[str]:
+    """The axes that apply to ``algorithm``: an ``algorithm.<key>`` axis only where its config has the key
+    (``--set algorithm.adapter_hidden=512,64`` sizes FedCLIP's adapter; the other methods run once)."""
+    import dataclasses
+
+    from .algorithms import registry
+
+    keys = {f.name for f in dataclasses.fields(registry.get(algorithm).config_class)}
+    return [ax for ax in axes if not ax.startswith("algorithm.") or ax.partition("=")[0].split(".")[1] in keys]
 
 
 def _combinations(axes: list[str]) -> list[tuple[tuple[str, str], ...]]:

@@ -267,9 +267,37 @@ def sweep_csv(records: list[dict[str, Any]], block: str) -> str:
     return to_csv(header, rows)
 
 
+PARETO_HEADER = ["method", "runs", "trainable params", "bytes / client / round", "unseen acc (%)",
+                 "client test acc (%)", "on the front"]
+
+
+def pareto_table(records: list[dict[str, Any]], block: str = "selected") -> tuple[list[str], list[list]]:
+    """One point per method: bytes one client sends per round against the mean accuracies (%) of the
+    ``block`` model over the method's runs. ``on the front``: no other method is at least as accurate on
+    the unseen domains for at most the same bytes, and better on one of the two."""
+    rows: list[list] = []
+    for a in order_algorithms(r["algorithm"] for r in records):
+        runs = [r["summary"] for r in records if r["algorithm"] == a]
+        unseen = [v for v in (_block_value(s, block, "mean_unseen_acc") for s in runs) if v is not None]
+        clients = [v for v in (_block_value(s, block, "mean_client_test_acc") for s in runs) if v is not None]
+        nbytes = [v for v in (_number(s.get("bytes_per_client_per_round")) for s in runs) if v is not None]
+        params = [v for v in (_number(s.get("trainable_params")) for s in runs) if v is not None]
+        rows.append([a, len(runs), int(_mean(params)) if params else None, int(_mean(nbytes)) if nbytes else None,
+                     100 * _mean(unseen) if unseen else None, 100 * _mean(clients) if clients else None, ""])
+    for row in rows:
+        b, acc = row[3], row[4]
+        if b is None or acc is None:
+            continue
+        dominated = any(o is not row and o[3] is not None and o[4] is not None and o[3] <= b and o[4] >= acc
+                        and (o[3] < b or o[4] > acc) for o in rows)
+        row[6] = "" if dominated else "yes"
+    return PARETO_HEADER, rows
+
+
 def write_sweep_tables(sweep_dir: str | Path) -> list[Path]:
-    """Write ``table_selected.md/.csv`` and ``table_final.md/.csv`` into
-    ``sweep_dir``; return the written paths. Prints nothing."""
+    """Write ``table_selected.md/.csv``, ``table_final.md/.csv`` and ``pareto.md/.csv`` (accuracy
+    against bytes per round, one point per method) into ``sweep_dir``; return the written paths.
+    Prints nothing."""
     sweep_dir = Path(sweep_dir)
     records = collect_runs(sweep_dir)
     written: list[Path] = []
@@ -279,4 +307,10 @@ def write_sweep_tables(sweep_dir: str | Path) -> list[Path]:
         out = sweep_dir / f"table_{block}.csv"
         out.write_text(sweep_csv(records, block))
         written += [md, out]
-    return written
+    h, rows = pareto_table(records)
+    (sweep_dir / "pareto.md").write_text(to_markdown(h, rows, f"{sweep_dir.name}: accuracy against communication "
+                                                     "(selected model, mean over each method's runs)", footnotes=[
+        "bytes / client / round: what one client sends up per round (the same comes down). on the front: no "
+        "method is at least as accurate on the unseen domains for at most the same bytes."]))
+    (sweep_dir / "pareto.csv").write_text(to_csv(h, rows))
+    return written + [sweep_dir / "pareto.md", sweep_dir / "pareto.csv"]

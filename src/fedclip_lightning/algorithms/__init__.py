@@ -7,7 +7,9 @@ from . import registry
 from .base import AdapterAlgorithm, Algorithm, ClientResult, Participant, RunContext
 from .registry import get, names, register
 
-# Registration order is the tables' column order: floors first, then the paper's baselines, then FedCLIP.
+# Registration order is the tables' column order: floors first, then the paper's baselines, then FedCLIP,
+# then the other parameter-efficient methods.
 from . import zeroshot, local, fedavg, fedprox, fedclip, fedclip_ft  # noqa: E402,F401  (isort: skip)
+from . import promptfl, clip_adapter, linear_probe  # noqa: E402,F401  (isort: skip)
 
 __all__ = ["AdapterAlgorithm", "Algorithm", "ClientResult", "Participant", "RunContext", "get", "names", "register", "registry"]

@@ -222,24 +222,46 @@ class Algorithm:
         pass
 
 
+@dataclass
+class AdapterConfig(AlgorithmConfig):
+    """The keys of the algorithms that train FedCLIP's attention adapter (fedclip, fedclip_ft, local)."""
+
+    name: str = "fedclip"
+    # The adapter's hidden width (null: the feature width d, the paper's adapter, 525,312 parameters for
+    # ViT-B-32); smaller values make fc1 a bottleneck: 2 d h + h + d parameters (the size ablation).
+    adapter_hidden: int | None = None
+
+
+def check_adapter_hidden(config: AdapterConfig, bad) -> None:
+    h = config.adapter_hidden
+    if h is not None and (not isinstance(h, int) or isinstance(h, bool) or h < 1):
+        bad("algorithm.adapter_hidden", h, "must be a whole number >= 1 (or null: the feature width)",
+            "e.g. algorithm.adapter_hidden=128")
+
+
 class AdapterAlgorithm(Algorithm):
     """FedCLIP's machinery: a fresh copy of the attention adapter per client on the shared frozen backbone,
     prompt features computed once, Adam moments in one block per process, and the server's update as
     ``federation.*`` configures it (by default the clients' weighted mean, streamed)."""
 
-    uses_adapter: ClassVar[bool] = True
-
     def prompt(self) -> str:
         return self.cfg.data.prompt
+
+    def make_head(self) -> torch.nn.Module | None:
+        """The module that trains on the frozen features (None: nothing trains, zero-shot CLIP).
+        FedCLIP's attention adapter, of width ``algorithm.adapter_hidden`` where the algorithm has it."""
+        return AttentionAdapter(self.ctx.backbone.embed_dim, getattr(self.config, "adapter_hidden", None))
 
     def setup(self, ctx: RunContext) -> None:
         self.ctx = ctx
         backbone = ctx.backbone
         self.text = backbone.text_features(ctx.prompts, self.prompt())
-        if self.uses_adapter:
-            torch.manual_seed(stable_seed(self.cfg.seed, "adapter-init"))
-            self.template = AttentionAdapter(backbone.embed_dim).state_dict()
+        torch.manual_seed(stable_seed(self.cfg.seed, "adapter-init"))
+        head = self.make_head()
+        if head is not None:
+            self.template = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
             self.global_state = {k: v.clone() for k, v in self.template.items()}
+        self.trains_head = head is not None
         self._setup_adam(ctx)
         self._setup_server(ctx)
 
@@ -258,8 +280,8 @@ class AdapterAlgorithm(Algorithm):
         self.arena_row = {i: j for j, i in enumerate(own)}
 
     def make_client(self, p: Participant) -> CLIPClient:
-        client = AdapterClient(p.name, self.ctx.backbone, self.text, self.config, use_adapter=self.uses_adapter)
-        if self.uses_adapter:
+        client = AdapterClient(p.name, self.ctx.backbone, self.text, self.config, head=self.make_head())
+        if self.trains_head:
             client.adam_buffer = self.arena.buffer_for(self.arena_row.get(p.index) if self.keep_adam else None)
         return client
 

@@ -6,16 +6,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import AlgorithmConfig
 from ..evaluate import SplitResult, local_fit
 from ..optim import make_adam
-from .base import Participant, State
+from .base import AdapterConfig, Participant, State, check_adapter_hidden
 from .fedclip import FedCLIP
 from .registry import register
 
 
 @dataclass
-class FedCLIPFTConfig(AlgorithmConfig):
+class FedCLIPFTConfig(AdapterConfig):
     name: str = "fedclip_ft"
     personal_epochs: int = 1  # local fine-tuning epochs of each client's personal adapter
 
@@ -27,6 +26,7 @@ class FedCLIPFT(FedCLIP):
 
     @classmethod
     def check(cls, config: FedCLIPFTConfig, bad) -> None:
+        check_adapter_hidden(config, bad)
         if config.personal_epochs < 1:
             bad("algorithm.personal_epochs", config.personal_epochs, "must be >= 1",
                 "set algorithm.personal_epochs=1 or more")

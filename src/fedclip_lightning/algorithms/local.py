@@ -10,14 +10,19 @@ import torch
 from ..evaluate import SplitResult
 from ..federation.distributed import gather_rows
 from ..federation.strategy import flatten, unflatten
-from .base import AdapterAlgorithm, ClientResult, Participant, State
+from .base import AdapterAlgorithm, AdapterConfig, ClientResult, Participant, State, check_adapter_hidden
 from .registry import register
 
 
 @register
 class Local(AdapterAlgorithm):
     name = "local"
+    config_class = AdapterConfig
     communicates = False
+
+    @classmethod
+    def check(cls, config: AdapterConfig, bad) -> None:
+        check_adapter_hidden(config, bad)
 
     def setup(self, ctx) -> None:
         super().setup(ctx)

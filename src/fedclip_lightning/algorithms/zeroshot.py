@@ -11,7 +11,9 @@ class ZeroShot(AdapterAlgorithm):
     name = "zeroshot"
     trains = False
     communicates = False
-    uses_adapter = False
+
+    def make_head(self):
+        return None
 
     @classmethod
     def what_trains(cls, config) -> str:

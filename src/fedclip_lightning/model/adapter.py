@@ -35,8 +35,9 @@ _NORMALIZE_EPS = 1e-12  # F.normalize's
 class AdapterFunction(torch.autograd.Function):
     """``normalize(softmax(W2 tanh(W1 x + b1) + b2) * x)`` over the last dimension, with its gradient written out.
 
-    ``apply(x, w1, b1, w2, b2)``: ``x`` of shape ``[..., d]``, ``w1, w2`` of shape
-    ``[d, d]`` (``nn.Linear`` layout), ``b1, b2`` of shape ``[d]``, all of one dtype.
+    ``apply(x, w1, b1, w2, b2)``: ``x`` of shape ``[..., d]``, ``w1`` of shape ``[h, d]``, ``b1`` of
+    shape ``[h]``, ``w2`` of shape ``[d, h]``, ``b2`` of shape ``[d]`` (``nn.Linear`` layout; h = d in
+    FedCLIP, less with a bottleneck), all of one dtype.
 
     Backward, with ``f = u / |u|``, ``u = a * x``, ``a = softmax(z2)``,
     ``z2 = W2 h + b2``, ``h = tanh(z1)``, ``z1 = W1 x + b1`` and ``g = dL/df``::
@@ -66,7 +67,7 @@ class AdapterFunction(torch.autograd.Function):
     def backward(ctx, grad_f: torch.Tensor):
         x, w1, w2, h, a, f, n = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        d = x.shape[-1]
+        d, k = x.shape[-1], h.shape[-1]  # feature width, hidden width (d unless a bottleneck)
         dx = dw1 = db1 = dw2 = db2 = None
         du = (grad_f - f * (f * grad_f).sum(-1, keepdim=True)).div_(n)
         if need_x:
@@ -75,12 +76,12 @@ class AdapterFunction(torch.autograd.Function):
         dz2 = a * (da - (a * da).sum(-1, keepdim=True))
         dz2_2d = dz2.reshape(-1, d)  # a view for the usual [B, d] input
         if need_w2:
-            dw2 = dz2_2d.T @ h.reshape(-1, d)
+            dw2 = dz2_2d.T @ h.reshape(-1, k)
         if need_b2:
             db2 = dz2_2d.sum(0)
         if need_x or need_w1 or need_b1:
             dz1 = (dz2 @ w2).mul_(1 - h * h)
-            dz1_2d = dz1.reshape(-1, d)
+            dz1_2d = dz1.reshape(-1, k)
             if need_w1:
                 dw1 = dz1_2d.T @ x.reshape(-1, d)
             if need_b1:
@@ -91,11 +92,14 @@ class AdapterFunction(torch.autograd.Function):
 
 
 class AttentionAdapter(nn.Module):
-    def __init__(self, dim: int):
+    """FedCLIP's adapter; ``hidden`` < ``dim`` makes ``fc1`` a bottleneck (``algorithm.adapter_hidden``,
+    the size ablation): ``2 d h + h + d`` parameters."""
+
+    def __init__(self, dim: int, hidden: int | None = None):
         super().__init__()
-        self.dim = dim
-        self.fc1 = nn.Linear(dim, dim)
-        self.fc2 = nn.Linear(dim, dim)
+        self.dim, self.hidden = dim, hidden or dim
+        self.fc1 = nn.Linear(dim, self.hidden)
+        self.fc2 = nn.Linear(self.hidden, dim)
 
     def attention(self, features: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.fc2(torch.tanh(self.fc1(features))), dim=-1)
@@ -112,6 +116,7 @@ class AttentionAdapter(nn.Module):
         return F.normalize(self.attention(features) * features, dim=-1)
 
 
-def num_adapter_params(dim: int) -> int:
-    """2 (d^2 + d): the count the paper reports (525,312 for d = 512)."""
-    return 2 * (dim * dim + dim)
+def num_adapter_params(dim: int, hidden: int | None = None) -> int:
+    """2 (d^2 + d): the count the paper reports (525,312 for d = 512); ``2 d h + h + d`` with a bottleneck."""
+    h = hidden or dim
+    return 2 * dim * h + h + dim

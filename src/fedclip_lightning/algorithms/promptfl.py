@@ -1,0 +1,78 @@
+"""PromptFL (Guo et al. 2023): federated CoOp. Each client learns ``n_ctx`` context vectors that replace
+the prompt's first words (``[SOS] ctx_1..ctx_n <class>. [EOS]``, one context for all classes, class
+token at the end); the frozen text encoder turns them into class features once per step, the image side
+stays frozen (cached features), and only the context travels (16 x 512 = 8,192 values for ViT-B-32).
+
+CoOp's hyperparameters: SGD, lr 0.002, momentum 0.9, weight decay 5e-4, cosine decay (here over the
+rounds: round r trains at ``lr * (1 + cos(pi (r - 1) / R)) / 2``), cross-entropy over the classes,
+context initialised at random (normal, std 0.02) or from a phrase (``ctx_init='a picture of a'``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import AlgorithmConfig
+from ..data.partition import stable_seed
+from ..model.heads import PromptLearner
+from .base import AdapterAlgorithm, ClientResult, Participant
+from .registry import register
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class PromptFLConfig(AlgorithmConfig):
+    name: str = "promptfl"
+    loss: str = "prototype"
+    optimizer: str = "sgd"
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"  # over the rounds; or constant
+    n_ctx: int = 16
+    ctx_init: str | None = None  # e.g. 'a picture of a' (then n_ctx = its number of tokens)
+
+
+@register
+class PromptFL(AdapterAlgorithm):
+    name = "promptfl"
+    config_class = PromptFLConfig
+
+    @classmethod
+    def what_trains(cls, config) -> str:
+        return "the prompt context (CoOp)"
+
+    @classmethod
+    def check(cls, config: PromptFLConfig, bad) -> None:
+        if config.optimizer not in OPTIMIZERS:
+            bad("algorithm.optimizer", config.optimizer, "unknown optimiser", f"use one of {', '.join(OPTIMIZERS)}")
+        if config.optimizer == "sgd" and config.optimizer_state != "reset":
+            bad("algorithm.optimizer_state", config.optimizer_state, "kept optimiser state is Adam's only",
+                "use algorithm.optimizer_state=reset with SGD, or algorithm.optimizer=adam")
+        if config.lr_schedule not in ("cosine", "constant"):
+            bad("algorithm.lr_schedule", config.lr_schedule, "unknown schedule", "use cosine or constant")
+        if not isinstance(config.n_ctx, int) or config.n_ctx < 1:
+            bad("algorithm.n_ctx", config.n_ctx, "must be a whole number >= 1", "e.g. algorithm.n_ctx=16")
+
+    def make_head(self):
+        from ..errors import ConfigError
+
+        backbone = self.ctx.backbone
+        model = backbone.clip.model
+        if getattr(model, "text_pool_type", "argmax") != "argmax" or not hasattr(model, "token_embedding"):
+            raise ConfigError(f"algorithm=promptfl: the text tower of backbone {backbone.name!r} is not CLIP's "
+                              "(token embedding, argmax pooling). Fix: use an OpenAI-style CLIP backbone.")
+        seed = stable_seed(self.cfg.seed, "prompt-context")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return PromptLearner(model, backbone.tokenizer, self.ctx.prompts, self.config.n_ctx,
+                                 self.config.ctx_init)
+
+    def fit_client(self, client, p: Participant, rnd: int) -> ClientResult:
+        if self.config.lr_schedule == "cosine":
+            client.lr_factor = 0.5 * (1 + math.cos(math.pi * (rnd - 1) / max(1, self.cfg.federation.rounds)))
+        return super().fit_client(client, p, rnd)

@@ -1,0 +1,108 @@
+"""Parameter-efficient heads on a frozen CLIP, besides FedCLIP's attention adapter (``adapter.py``).
+
+A head is an ``nn.Module`` whose parameters are all that trains and travels. ``forward(x)`` turns raw
+frozen image features ``[B, d]`` into normalised features; ``class_features(text)`` gives the
+normalised class features that they are compared with (``text``: the frozen prompt features).
+
+* ``ResidualMLPAdapter`` (CLIP-Adapter, Gao et al. 2021, github.com/gaopengcuhk/CLIP-Adapter):
+  ``normalize(alpha * relu(W2 relu(W1 x)) + (1 - alpha) * x)``, ``W1: d -> d/r``, ``W2: d/r -> d``,
+  no biases (as its reference): ``2 d^2 / r`` parameters (131,072 for d = 512, r = 4).
+  ``alpha = 0`` is zero-shot CLIP.
+* ``LinearProbe``: class weights ``W [C, d]`` on the normalised image features, initialised with the
+  class-prompt features (a zero-shot-initialised probe: at round 0 it *is* zero-shot CLIP), no bias:
+  ``C d`` parameters.
+* ``PromptLearner`` (CoOp, Zhou et al. 2022; federated: PromptFL, Guo et al. 2023): ``n_ctx``
+  learnable context vectors of the text encoder's width take the place of the prompt's first words,
+  ``[SOS] ctx_1 ... ctx_n <class name tokens> . [EOS]`` (class token at the end, one context shared by
+  all classes); the frozen text encoder turns them into class features, once per step for all classes.
+  ``n_ctx x width`` parameters (16 x 512 = 8,192 for ViT-B-32).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ResidualMLPAdapter(nn.Module):
+    def __init__(self, dim: int, reduction: int = 4, alpha: float = 0.2):
+        super().__init__()
+        self.alpha = alpha
+        self.fc1 = nn.Linear(dim, dim // reduction, bias=False)
+        self.fc2 = nn.Linear(dim // reduction, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        y = F.relu(self.fc2(F.relu(self.fc1(x))))
+        return F.normalize(self.alpha * y + (1 - self.alpha) * x, dim=-1)
+
+
+class LinearProbe(nn.Module):
+    def __init__(self, text_features: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(text_features.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.float(), dim=-1)
+
+    def class_features(self, text: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 - the probe replaces them
+        return self.weight
+
+
+class PromptLearner(nn.Module):
+    """CoOp's unified context on a frozen open_clip text tower (not a submodule: only ``ctx`` is state).
+
+    ``init``: a phrase whose token embeddings start the context (``n_ctx`` = its number of tokens), or
+    None for CoOp's random init (normal, std 0.02, seeded by the caller).
+    """
+
+    def __init__(self, clip: nn.Module, tokenizer, class_names: list[str], n_ctx: int = 16,
+                 init: str | None = None):
+        super().__init__()
+        object.__setattr__(self, "clip", clip)
+        emb = clip.token_embedding
+        if init:
+            init_tokens = tokenizer([init])[0]
+            n_ctx = int((init_tokens > 0).sum()) - 2  # without SOS and EOS
+        placeholder = " ".join(["X"] * n_ctx)
+        tokens = tokenizer([f"{placeholder} {name}." for name in class_names]).to(emb.weight.device)
+        with torch.no_grad():
+            embedded = emb(tokens).float()
+            if init:
+                ctx = emb(init_tokens[1:1 + n_ctx].to(emb.weight.device)).float()
+            else:
+                ctx = torch.empty(n_ctx, embedded.shape[-1]).normal_(std=0.02)
+        self.ctx = nn.Parameter(ctx.to(emb.weight.device))
+        self.n_ctx = n_ctx
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("prefix", embedded[:, :1], persistent=False)  # SOS
+        self.register_buffer("suffix", embedded[:, 1 + n_ctx:], persistent=False)  # class tokens, '.', EOS, pad
+        self._cache: tuple[int, torch.Tensor] | None = None
+
+    def prompts(self) -> torch.Tensor:
+        """The prompt embeddings ``[C, L, width]``: SOS, the context, the class name and what follows."""
+        c = self.prefix.shape[0]
+        return torch.cat([self.prefix, self.ctx.unsqueeze(0).expand(c, -1, -1), self.suffix], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.float(), dim=-1)
+
+    def class_features(self, text: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 - made from the context
+        if not torch.is_grad_enabled():  # evaluation: once per state of the context, not once per batch
+            if self._cache is None or self._cache[0] != self.ctx._version:
+                self._cache = (self.ctx._version, self._encode())
+            return self._cache[1]
+        return self._encode()
+
+    def _encode(self) -> torch.Tensor:
+        """open_clip's ``encode_text`` from the embeddings on (argmax pooling: the EOS token)."""
+        m = self.clip
+        dtype = m.transformer.get_cast_dtype()
+        x = self.prompts().to(dtype) + m.positional_embedding.to(dtype)
+        x = m.transformer(x, attn_mask=m.attn_mask)
+        x = m.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), self.tokens.argmax(dim=-1)]
+        proj = m.text_projection
+        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return F.normalize(x.float(), dim=-1)

@@ -1,0 +1,158 @@
+"""The other parameter-efficient methods: PromptFL (CoOp), CLIP-Adapter, a linear probe, and the size
+ablation of FedCLIP's adapter; their constructions, counts, resume and world-size invariance."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedclip_lightning.config import BackboneConfig
+from fedclip_lightning.model.adapter import AdapterFunction, AttentionAdapter, num_adapter_params
+from fedclip_lightning.model.backbone import load_backbone
+from fedclip_lightning.model.heads import LinearProbe, PromptLearner, ResidualMLPAdapter
+from helpers import PACS_MINI_ARGS, read_summary, run_cli
+
+CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backbone(BackboneConfig(name="fedclip-tiny-vit", pretrained=None, download=False), seed=0)
+
+
+def test_prompt_sequence_is_coops_construction(tiny):
+    torch.manual_seed(0)
+    model, tok = tiny.clip.model, tiny.tokenizer
+    learner = PromptLearner(model, tok, CLASSES, n_ctx=4)
+    emb = learner.prompts()
+    assert learner.ctx.shape == (4, model.token_embedding.weight.shape[1])
+    assert learner.ctx.std().item() == pytest.approx(0.02, rel=0.3)  # CoOp's random init
+    tokens = tok([f"X X X X {c}." for c in CLASSES])
+    with torch.no_grad():
+        ref = model.token_embedding(tokens)
+    for i, c in enumerate(CLASSES):
+        n_name = len(tok([c])[0].nonzero()) - 2
+        eot = int(tokens[i].argmax())
+        assert eot == 1 + 4 + n_name + 1  # SOS, the context, the class name, '.', then EOS
+        assert torch.equal(emb[i, 0], ref[i, 0])  # SOS
+        assert torch.equal(emb[i, 1:5], learner.ctx)  # the context, in positions 1..n_ctx
+        assert torch.equal(emb[i, 5:], ref[i, 5:])  # the class tokens, '.', EOS and padding after it
+        assert learner.tokens[i].argmax() == eot
+
+
+def test_prompt_from_a_phrase_untrained_gives_the_zero_shot_logits(tiny):
+    learner = PromptLearner(tiny.clip.model, tiny.tokenizer, CLASSES, init="a picture of a")
+    assert learner.n_ctx == 4
+    with torch.no_grad():
+        prompt = learner.class_features(None)
+    zero_shot = tiny.text_features(CLASSES, "a picture of a {}.")
+    torch.testing.assert_close(prompt, zero_shot, atol=1e-6, rtol=0)
+    feats = torch.randn(5, tiny.embed_dim)
+    torch.testing.assert_close(learner(feats) @ prompt.T, F.normalize(feats, dim=-1) @ zero_shot.T, atol=1e-6,
+                               rtol=0)
+
+
+def test_only_the_context_gets_gradients(tiny):
+    learner = PromptLearner(tiny.clip.model, tiny.tokenizer, CLASSES, n_ctx=4)
+    feats = F.normalize(torch.randn(6, tiny.embed_dim), dim=-1)
+    loss = F.cross_entropy(tiny.logit_scale * feats @ learner.class_features(None).T, torch.arange(6))
+    loss.backward()
+    assert learner.ctx.grad is not None and learner.ctx.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in tiny.clip.model.parameters())
+    assert [n for n, _ in learner.named_parameters()] == ["ctx"]  # all that trains and travels
+
+
+def test_clip_adapter_with_alpha_zero_is_zero_shot_and_the_probe_starts_there(tiny):
+    x = torch.randn(5, tiny.embed_dim)
+    text = tiny.text_features(CLASSES)
+    assert torch.equal(ResidualMLPAdapter(tiny.embed_dim, 4, alpha=0.0)(x), F.normalize(x, dim=-1))
+    probe = LinearProbe(text)
+    assert torch.equal(probe(x) @ probe.class_features(text).T, F.normalize(x, dim=-1) @ text.T)
+
+
+def test_parameter_counts_for_vit_b_32():
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    d, width = 512, model.token_embedding.weight.shape[1]
+    counts = {
+        "fedclip": sum(p.numel() for p in AttentionAdapter(d).parameters()),
+        "promptfl": sum(p.numel() for p in PromptLearner(model, open_clip.get_tokenizer("ViT-B-32"), CLASSES,
+                                                         n_ctx=16).parameters()),
+        "clip_adapter": sum(p.numel() for p in ResidualMLPAdapter(d, 4).parameters()),
+        "linear_probe": sum(p.numel() for p in LinearProbe(torch.zeros(7, d)).parameters()),
+    }
+    assert counts == {"fedclip": 525_312, "promptfl": 8_192, "clip_adapter": 131_072, "linear_probe": 3_584}
+    assert width == 512
+    sizes = {h: num_adapter_params(d, h) for h in (512, 256, 128, 64, 32)}
+    assert sizes == {512: 525_312, 256: 262_912, 128: 131_712, 64: 66_112, 32: 33_312}
+    assert all(sum(p.numel() for p in AttentionAdapter(d, h).parameters()) == n for h, n in sizes.items())
+
+
+def test_bottleneck_adapter_gradients_match_autograd():
+    torch.manual_seed(0)
+    a = AttentionAdapter(12, hidden=5).double()
+    x = torch.randn(7, 12, dtype=torch.double, requires_grad=True)
+    params = (a.fc1.weight, a.fc1.bias, a.fc2.weight, a.fc2.bias)
+    assert torch.autograd.gradcheck(lambda *t: AdapterFunction.apply(*t), (x, *params))
+    a, x = a.float(), x.detach().float()  # the module computes in fp32
+    assert torch.equal(a(x), a.forward_autograd(x))
+
+
+# -- end to end --------------------------------------------------------------------------------------
+
+NEW = ["promptfl", "clip_adapter", "linear_probe", "fedclip_small"]
+EXTRA = {"promptfl": ["algorithm=promptfl", "algorithm.n_ctx=4"], "clip_adapter": ["algorithm=clip_adapter"],
+         "linear_probe": ["algorithm=linear_probe"], "fedclip_small": ["algorithm.adapter_hidden=8"]}
+BASE = [*PACS_MINI_ARGS, "logger=none", "federation.rounds=4", "federation.checkpoint_min_seconds=0",
+        "federation.keep_checkpoints=4", "algorithm.local_epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = {}
+    for name in NEW:
+        tmp = tmp_path_factory.mktemp(name)
+        proc = run_cli([*BASE, *EXTRA[name], "run_name=r"], tmp)
+        assert proc.returncode == 0, proc.stderr
+        out[name] = tmp / "outputs" / "r"
+    return out
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_resume_from_round_2_is_bitwise_the_straight_run(straight, tmp_path, name):
+    ref = straight[name]
+    run = tmp_path / "outputs" / "r"
+    run.mkdir(parents=True)
+    shutil.copytree(ref / "checkpoints" / "round-000002", run / "checkpoints" / "round-000002")
+    shutil.copy(ref / "data_manifest.json", run / "data_manifest.json")
+    with open(ref / "metrics.csv") as f:
+        kept = [row for row in csv.reader(f) if row[0] in ("round", "1", "2")]
+    with open(run / "metrics.csv", "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    proc = run_cli([*BASE, *EXTRA[name], "run_name=r", "resume=auto"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert read_summary(run)["resumed_from"] == 2
+    assert (run / "metrics.csv").read_text() == (ref / "metrics.csv").read_text()
+    a = torch.load(ref / "adapter_final.pt", weights_only=True)["state"]
+    b = torch.load(run / "adapter_final.pt", weights_only=True)["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_two_processes_give_the_numbers_of_one(straight, tmp_path, name):
+    proc = run_cli([*BASE, *EXTRA[name], "run_name=r", "fabric.devices=2"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    one, two = read_summary(straight[name]), read_summary(tmp_path / "outputs" / "r")
+    assert two["world_size"] == 2 and one["trainable_params"] == two["trainable_params"]
+    for block in ("selected", "final"):
+        for key in ("client_test_acc", "client_val_acc", "unseen_acc"):
+            for k, v in one[block][key].items():
+                assert two[block][key][k] == pytest.approx(v, abs=1e-6)
+    a = torch.load(straight[name] / "adapter_final.pt", weights_only=True)["state"]
+    b = torch.load(tmp_path / "outputs" / "r" / "adapter_final.pt", weights_only=True)["state"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
