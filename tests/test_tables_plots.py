@@ -201,7 +201,7 @@ def test_markdown_without_gaps_has_no_footnote():
 
 def test_write_sweep_tables(sweep: Path):
     paths = tables.write_sweep_tables(sweep)
-    assert sorted(p.name for p in paths) == ["table_final.csv", "table_final.md",
+    assert sorted(p.name for p in paths) == ["pareto.csv", "pareto.md", "table_final.csv", "table_final.md",
                                              "table_selected.csv", "table_selected.md"]
     assert all(p.parent == sweep and p.is_file() for p in paths)
 
@@ -258,7 +258,7 @@ def test_sweep_curves_are_means_over_tasks(sweep: Path):
 
 def test_plot_sweep_writes_pngs(sweep: Path):
     paths = plots.plot_sweep(sweep)
-    assert [p.name for p in paths] == ["accuracy_vs_round.png", "accuracy_vs_bytes.png"]
+    assert [p.name for p in paths] == ["accuracy_vs_round.png", "accuracy_vs_bytes.png", "pareto.png"]
     for p in paths:
         assert p.parent == sweep
         check_png(p)
