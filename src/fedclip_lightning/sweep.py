@@ -250,7 +250,10 @@ def report(sweep_dir: Path) -> str:
     paths = write_sweep_tables(sweep_dir)
     paths += plot_sweep(sweep_dir)
     md = (sweep_dir / "table_selected.md").read_text()
-    where = log_to_wandb(sweep_dir, paths)
+    try:
+        where = log_to_wandb(sweep_dir, paths)
+    except Exception as exc:  # noqa: BLE001 - the tables are written; W&B (a node without network...) is a copy
+        where = f"\nW&B: could not log the tables ({type(exc).__name__}: {exc}); they are in {sweep_dir}"
     return md + "\nwritten: " + ", ".join(str(p.relative_to(sweep_dir.parent)) for p in paths) + where
 
 

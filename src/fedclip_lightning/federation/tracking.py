@@ -81,6 +81,10 @@ class WandbTracking:
             session = Path(self.exp.dir).resolve().parent  # <dir>/wandb/offline-run-<time>-<id>/files
             return max(logged_rounds(session.parent, self.exp.id, but=session), default=0)
         last = self.exp.summary.get("round") if self.exp.resumed else None
+        try:  # with define_metric(summary="max") the summary holds {"max": N}
+            last = last["max"]
+        except (TypeError, KeyError, IndexError):
+            pass
         return int(last) if isinstance(last, (int, float)) and not math.isnan(last) else 0
 
     def log_round(self, rnd: int, values: dict[str, float]) -> None:
