@@ -71,6 +71,7 @@ CASES: dict[str, list[str]] = {
     "clip_adapter": ["algorithm=clip_adapter"],
     "linear_probe": ["algorithm=linear_probe"],
     "fedclip_hidden8": ["algorithm=fedclip", "algorithm.adapter_hidden=8"],
+    "promptfl_ft": ["algorithm=promptfl_ft", "algorithm.n_ctx=4", "algorithm.personal_epochs=2"],
 }
 
 # Cases also run on two processes (each spawn costs seconds): one of each code path across ranks.

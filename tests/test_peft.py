@@ -156,3 +156,15 @@ def test_two_processes_give_the_numbers_of_one(straight, tmp_path, name):
     b = torch.load(tmp_path / "outputs" / "r" / "adapter_final.pt", weights_only=True)["state"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_promptfl_ft_reports_personal_and_global_context_accuracies(tmp_path):
+    proc = run_cli([*PACS_MINI_ARGS, "logger=none", "algorithm=promptfl_ft", "algorithm.n_ctx=4",
+                    "algorithm.personal_epochs=2", "run_name=p"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    s = read_summary(tmp_path / "outputs" / "p")
+    assert s["algorithm"] == "promptfl_ft" and s["trainable_params"] == 4 * 32  # n_ctx x the text width
+    assert set(s["final"]["client_test_acc_global"]) == set(s["clients"])
+    with open(tmp_path / "outputs" / "p" / "metrics.csv") as f:
+        splits = {r["split"] for r in csv.DictReader(f)}
+    assert {"val_global", "test_global", "val", "test"} <= splits

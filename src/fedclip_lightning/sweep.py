@@ -40,7 +40,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--algorithms", default="fedclip,zeroshot",
                     help="comma-separated algorithms (fedclip, zeroshot, fedavg, fedprox, local, fedclip_ft, "
-                         "promptfl, clip_adapter, linear_probe)")
+                         "promptfl, promptfl_ft, clip_adapter, linear_probe)")
     ap.add_argument("--heldout", default="all", help="comma-separated held-out domains, or 'all' (default)")
     ap.add_argument("--name", default=None, help="sweep name: its folder under output_dir and its W&B group")
     ap.add_argument("--slurm", action="store_true", help="submit one SLURM job array instead of running here")

@@ -19,32 +19,26 @@ class FedCLIPFTConfig(AdapterConfig):
     personal_epochs: int = 1  # local fine-tuning epochs of each client's personal adapter
 
 
-@register
-class FedCLIPFT(FedCLIP):
-    name = "fedclip_ft"
-    config_class = FedCLIPFTConfig
-
-    @classmethod
-    def check(cls, config: FedCLIPFTConfig, bad) -> None:
-        check_adapter_hidden(config, bad)
-        if config.personal_epochs < 1:
-            bad("algorithm.personal_epochs", config.personal_epochs, "must be >= 1",
-                "set algorithm.personal_epochs=1 or more")
+class Personalized:
+    """On each evaluated round every client of this rank fine-tunes its own copy of the global state for
+    ``algorithm.personal_epochs`` on its training data and is evaluated with it; its accuracy with the
+    global state is reported too (``val_global`` / ``test_global``). Mixed into an algorithm that has
+    ``personal_epochs`` in its config; ``personal_optimizer`` says what fine-tunes."""
 
     def setup(self, ctx) -> None:
         super().setup(ctx)
         self.personal: dict[str, State] = {}
 
+    def personal_optimizer(self, client):
+        raise NotImplementedError
+
     def personalize(self, rnd: int, clients: dict) -> None:
-        """Each of this rank's clients fine-tunes the global adapter on its own training data. A fresh Adam
-        in the shared scratch block: a kept training state (optimizer_state=keep) stays untouched."""
         self.personal = {}
         for p in self.ctx.my_clients:
             client = clients[p.index]
             client.set_state(self.global_state)
-            optimizer = make_adam(client.trainable().values(), self.config, buffer=self.arena.scratch)
             local_fit(self.ctx.fabric, client, self.ctx.train_loader(p, "personal", rnd),
-                      self.config.personal_epochs, optimizer=optimizer)
+                      self.config.personal_epochs, optimizer=self.personal_optimizer(client))
             self.personal[p.name] = {k: v.cpu() for k, v in client.get_state().items()}
 
     def evaluate_client(self, client, p: Participant) -> dict[str, SplitResult]:
@@ -52,3 +46,25 @@ class FedCLIPFT(FedCLIP):
         client.set_state(self.personal[p.name])
         out.update({"val": self.ctx.evaluate(client, p, "val"), "test": self.ctx.evaluate(client, p, "test")})
         return out
+
+
+def check_personal_epochs(config, bad) -> None:
+    if config.personal_epochs < 1:
+        bad("algorithm.personal_epochs", config.personal_epochs, "must be >= 1",
+            "set algorithm.personal_epochs=1 or more")
+
+
+@register
+class FedCLIPFT(Personalized, FedCLIP):
+    name = "fedclip_ft"
+    config_class = FedCLIPFTConfig
+
+    @classmethod
+    def check(cls, config: FedCLIPFTConfig, bad) -> None:
+        check_adapter_hidden(config, bad)
+        check_personal_epochs(config, bad)
+
+    def personal_optimizer(self, client):
+        """A fresh Adam in the shared scratch block: a kept training state (optimizer_state=keep) stays
+        untouched."""
+        return make_adam(client.trainable().values(), self.config, buffer=self.arena.scratch)

@@ -18,7 +18,9 @@ import torch
 from ..config import AlgorithmConfig
 from ..data.partition import stable_seed
 from ..model.heads import PromptLearner
+from ..optim import make_adam
 from .base import AdapterAlgorithm, ClientResult, Participant
+from .fedclip_ft import Personalized, check_personal_epochs
 from .registry import register
 
 OPTIMIZERS = ("sgd", "adam")
@@ -76,3 +78,31 @@ class PromptFL(AdapterAlgorithm):
         if self.config.lr_schedule == "cosine":
             client.lr_factor = 0.5 * (1 + math.cos(math.pi * (rnd - 1) / max(1, self.cfg.federation.rounds)))
         return super().fit_client(client, p, rnd)
+
+
+@dataclass
+class PromptFLFTConfig(PromptFLConfig):
+    name: str = "promptfl_ft"
+    personal_epochs: int = 1  # local fine-tuning epochs of each client's own copy of the context
+
+
+@register
+class PromptFLFT(Personalized, PromptFL):
+    """PromptFL, then personalisation (like fedclip_ft): on each evaluated round every client fine-tunes
+    its own copy of the global context and is evaluated with it (``val_global``/``test_global``: the
+    global context's accuracy)."""
+
+    name = "promptfl_ft"
+    config_class = PromptFLFTConfig
+
+    @classmethod
+    def check(cls, config: PromptFLFTConfig, bad) -> None:
+        super().check(config, bad)
+        check_personal_epochs(config, bad)
+
+    def personal_optimizer(self, client):
+        params = client.trainable().values()
+        a = self.config
+        if a.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
+        return make_adam(params, a, buffer=self.arena.scratch)
