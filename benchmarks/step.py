@@ -31,7 +31,9 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,48 +43,15 @@ from fedclip_lightning.model.adapter import AttentionAdapter
 from fedclip_lightning.model.losses import clip_loss
 from fedclip_lightning.optim import AdamStateArena, adam_buffer_size, make_adam
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from old_hand_path import old_backward, old_clip_loss_and_grad, old_forward_train  # noqa: E402  (the one copy)
+
 
 class Algo:
     lr, betas, eps, weight_decay = 5e-5, [0.9, 0.98], 1e-6, 0.2
 
 
 # -- (c) the previous hand-written path (historical reference; private torch API) ----------------
-
-@torch.no_grad()
-def old_forward_train(ad: AttentionAdapter, features: torch.Tensor):
-    x = features.float()
-    h = torch.tanh(ad.fc1(x))
-    a = torch.softmax(ad.fc2(h), dim=-1)
-    u = a * x
-    n = u.norm(dim=-1, keepdim=True).clamp_min_(1e-12)
-    f = u / n
-    return f, (x, h, a, f, n)
-
-
-@torch.no_grad()
-def old_backward(ad: AttentionAdapter, saved, grad_features: torch.Tensor) -> None:
-    x, h, a, f, n = saved
-    du = (grad_features - f * (f * grad_features).sum(-1, keepdim=True)).div_(n)
-    da = du.mul_(x)
-    dz2 = a * (da - (a * da).sum(-1, keepdim=True))
-    ad.fc2.weight.grad = dz2.T @ h
-    ad.fc2.bias.grad = dz2.sum(0)
-    dz1 = (dz2 @ ad.fc2.weight).mul_(1 - h * h)
-    ad.fc1.weight.grad = dz1.T @ x
-    ad.fc1.bias.grad = dz1.sum(0)
-
-
-@torch.no_grad()
-def old_contrastive_loss_and_grad(scale: float, feats, text, y):
-    b = y.numel()
-    t = text[y]
-    logits = scale * feats @ t.T
-    targets = torch.arange(b, device=y.device)
-    loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-    g = logits.softmax(dim=1) + logits.softmax(dim=0)
-    g.diagonal().sub_(2.0)
-    return loss, (g @ t).mul_(scale / (2 * b))
-
 
 def old_adam_step(opt: torch.optim.Adam, buffer: torch.Tensor) -> None:
     """optim.adam_step's fast path: torch._fused_adam_ on the optimiser's own state."""
@@ -136,7 +105,7 @@ def function_step(ad: AttentionAdapter, params, opt, scale, x, text, y) -> tuple
 def hand_step(ad: AttentionAdapter, opt, buffer, scale, x, text, y) -> tuple[float, float]:
     t0 = time.perf_counter()
     feats, saved = old_forward_train(ad, x)
-    _, grad = old_contrastive_loss_and_grad(scale, feats, text, y)
+    _, grad = old_clip_loss_and_grad("contrastive", scale, feats, text, y)
     old_backward(ad, saved, grad)
     t1 = time.perf_counter()
     old_adam_step(opt, buffer)
