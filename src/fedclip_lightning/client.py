@@ -22,8 +22,6 @@ Prediction is ``argmax_c I* @ T_c`` in both cases.
 
 from __future__ import annotations
 
-import dataclasses
-
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -32,7 +30,7 @@ from .config import AlgorithmConfig
 from .model.adapter import AttentionAdapter
 from .model.backbone import Backbone
 from .model.losses import clip_loss, proximal_term
-from .optim import make_adam
+from .optim import make_optimizer
 
 
 class CLIPClient(L.LightningModule):
@@ -86,18 +84,14 @@ class CLIPClient(L.LightningModule):
         return self.validation_step(batch, batch_idx)
 
     def configure_optimizers(self, state: dict | None = None) -> torch.optim.Optimizer:
-        """Adam over ``trainable()``: a new state laid out in ``adam_buffer``, or ``state`` (a kept
-        ``optimizer.state_dict()``) continued where its moments already live."""
+        """Adam over ``trainable()`` (SGD where the algorithm says so) at ``lr_factor`` times its lr: a new
+        state laid out in ``adam_buffer``, or ``state`` (a kept ``optimizer.state_dict()``) continued
+        where its moments already live."""
         params = self.trainable()
         if not params:
             raise RuntimeError(f"client {self.client_name!r} has nothing to optimise")
-        a = self.algorithm
-        lr = a.lr * self.lr_factor
-        if getattr(a, "optimizer", "adam") == "sgd":  # CoOp / PromptFL
-            return torch.optim.SGD(params.values(), lr=lr, momentum=a.momentum, weight_decay=a.weight_decay)
-        if self.lr_factor != 1.0:
-            a = dataclasses.replace(a, lr=lr)
-        return make_adam(params.values(), a, buffer=self.adam_buffer, state=state)
+        return make_optimizer(params.values(), self.algorithm, buffer=self.adam_buffer, state=state,
+                              lr_factor=self.lr_factor)
 
     # -- federation interface ------------------------------------------------
     def get_state(self) -> dict[str, torch.Tensor]:

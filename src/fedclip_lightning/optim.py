@@ -74,6 +74,21 @@ def make_adam(params, a: AlgorithmConfig, buffer: torch.Tensor | None = None,
     return optimizer
 
 
+def make_optimizer(params, a: AlgorithmConfig, buffer: torch.Tensor | None = None,
+                   state: dict[str, Any] | None = None, lr_factor: float = 1.0) -> torch.optim.Optimizer:
+    """What ``a`` trains with, at ``lr_factor`` times its lr (a schedule over rounds): ``make_adam``, or
+    for ``optimizer: sgd`` (CoOp / PromptFL) SGD with ``a.momentum`` and ``a.weight_decay`` (``buffer``
+    and ``state`` are Adam's)."""
+    lr = a.lr * lr_factor
+    if getattr(a, "optimizer", "adam") == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=a.momentum, weight_decay=a.weight_decay)
+    if lr_factor != 1.0:
+        import dataclasses
+
+        a = dataclasses.replace(a, lr=lr)
+    return make_adam(params, a, buffer=buffer, state=state)
+
+
 def adam_buffer_size(params) -> int:
     """Values of a block that holds Adam's two moments for ``params``."""
     return 2 * sum(p.numel() for p in params)

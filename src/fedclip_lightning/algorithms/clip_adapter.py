@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import AlgorithmConfig
 from ..model.heads import ResidualMLPAdapter
 from .base import AdapterAlgorithm
-from ..config import AlgorithmConfig
 from .registry import register
 
 

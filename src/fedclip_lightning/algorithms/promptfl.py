@@ -18,7 +18,7 @@ import torch
 from ..config import AlgorithmConfig
 from ..data.partition import stable_seed
 from ..model.heads import PromptLearner
-from ..optim import make_adam
+from ..optim import make_optimizer
 from .base import AdapterAlgorithm, ClientResult, Participant
 from .fedclip_ft import Personalized, check_personal_epochs
 from .registry import register
@@ -101,8 +101,6 @@ class PromptFLFT(Personalized, PromptFL):
         check_personal_epochs(config, bad)
 
     def personal_optimizer(self, client):
-        params = client.trainable().values()
-        a = self.config
-        if a.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
-        return make_adam(params, a, buffer=self.arena.scratch)
+        """The algorithm's optimiser at its full lr; Adam's moments in the shared scratch block (a kept
+        training state stays untouched)."""
+        return make_optimizer(client.trainable().values(), self.config, buffer=self.arena.scratch)

@@ -52,6 +52,7 @@ class RunOutputs:
         print_header(self.cfg, s, self.run_dir, random_init, self.fabric)
         atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(s.config))
         self.wandb = WandbTracking(self.fabric, self.run_dir, start_round)
+        self.other_loggers = [lg for lg in self.fabric.loggers if lg is not wandb_logger(self.fabric)]  # CSV
         for lg in self.fabric.loggers:
             try:
                 lg.log_hyperparams(s.config)
@@ -119,9 +120,8 @@ class RunOutputs:
             logd["mean/client_test_acc_global"] = metrics.mean_client_test_acc_global
         logd = {k: v for k, v in logd.items() if not (isinstance(v, float) and math.isnan(v))}
         self.wandb.log_round(metrics.round, logd)
-        for lg in self.fabric.loggers:
-            if lg is not wandb_logger(self.fabric):
-                lg.log_metrics(logd, step=metrics.round)
+        for lg in self.other_loggers:
+            lg.log_metrics(logd, step=metrics.round)
 
     def round_done(self) -> None:
         self.bar.update(1)
@@ -188,13 +188,12 @@ def print_header(cfg: Config, s: Summary, run_dir: Path, random_init: bool, fabr
     print(f"  clients: {listed}")
     print(f"  unseen:  {', '.join(s.unseen) or '-'}")
     print(f"  {w} rounds on {fabric.world_size} process(es), {fabric.device.type}; run directory {run_dir}")
-    if os.environ.get("SLURM_JOB_ID"):
-        env = os.environ.get
-        job = env("SLURM_JOB_ID") + (f" (array {env('SLURM_ARRAY_JOB_ID')}_{env('SLURM_ARRAY_TASK_ID')})"
-                                     if env("SLURM_ARRAY_TASK_ID") else "")
-        print(f"  SLURM job {job} on {env('SLURM_JOB_NODELIST', '?')}: {env('SLURM_NTASKS', '?')} task(s), "
-              f"{env('SLURM_CPUS_PER_TASK', env('SLURM_CPUS_ON_NODE', '?'))} CPUs per task, GPUs "
-              f"{env('SLURM_GPUS_ON_NODE', env('CUDA_VISIBLE_DEVICES', 'none'))}; fabric: "
+    if s.slurm:  # summary.json's slurm block: the job as this process's environment says
+        j = s.slurm
+        job = j["job_id"] + (f" (array {j.get('array_job_id')}_{j['array_task_id']})" if "array_task_id" in j else "")
+        print(f"  SLURM job {job} on {j.get('nodelist', '?')}: {j.get('ntasks', '?')} task(s), "
+              f"{j.get('cpus_per_task', j.get('cpus_on_node', '?'))} CPUs per task, GPUs "
+              f"{j.get('gpus_on_node', os.environ.get('CUDA_VISIBLE_DEVICES', 'none'))}; fabric: "
               f"{cfg.fabric.num_nodes} node(s) x {cfg.fabric.devices} device(s), accelerator {fabric.device.type}")
     if s.skipped_images:
         print(f"  skipped {len(s.skipped_images)} unreadable image(s) (data.on_corrupt=skip); listed in summary.json")
