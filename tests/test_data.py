@@ -414,7 +414,7 @@ def test_synthetic_generated_once_and_scans(monkeypatch: pytest.MonkeyPatch, tmp
     root = ensure_synthetic_dataset(per_class=6, image_size=32)
     assert root.parent == cache and root.name.startswith("synthetic-v1-")
     files = sorted(root.rglob("*.png"))
-    assert len(files) == 4 * 5 * 6
+    assert len(files) == len(SYNTHETIC_DOMAINS) * 5 * 6 == 6 * 5 * 6
     assert sorted(p.name for p in cache.iterdir()) == [root.name]  # no temporary leftovers
     mtimes = {p: p.stat().st_mtime_ns for p in files}
     assert ensure_synthetic_dataset(per_class=6, image_size=32) == root
@@ -430,6 +430,7 @@ def test_synthetic_generated_once_and_scans(monkeypatch: pytest.MonkeyPatch, tmp
     assert other != root
     means = {d: np.asarray(Image.open(root / d / "circle" / "000.png"), dtype=float).mean() for d in SYNTHETIC_DOMAINS}
     assert means["sketch"] > means["photo"] and means["sketch"] > means["painting"]
+    assert means["chalk"] < means["photo"] and means["neon"] < means["chalk"]  # a dark board, a dark wall
     # Deterministic: regenerating elsewhere gives identical pixels.
     again = ensure_synthetic_dataset(tmp_path / "elsewhere", per_class=6, image_size=32)
     for p in files[:10]:
@@ -453,7 +454,7 @@ def test_synthetic_concurrent_callers(tmp_path: Path) -> None:
         t.join()
     assert not errors and len(set(results)) == 1
     root = results[0]
-    assert len(list(root.rglob("*.png"))) == 4 * 5 * 2
+    assert len(list(root.rglob("*.png"))) == len(SYNTHETIC_DOMAINS) * 5 * 2
     assert [p.name for p in tmp_path.iterdir()] == [root.name]
 
 

@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from ..errors import DataError
 from .partition import stable_seed
 
-SYNTHETIC_DOMAINS: list[str] = ["photo", "cartoon", "sketch", "painting"]
+SYNTHETIC_DOMAINS: list[str] = ["photo", "cartoon", "sketch", "painting", "chalk", "neon"]
 SYNTHETIC_CLASSES: list[str] = ["circle", "square", "triangle", "star", "cross"]
 VERSION = "synthetic-v1"
 _COMPLETE = ".complete"
@@ -266,11 +266,59 @@ def _draw_painting(rng: np.random.Generator, cls: str, size: int, geo: tuple[flo
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
+def _outline(rng: np.random.Generator, cls: str, size: int, geo: tuple[float, float, float, float],
+             jitter: float) -> list[Point]:
+    """The shape's outline as a hand-drawn path: a little off the true outline, jittered, overshooting."""
+    cx, cy, r, theta = geo
+    poly = _shape_polygon(cls, cx + rng.normal(0, size * 0.004), cy + rng.normal(0, size * 0.004),
+                          r * rng.uniform(0.97, 1.03), theta + rng.normal(0, 0.03))
+    pts = _densify(poly, size / 40)
+    moved = rng.normal(0, size * jitter, (len(pts), 2))
+    path = [(x + jx, y + jy) for (x, y), (jx, jy) in zip(pts, moved)]
+    return path + path[: max(1, len(path) // 10)]
+
+
+def _draw_chalk(rng: np.random.Generator, cls: str, size: int, geo: tuple[float, float, float, float]) -> Image.Image:
+    """Chalk on a blackboard: light, grainy, broken strokes on a dark slate or green board with smudges."""
+    board = _hsv(rng.choice([0.33, 0.45, 0.6]) + rng.normal(0, 0.03), rng.uniform(0.1, 0.45), rng.uniform(0.12, 0.3))
+    arr = np.full((size, size, 3), board, dtype=np.float32)
+    arr *= 0.8 + 0.4 * _smooth_noise(rng, size, int(rng.integers(5, 10)), 1)
+    layer = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(layer)
+    width = max(2, int(round(size * rng.uniform(0.025, 0.04))))
+    for _ in range(int(rng.integers(1, 3))):
+        d.line(_outline(rng, cls, size, geo, 0.008), fill=255, width=width)
+    grain = rng.random((size, size)) < rng.uniform(0.55, 0.8)  # chalk skips over the board's grain
+    m = (np.asarray(layer, dtype=np.float32) / 255.0 * grain)[..., None]
+    chalk = np.array(_hsv(rng.random(), rng.uniform(0.0, 0.25), rng.uniform(0.85, 1.0)), dtype=np.float32)
+    arr = arr * (1 - 0.9 * m) + chalk * 0.9 * m
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def _draw_neon(rng: np.random.Generator, cls: str, size: int, geo: tuple[float, float, float, float]) -> Image.Image:
+    """A neon sign: a bright, saturated tube along the outline with a soft glow, on a near-black wall."""
+    wall = rng.uniform(5, 30)
+    arr = np.full((size, size, 3), wall, dtype=np.float32)
+    arr += rng.normal(0, 3, arr.shape).astype(np.float32)
+    tube = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(tube).line(_outline(rng, cls, size, geo, 0.002), fill=255,
+                              width=max(2, int(round(size * rng.uniform(0.02, 0.035)))))
+    core = np.asarray(tube, dtype=np.float32)[..., None] / 255.0
+    glow = np.asarray(tube.filter(ImageFilter.GaussianBlur(size * rng.uniform(0.03, 0.06))),
+                      dtype=np.float32)[..., None] / 255.0
+    colour = np.array(_hsv(rng.random(), rng.uniform(0.7, 1.0), 1.0), dtype=np.float32)
+    arr = arr + colour * np.clip(2.5 * glow, 0, 1) * 0.8
+    arr = arr * (1 - core) + (0.6 * colour + 0.4 * 255) * core
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
 _STYLES = {
     "photo": _draw_photo,
     "cartoon": _draw_cartoon,
     "sketch": _draw_sketch,
     "painting": _draw_painting,
+    "chalk": _draw_chalk,
+    "neon": _draw_neon,
 }
 
 
