@@ -135,6 +135,23 @@ def test_options_sample_weighting_kept_optimizer_prototype_loss(tmp_path):
     assert (tmp_path / "outputs" / "o" / "csv_logs").is_dir()
 
 
+def test_zero_shot_baseline_column(tmp_path):
+    """After training, zero-shot CLIP on the same splits: summary.json's zero_shot block (the numbers of an
+    algorithm=zeroshot run) and the table's first column group; federation.zero_shot_baseline=false skips it."""
+    runs = {name: run_cli([*PACS_MINI_ARGS, f"run_name={name}", "logger=none", *more], tmp_path)
+            for name, more in {"with": [], "without": ["federation.zero_shot_baseline=false"],
+                               "zs": ["algorithm=zeroshot"]}.items()}
+    for proc in runs.values():
+        assert proc.returncode == 0, proc.stderr
+    s = {name: read_summary(tmp_path / "outputs" / name) for name in runs}
+    for key in ("client_val_acc", "client_test_acc", "unseen_acc"):
+        assert s["with"]["zero_shot"][key] == s["zs"]["final"][key]
+    assert s["without"]["zero_shot"] is None and s["zs"]["zero_shot"] is None
+    # The baseline changes nothing the rounds computed.
+    assert s["with"]["final"] == s["without"]["final"] and s["with"]["selected"] == s["without"]["selected"]
+    assert "zero-shot" in runs["with"].stdout and "zero-shot" not in runs["without"].stdout
+
+
 def test_embedded_demo_runs_with_no_arguments(tmp_path):
     proc = run_cli(["federation.rounds=2", "progress=false"], tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -142,6 +142,9 @@ class FederationConfig:
     # ...but at most once per this many seconds (the last round and a preemption always checkpoint): a
     # crash loses at most this much work, and fast rounds do not spend their time writing checkpoints.
     checkpoint_min_seconds: float = 10.0
+    # After training, evaluate zero-shot CLIP (the frozen model and the class prompts) on the same splits:
+    # the end-of-run table's baseline column and summary.json's zero_shot block (one evaluation pass).
+    zero_shot_baseline: bool = True
     # -- the server side (federation/server_update.py); the defaults are the reference's plain averaging.
     # none (average), momentum (FedAvgM), adam, yogi, adagrad (Reddi et al. 2021).
     server_optimizer: str = "none"

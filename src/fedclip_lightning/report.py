@@ -251,6 +251,8 @@ class Summary:
     rounds_run: int = 0
     selected: RoundMetrics | None = None
     final: RoundMetrics | None = None
+    # Zero-shot CLIP on the same splits (federation.zero_shot_baseline), for comparison.
+    zero_shot: RoundMetrics | None = None
     bytes_up_total: int = 0
     bytes_down_total: int = 0
     wall_time_s: float = 0.0
@@ -280,6 +282,7 @@ class Summary:
             "selected_round": self.selected.round if self.selected else None,
             "selected": self.selected.as_dict() if self.selected else None,
             "final": self.final.as_dict() if self.final else None,
+            "zero_shot": self.zero_shot.as_dict() if self.zero_shot else None,
             "trainable_params": self.trainable_params,
             "communicated_params": self.communicated_params,
             "bytes_per_client_per_round": self.bytes_per_client_per_round,
@@ -323,32 +326,31 @@ def _pct(x: float | None) -> str:
 
 
 def format_table(s: Summary) -> str:
-    """The end-of-run table: per-client and unseen-domain accuracy (%), selected and final round."""
-    sel, fin = s.selected, s.final
+    """The end-of-run table: per-client and unseen-domain accuracy (%), selected and final round, and
+    zero-shot CLIP on the same splits where the run evaluated it (the left column group)."""
+    sel, fin, zs = s.selected, s.final, s.zero_shot
     if fin is None:
         return "no round was evaluated"
     name_w = max([len(n) for n in s.clients + s.unseen] + [len("mean (unseen)")]) + 2
-    head = (f"{'':{name_w}}  {'selected round ' + str(sel.round) if sel else '':>24}  "
-            f"{'final round ' + str(fin.round):>24}")
-    sub = f"{'domain':{name_w}}  {'val':>8} {'test':>8}        {'val':>8} {'test':>8}"
+    groups = ([("zero-shot", zs)] if zs is not None else []) + \
+        [(f"selected round {sel.round}" if sel else "", sel), (f"final round {fin.round}", fin)]
+    gap = " " * 8
+
+    def row(name: str, cells) -> str:
+        return f"{name:{name_w}}  " + gap.join(f"{v:>8} {t:>8}" for v, t in cells)
+
+    head = f"{'':{name_w}}  " + gap.join(f"{title:>17}" for title, _ in groups)
+    sub = row("domain", [("val", "test")] * len(groups))
     lines = [head, sub, "-" * len(sub)]
     for c in s.clients:
-        lines.append(
-            f"{c:{name_w}}  {_pct(sel.client_val_acc.get(c) if sel else None):>8} "
-            f"{_pct(sel.client_test_acc.get(c) if sel else None):>8}        "
-            f"{_pct(fin.client_val_acc.get(c)):>8} {_pct(fin.client_test_acc.get(c)):>8}"
-        )
-    lines.append(
-        f"{'mean (clients)':{name_w}}  {_pct(sel.mean_client_val_acc if sel else None):>8} "
-        f"{_pct(sel.mean_client_test_acc if sel else None):>8}        "
-        f"{_pct(fin.mean_client_val_acc):>8} {_pct(fin.mean_client_test_acc):>8}"
-    )
+        lines.append(row(c, [(_pct(m.client_val_acc.get(c) if m else None),
+                              _pct(m.client_test_acc.get(c) if m else None)) for _, m in groups]))
+    lines.append(row("mean (clients)", [(_pct(m.mean_client_val_acc if m else None),
+                                         _pct(m.mean_client_test_acc if m else None)) for _, m in groups]))
     if s.unseen:
         lines.append("-" * len(sub))
         for u in s.unseen:
-            lines.append(f"{u + ' (unseen)':{name_w}}  {'':>8} {_pct(sel.unseen_acc.get(u) if sel else None):>8}"
-                         f"        {'':>8} {_pct(fin.unseen_acc.get(u)):>8}")
+            lines.append(row(f"{u} (unseen)", [("", _pct(m.unseen_acc.get(u) if m else None)) for _, m in groups]))
         if len(s.unseen) > 1:
-            lines.append(f"{'mean (unseen)':{name_w}}  {'':>8} {_pct(sel.mean_unseen_acc if sel else None):>8}"
-                         f"        {'':>8} {_pct(fin.mean_unseen_acc):>8}")
+            lines.append(row("mean (unseen)", [("", _pct(m.mean_unseen_acc if m else None)) for _, m in groups]))
     return "\n".join(lines)

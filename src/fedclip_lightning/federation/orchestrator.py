@@ -274,6 +274,8 @@ def _run_rounds(cfg: Config, fabric: Fabric, task, domains, run_dir: Path, start
         summary.setup_seconds = time.perf_counter() - started
         server.fit()
         saved = server.save_final()
+        if cfg.federation.zero_shot_baseline and algorithm.trains:
+            summary.zero_shot = server.evaluate_zero_shot()
         summary.status = "finished"
     except Preempted as exc:
         summary.error = str(exc)

@@ -118,6 +118,27 @@ class Server:
         self.phase_seconds["logging"] += time.perf_counter() - t2
         return metrics
 
+    def evaluate_zero_shot(self) -> RoundMetrics:
+        """Zero-shot CLIP (the frozen backbone and the class prompts, nothing trained) on every participant's
+        val, test and unseen splits, through the same evaluation as the rounds: the baseline beside the trained
+        model in the end-of-run table. Run after training, on its own random stream, so it changes nothing
+        the rounds compute."""
+        import dataclasses
+
+        import torch
+
+        from ..algorithms import registry
+        from ..config import algorithm_config
+
+        zero_shot = registry.get("zeroshot")(dataclasses.replace(self.cfg, algorithm=algorithm_config({"name": "zeroshot"})))
+        t = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            zero_shot.setup(self.ctx)
+            clients = {p.index: zero_shot.make_client(p) for p in self.ctx.mine}
+            metrics, _, _ = RoundEvaluator(self.fabric, self.ctx.parts, clients, zero_shot).evaluate(0, {})
+        self.phase_seconds["evaluate"] += time.perf_counter() - t
+        return metrics
+
     def end_round(self, rnd: int) -> bool:
         """Checkpoint on the interval, at the end, and whenever a preemption signal arrived (any rank);
         True when the run is to stop here."""
