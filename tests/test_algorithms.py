@@ -46,7 +46,7 @@ def test_fedavg_trains_the_backbone_and_counts_every_tensor(tmp_path):
     assert s["bytes_up_total"] == s["bytes_down_total"] == 2 * 3 * 4 * TINY_PARAMS
     assert s["features"] == {"cache": False}  # the encoder trains: no cached features
     state = _state(run_dir / "model_final.pt")
-    frozen = load_backbone(load_config([]).backbone).clip.model  # the same seeded random init
+    frozen = load_backbone(load_config(["backbone=tiny_vit"]).backbone).clip.model  # the same seeded random init
     assert sum(v.numel() for v in state.values()) == TINY_PARAMS
     assert "logit_scale" in state and any(k.startswith("visual.") for k in state)
     assert any(k.startswith("transformer.") for k in state)  # the text tower too
@@ -58,7 +58,7 @@ def test_fedavg_trains_the_backbone_and_counts_every_tensor(tmp_path):
 
 def test_fedavg_image_tower_only(tmp_path):
     s, run_dir = _run(tmp_path, "img", "algorithm=fedavg", "algorithm.trainable=image", rounds=1)
-    visual = sum(p.numel() for p in load_backbone(load_config([]).backbone).clip.model.visual.parameters())
+    visual = sum(p.numel() for p in load_backbone(load_config(["backbone=tiny_vit"]).backbone).clip.model.visual.parameters())
     assert s["trainable_params"] == visual
     assert all(k.startswith("visual.") for k in _state(run_dir / "model_final.pt"))
 

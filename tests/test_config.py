@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fedclip_lightning.config import Config, conf_dir, load_config, to_config, validate
@@ -27,7 +29,12 @@ def test_every_preset_composes_and_validates(group, option, tmp_path):
 
 def test_default_is_the_demo():
     cfg = load_config([])
-    assert cfg.data.dataset == "synthetic" and cfg.backbone.pretrained is None
+    assert cfg.data.dataset == "synthetic" and cfg.data.unseen == ["photo"]
+    # The small CLIP that ships in the package, named by the fedclip_weights resolver: a real file path.
+    assert cfg.backbone.name == "fedclip-mini" and Path(cfg.backbone.pretrained).is_file()
+    assert Path(cfg.backbone.pretrained).name == "fedclip-mini-synthetic.pt"
+    assert cfg.algorithm.name == "fedclip" and cfg.algorithm.lr == 5e-5  # the reference hyperparameters
+    assert cfg.federation.rounds == 200 and cfg.federation.zero_shot_baseline
     assert cfg.fabric.accelerator == "cpu"
 
 

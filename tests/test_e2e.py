@@ -153,10 +153,19 @@ def test_zero_shot_baseline_column(tmp_path):
 
 
 def test_embedded_demo_runs_with_no_arguments(tmp_path):
-    proc = run_cli(["federation.rounds=2", "progress=false"], tmp_path)
+    """The newcomer's command, as the README gives it: the pretrained small CLIP, FedCLIP for 200 rounds,
+    and a table that ends with zero-shot beside FedCLIP."""
+    proc = run_cli([], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "synthetic" in proc.stdout and "RANDOMLY initialised" in proc.stdout
+    assert "synthetic" in proc.stdout and "fedclip-mini" in proc.stdout
+    assert "RANDOMLY initialised" not in proc.stdout
     (run_dir,) = (tmp_path / "outputs").iterdir()
     s = read_summary(run_dir)
-    assert s["clients"] == ["photo", "cartoon", "painting"] and s["unseen"] == ["sketch"]
-    assert s["status"] == "finished"
+    assert s["clients"] == ["sketch", "chalk", "neon"] and s["unseen"] == ["photo"]
+    assert s["status"] == "finished" and s["rounds_run"] == 200
+    header = next(line for line in proc.stdout.splitlines() if "zero-shot" in line and "final round 200" in line)
+    assert header.index("zero-shot") < header.index("selected round") < header.index("final round")
+    mean = next(line for line in proc.stdout.splitlines() if line.startswith("mean (clients)")).split()
+    zs_test, final_test = float(mean[3]), float(mean[-1])
+    assert zs_test == round(100 * s["zero_shot"]["mean_client_test_acc"], 2)
+    assert final_test > zs_test

@@ -59,7 +59,7 @@ def test_second_run_encodes_nothing_and_a_changed_image_invalidates(tmp_path):
 
 
 def test_truncated_or_mismatched_file_is_rebuilt(tmp_path):
-    backbone = load_backbone(load_config([]).backbone)
+    backbone = load_backbone(load_config(["backbone=tiny_vit"]).backbone)
     samples = scan_domains(PACS_MINI, ["photo"]).samples["photo"]
     ident = model_identity(backbone, "fp32", 0)
     cache = FeatureCache(tmp_path, backbone, ident, batch_size=4, progress=False)
@@ -82,7 +82,7 @@ def test_truncated_or_mismatched_file_is_rebuilt(tmp_path):
 
 
 def test_encode_matches_the_backbone_batch_by_batch():
-    backbone = load_backbone(load_config([]).backbone)
+    backbone = load_backbone(load_config(["backbone=tiny_vit"]).backbone)
     samples = scan_domains(PACS_MINI, ["sketch"]).samples["sketch"]
     feats = encode_images(backbone, samples, batch_size=3, num_workers=0, progress=False)
     from fedclip_lightning.data.domains import ImageDataset
@@ -100,7 +100,7 @@ def test_cache_refused_where_it_is_not_exact():
 
 
 def test_a_different_model_never_shares_files(tmp_path):
-    backbone = load_backbone(load_config([]).backbone)
+    backbone = load_backbone(load_config(["backbone=tiny_vit"]).backbone)
     a = model_identity(backbone, "fp32", 0)
     b = model_identity(backbone, "fp32", 1)  # another random init
     c = model_identity(backbone, "bf16", 0)

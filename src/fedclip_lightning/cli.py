@@ -19,7 +19,8 @@ USAGE = """\
 usage: fedclip-lightning [--print-config] [key=value ...]
 
 Runs federated CLIP training as configured by conf/ (Hydra). With no
-arguments: the embedded demo (synthetic data, tiny random backbone, CPU).
+arguments: the embedded demo (synthetic data, the small pretrained CLIP that
+ships in the package, FedCLIP for 200 rounds, CPU).
 
 examples:
   fedclip-lightning                                   # the demo

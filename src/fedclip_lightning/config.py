@@ -21,6 +21,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
 
+
+def _shipped_weights(name: str) -> str:
+    from .weights import path
+
+    return path(name)
+
+
+# ${fedclip_weights:<name>}: the path of weights shipped in the package (the demo's small CLIP).
+OmegaConf.register_new_resolver("fedclip_weights", _shipped_weights, replace=True)
+
 FEATURE_CACHE_MODES = ("auto", "on", "off")
 LOSSES = ("contrastive", "prototype")
 AGGREGATIONS = ("uniform", "samples")

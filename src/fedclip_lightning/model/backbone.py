@@ -36,7 +36,7 @@ _registered = False
 
 
 def register_tiny_configs() -> None:
-    """Register the project's tiny model configs (fedclip-tiny-vit, fedclip-tiny-rn) with open_clip."""
+    """Register the project's model configs (fedclip-tiny-vit, fedclip-tiny-rn, fedclip-mini) with open_clip."""
     global _registered
     if not _registered:
         import open_clip
