@@ -105,3 +105,62 @@ def test_a_different_model_never_shares_files(tmp_path):
     b = model_identity(backbone, "fp32", 1)  # another random init
     c = model_identity(backbone, "bf16", 0)
     assert len({json.dumps(x, sort_keys=True) for x in (a, b, c)}) == 3
+
+
+def test_the_cache_is_keyed_by_precision(tmp_path):
+    """A bf16 run never reads fp32 features, nor the reverse; each reads its own back."""
+    from fedclip_lightning.config import BackboneConfig
+
+    samples = [s for items in scan_domains(PACS_MINI, None).samples.values() for s in items][:12]
+    feats, stats = {}, {}
+    for precision in ("fp32", "bf16", "fp32", "bf16"):
+        backbone = load_backbone(BackboneConfig(name="fedclip-tiny-vit", precision=precision, download=False), seed=0)
+        assert backbone.precision == precision
+        cache = FeatureCache(tmp_path, backbone, model_identity(backbone, backbone.precision, 0), batch_size=4,
+                             progress=False)
+        f = cache.get(samples)
+        if precision in feats:  # the second time: read back, bitwise
+            assert cache.stats.encoded_images == 0 and torch.equal(f, feats[precision])
+        else:
+            assert cache.stats.encoded_images == len(samples)
+            feats[precision] = f
+        stats.setdefault(precision, []).append(cache.stats.cached_images)
+    assert not torch.equal(feats["fp32"], feats["bf16"])
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+    cos = torch.nn.functional.cosine_similarity(feats["fp32"], feats["bf16"], dim=-1)
+    assert cos.min() > 0.99  # the same model, rounded
+
+
+def test_fast_precision_is_the_fastest_native_one(monkeypatch):
+    from fedclip_lightning.model import backbone as bb
+
+    assert bb.resolve_precision("auto", "cpu") == "fp32" and bb.resolve_precision("auto", "cuda") == "fp16"
+    monkeypatch.setattr(bb, "cpu_has_bf16", lambda: True)
+    assert bb.resolve_precision("fast", "cpu") == "bf16"
+    monkeypatch.setattr(bb, "cpu_has_bf16", lambda: False)
+    assert bb.resolve_precision("fast", "cpu") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert bb.resolve_precision("fast", "cuda") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert bb.resolve_precision("fast", "cuda") == "fp16"
+    for explicit in ("fp32", "bf16", "fp16", "pure_fp16"):
+        assert bb.resolve_precision(explicit, "cpu") == explicit
+    assert load_config(["backbone.precision=fast"]).backbone.precision == "fast"
+
+
+def test_cpu_bf16_flags_are_read_from_cpuinfo(tmp_path, monkeypatch):
+    from fedclip_lightning.model import backbone as bb
+
+    real = bb.Path
+
+    def fake(text):
+        f = tmp_path / "cpuinfo"
+        f.write_text(text)
+        monkeypatch.setattr(bb, "Path", lambda p: f if p == "/proc/cpuinfo" else real(p))
+
+    fake("processor : 0\nflags : fpu sse avx512f avx512_bf16 avx512_vnni\n")
+    assert bb.cpu_has_bf16()
+    fake("processor : 0\nflags : fpu sse amx_tile amx_bf16\n")
+    assert bb.cpu_has_bf16()
+    fake("processor : 0\nflags : fpu sse avx2 avx512f\n")
+    assert not bb.cpu_has_bf16()

@@ -40,7 +40,7 @@ ON_CORRUPT = ("error", "skip")
 CLASS_NAME_STYLES = ("verbatim", "spaces")
 LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "pure_fp16")
+PRECISIONS = ("auto", "fast", "fp32", "bf16", "fp16", "pure_fp16")
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 
 
@@ -56,6 +56,8 @@ class BackboneConfig:
     # Precision of the frozen encoders; the adapter always runs in fp32.
     # auto: fp16 on a GPU, fp32 on the CPU. fp16 is clip.load's mixed precision (the reference's numerics:
     # weights in fp16, LayerNorm computed in fp32); pure_fp16 runs everything in fp16; bf16 is pure bf16.
+    # fast: the fastest the device runs natively (bf16 on CPUs with AVX512-BF16/AMX and GPUs with bf16,
+    # fp16 on other GPUs, fp32 on other CPUs). The feature cache keys on the precision a run resolves to.
     precision: str = "auto"
     # QuickGELU activations (OpenAI weights need them); null: as the tag says.
     quick_gelu: bool | None = None

@@ -119,11 +119,29 @@ def input_dtype(tower: torch.nn.Module) -> torch.dtype:
 _PRECISION = {"fp32": "fp32", "bf16": "pure_bf16", "fp16": "fp16", "pure_fp16": "pure_fp16"}
 
 
+def cpu_has_bf16() -> bool:
+    """Does this CPU multiply bf16 natively (AVX512-BF16 or AMX-BF16, as Linux's /proc/cpuinfo lists its
+    flags)? Elsewhere (no such file) the answer is no: ``fast`` stays fp32 there."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """``auto``: fp16 on a GPU (what the reference's clip.load gives), fp32 elsewhere."""
-    if precision != "auto":
-        return precision
-    return "fp16" if torch.device(device).type == "cuda" else "fp32"
+    """``auto``: the reference's numerics, fp16 on a GPU (what its clip.load gives), fp32 elsewhere.
+    ``fast``: the fastest precision the device runs natively: bf16 on a CPU with AVX512-BF16 or AMX and on
+    a GPU that has bf16, fp16 on other GPUs, fp32 on other CPUs."""
+    device = torch.device(device)
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fast":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+    return precision
 _CACHE: dict[tuple, Backbone] = {}
 
 
