@@ -164,3 +164,36 @@ def test_cpu_bf16_flags_are_read_from_cpuinfo(tmp_path, monkeypatch):
     assert bb.cpu_has_bf16()
     fake("processor : 0\nflags : fpu sse avx2 avx512f\n")
     assert not bb.cpu_has_bf16()
+
+
+@pytest.mark.parametrize("backbone_name", ["tiny_vit", "mini_clip"])
+def test_uint8_pixels_then_batch_normalisation_are_the_reference_tensors_bit_for_bit(backbone_name):
+    """The encoder pass's loader sends uint8 pixels from its workers and normalises the batch: the very
+    tensors backbone.preprocess gives image by image (ToTensor then Normalize), every bit."""
+    from fedclip_lightning.data.domains import load_rgb
+    from fedclip_lightning.model.features import PixelsToBatch, image_loader
+
+    backbone = load_backbone(load_config([f"backbone={backbone_name}"]).backbone)
+    samples = [s for items in scan_domains(PACS_MINI, None).samples.values() for s in items]
+    pixels = PixelsToBatch(backbone.preprocess)
+    assert pixels.split
+    reference = torch.stack([backbone.preprocess(load_rgb(s.path)) for s in samples])
+    batches = [pixels.finish(x) for x, _ in image_loader(backbone, samples, batch_size=16, num_workers=2,
+                                                          pixels=pixels)]
+    assert all(b.dtype == torch.float32 for b in batches)
+    assert torch.equal(torch.cat(batches), reference)
+    # The features of the pass equal the encoder on the reference tensors.
+    torch.testing.assert_close(encode_images(backbone, samples, batch_size=16, num_workers=0, progress=False),
+                               backbone.image_features(reference).float(), rtol=0, atol=0)
+
+
+def test_a_transform_of_another_shape_stays_whole_in_the_workers():
+    from torchvision import transforms as T
+
+    from fedclip_lightning.model.features import PixelsToBatch
+
+    odd = T.Compose([T.Resize(8), T.ToTensor()])  # no Normalize at the end
+    pixels = PixelsToBatch(odd)
+    assert not pixels.split and pixels.head is odd
+    x = torch.rand(2, 3, 8, 8)
+    assert pixels.finish(x) is x

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from ..config import Config, uses_feature_cache
 from ..data.domains import ImageDataset
 from ..data.pipeline import feature_dataset
 from ..data.synthetic import default_cache_dir
-from ..model.features import FeatureCache, model_identity
+from ..model.features import FeatureCache, default_workers, model_identity
 from .distributed import gather_rows
 
 
@@ -64,5 +63,5 @@ def _cache(cfg: Config, fabric, backbone) -> FeatureCache:
         root = Path(fc.dir).expanduser() if fc.dir else default_cache_dir() / "features"
     return FeatureCache(root, backbone, model_identity(backbone, backbone.precision, cfg.seed),
                         batch_size=fc.batch_size,
-                        num_workers=fc.num_workers if fc.num_workers is not None else min(8, os.cpu_count() or 1),
+                        num_workers=fc.num_workers if fc.num_workers is not None else default_workers(fabric.device),
                         progress=cfg.progress and fabric.is_global_zero and sys.stderr.isatty())

@@ -1,0 +1,186 @@
+"""The encoder pass, stage by stage: what a cold FedCLIP run waits for, and which stage holds it back.
+
+Prints, for one image set and backbone, in one run, side by side:
+
+1. decode + preprocess alone (images/s): the loader of the pass (``encode_images``'s own DataLoader, its
+   workers and decoder) consumed without the encoder, for each worker count;
+2. the encoder alone on preprocessed tensors already in memory, for each precision (fp32, bf16; fp16 on a
+   GPU), with the first batch (kernel set-up) timed apart;
+3. the whole pass (``fedclip_lightning.model.features.encode_images``, as the feature cache runs it) for
+   each precision, and its ratio to its slowest stage (target: >= 0.9) and to the shared-core bound
+   ``1 / (1/encoder + 1/decode)`` (each stage alone had every core; where no core is spare, as on 2
+   cores, the pass can at best add their times per image);
+4. for each reduced precision, the features against fp32's: the lowest cosine similarity and the largest
+   absolute difference (of L2-normalised features);
+5. accuracy against fp32 on the same run: the embedded demo (the project's pretrained small CLIP,
+   FedCLIP, 200 rounds) with backbone.precision=fp32 and =bf16, zero-shot and FedCLIP accuracies side
+   by side (``--accuracy``; the only place here where the weights mean something).
+
+Default: ViT-B-32 at random init (no weights can be downloaded here; a random init costs the same), a
+seeded subset of PACS (100 images per domain), batch 64, on the CPU (and the GPU where there is one).
+
+    python benchmarks/encoder_pass.py                         # the README figures
+    python benchmarks/encoder_pass.py --per-domain 0          # all 9,991 PACS images (minutes per row)
+    python benchmarks/encoder_pass.py --precisions fp32,bf16 --workers 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PACS = REPO.parent / "shared" / "data" / "PACS"
+
+
+def samples_of(root: Path, per_domain: int) -> list:
+    from fedclip_lightning.data.domains import scan_domains
+    from fedclip_lightning.data.pipeline import subsample
+
+    ds = scan_domains(root, None, on_corrupt="error", check_images=False)
+    if per_domain:
+        ds = subsample(ds, per_domain, seed=0)
+    return [s for items in ds.samples.values() for s in items]
+
+
+def backbone_for(args, precision: str, device: str):
+    from fedclip_lightning.config import BackboneConfig
+    from fedclip_lightning.model.backbone import load_backbone
+
+    cfg = BackboneConfig(name=args.backbone, pretrained=None, precision=precision, download=False)
+    return load_backbone(cfg, device=device, seed=0)
+
+
+def decode_rate(backbone, samples, args, workers: int, split: bool) -> float:
+    """Images/s of the pass's loader alone (decode, preprocess, collate; pinned on a GPU). ``split``: the
+    pass's own way (uint8 pixels from the workers, the batch normalised on the device); otherwise the
+    whole transform per image in the workers (fp32 tensors)."""
+    from fedclip_lightning.model.features import PixelsToBatch, image_loader
+
+    pixels = PixelsToBatch(backbone.preprocess) if split else None
+    loader = image_loader(backbone, samples, batch_size=args.batch, num_workers=workers, pixels=pixels)
+    t = time.perf_counter()
+    n = 0
+    for x, _ in loader:
+        if pixels is not None:
+            x = pixels.finish(x.to(backbone.device, non_blocking=True))
+        n += len(x)
+    if backbone.device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t)
+
+
+def encoder_rate(backbone, batches: list[torch.Tensor]) -> tuple[float, float, torch.Tensor]:
+    """(images/s after the first batch, seconds of the first batch, the features) of the encoder alone."""
+    device = backbone.device
+    feats = []
+    with torch.inference_mode():
+        t = time.perf_counter()
+        feats.append(backbone.image_features(batches[0].to(device)).float().cpu())
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        for x in batches[1:]:
+            feats.append(backbone.image_features(x.to(device)).float().cpu())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rest = time.perf_counter() - t
+    n = sum(len(x) for x in batches[1:])
+    return n / rest, first, torch.cat(feats)
+
+
+def pass_rate(backbone, samples, args, workers: int) -> float:
+    from fedclip_lightning.model.features import encode_images
+
+    t = time.perf_counter()
+    encode_images(backbone, samples, batch_size=args.batch, num_workers=workers, progress=False)
+    return len(samples) / (time.perf_counter() - t)
+
+
+def compare(feats: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    a = torch.nn.functional.normalize(feats.float(), dim=-1)
+    b = torch.nn.functional.normalize(ref.float(), dim=-1)
+    return float((a * b).sum(-1).min()), float((a - b).abs().max())
+
+
+def accuracy_rows(precisions: list[str]) -> None:
+    """The demo with each precision: mean client test and unseen accuracy, zero-shot and FedCLIP."""
+    import tempfile
+
+    from fedclip_lightning.config import load_config
+    from fedclip_lightning.federation.orchestrator import run
+
+    print("\n  the demo (fedclip-mini, FedCLIP 200 rounds, seed 0), mean client test / unseen accuracy (%):")
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision in precisions:
+            s = run(load_config(["logger=none", "progress=false", f"output_dir={tmp}", f"run_name={precision}",
+                                 f"backbone.precision={precision}", f"features.dir={tmp}/features"]))
+            z, f = s["zero_shot"], s["final"]
+            print(f"  {precision:9}  zero-shot {100 * z['mean_client_test_acc']:6.2f} / {100 * z['mean_unseen_acc']:6.2f}"
+                  f"   FedCLIP {100 * f['mean_client_test_acc']:6.2f} / {100 * f['mean_unseen_acc']:6.2f}"
+                  f"   (encoded {s['features']['encoded_images']} images)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", type=Path, default=PACS)
+    ap.add_argument("--per-domain", type=int, default=100, help="images per domain (0: all)")
+    ap.add_argument("--backbone", default="ViT-B-32")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--precisions", default=None, help="default: fp32,bf16 on the CPU; fp32,bf16,fp16 on a GPU")
+    ap.add_argument("--workers", default=None, help="worker counts for the decode stage (default: 0 and the "
+                                                      "pass's own choice)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: both where there is a GPU)")
+    ap.add_argument("--accuracy", action="store_true", help="also run the demo in fp32 and bf16 (row 5)")
+    args = ap.parse_args()
+    if not args.root.is_dir():
+        sys.exit(f"{args.root} is missing: pass --root /path/to/PACS (the images beside the checkout: ../shared/data)")
+    from fedclip_lightning.model.features import default_workers
+
+    samples = samples_of(args.root, args.per_domain)
+    devices = [args.device] if args.device else (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    print(f"encoder pass over {len(samples)} PACS images, {args.backbone} (random init), batch {args.batch}; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    for device in devices:
+        precisions = (args.precisions or ("fp32,bf16,fp16" if device == "cuda" else "fp32,bf16")).split(",")
+        auto_workers = default_workers(device)
+        workers = sorted({int(w) for w in args.workers.split(",")} if args.workers else {0, auto_workers})
+        print(f"\n[{device}] the pass's loader uses {auto_workers} worker(s) here (features.num_workers=auto)")
+        ref_backbone = backbone_for(args, precisions[0], device)
+        whole_transform = {w: decode_rate(ref_backbone, samples, args, w, split=False) for w in workers}
+        decode = {w: decode_rate(ref_backbone, samples, args, w, split=True) for w in workers}
+        for w in workers:
+            print(f"  decode + preprocess, {w} worker(s): {decode[w]:8.1f} img/s (uint8 from the workers, the "
+                  f"batch normalised: the pass's way); {whole_transform[w]:8.1f} img/s (fp32 per image)")
+        # The encoder alone: preprocessed once, in memory.
+        from fedclip_lightning.model.features import image_loader
+
+        batches = [x for x, _ in image_loader(ref_backbone, samples, batch_size=args.batch, num_workers=auto_workers)]
+        ref = None
+        print(f"  {'precision':9}  {'encoder alone':>14}  {'first batch':>11}  {'whole pass':>11}  "
+              f"{'pass/slowest':>12}  {'pass/shared':>11}  {'cos min vs fp32':>15}  {'max |diff|':>10}")
+        for precision in precisions:
+            backbone = backbone_for(args, precision, device)
+            enc, first, feats = encoder_rate(backbone, batches)
+            whole = pass_rate(backbone, samples, args, auto_workers)
+            slowest = min(enc, decode[auto_workers])
+            # Both stages alone had every core; sharing them, the pass can at best take the sum of their
+            # times per image (the bound where there are no spare cores for decoding, as on 2 cores).
+            shared = 1 / (1 / enc + 1 / decode[auto_workers])
+            if ref is None:
+                ref = feats
+            cos, diff = compare(feats, ref)
+            print(f"  {precision:9}  {enc:10.1f} img/s  {first:9.2f} s  {whole:7.1f} img/s  {whole / slowest:12.2f}  "
+                  f"{whole / shared:11.2f}  {cos:15.6f}  {diff:10.2e}")
+    if args.accuracy:
+        accuracy_rows(["fp32", "bf16"])
+
+
+if __name__ == "__main__":
+    main()
