@@ -82,9 +82,6 @@ def caption(rng: np.random.Generator, attrs: dict[str, str]) -> tuple[str, dict[
     template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
     named = {k: v for k, v in attrs.items() if "{" + k + "}" in template and (k == "shape" or v)}
     words = {k: (v + " " if k in ("color", "size") and v else v) for k, v in attrs.items()}
-    if "{" + "style" + "}" in template and not attrs["style"]:
-        template = "a picture of a {size}{color}{shape}"
-        named = {k: v for k, v in attrs.items() if k != "style" and (k == "shape" or v)}
     return " ".join(template.format(**words).split()), named
 
 
@@ -123,15 +120,25 @@ def make_data(preprocess, per_pair: int, seed: int, mix: dict[str, float] = MIX
 
 def pretrain(out: Path, steps: int = 1000, batch: int = 64, per_pair: int = 300, seed: int = 0,
              lr: float = 2e-3, mix: dict[str, float] = MIX) -> dict:
-    """Train ``fedclip-mini`` contrastively and write its fp16 state dict to ``out``."""
+    """Train ``fedclip-mini`` contrastively and write its fp16 state dict to ``out``; returns what it
+    measured. Seeded and deterministic, on a random stream of its own (the caller's is left as it was)."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            torch.manual_seed(seed)
+            torch.use_deterministic_algorithms(True)
+            return _train(out, steps, batch, per_pair, seed, lr, mix)
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(out: Path, steps: int, batch: int, per_pair: int, seed: int, lr: float, mix: dict[str, float]) -> dict:
     import open_clip
     from tqdm.auto import tqdm
 
     from .model.backbone import register_tiny_configs
 
     register_tiny_configs()
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
     logging.getLogger().disabled, was = True, logging.getLogger().disabled  # "initialized randomly": meant
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(MODEL, pretrained=None)
