@@ -51,3 +51,14 @@ def test_bad_arguments_are_refused_with_a_fix(tmp_path, args, says):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and says in proc.stderr and "Fix:" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "x.pt").exists()
+
+
+def test_missing_shipped_weights_are_a_message_not_a_traceback(tmp_path, monkeypatch):
+    """A package installed without its weights file: the demo's config refuses with the key and the fix."""
+    from fedclip_lightning import weights
+    from fedclip_lightning.errors import ConfigError
+
+    monkeypatch.setattr(weights, "HERE", tmp_path)
+    with pytest.raises(ConfigError, match=r"backbone.pretrained: no shipped weights 'fedclip-mini-synthetic'.*Fix: "
+                                          r"reinstall the package"):
+        load_config([])

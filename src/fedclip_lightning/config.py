@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from .errors import ConfigError
 
@@ -528,7 +528,11 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = 
             composed = compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_hydra_message(exc, overrides)) from None
-    missing = sorted(OmegaConf.missing_keys(composed))
+    try:
+        missing = sorted(OmegaConf.missing_keys(composed))
+    except InterpolationResolutionError as exc:  # a resolver's own message (say, shipped weights not found)
+        first = str(exc.__cause__ or exc).splitlines()[0].replace("FileNotFoundError raised while resolving interpolation: ", "")
+        raise ConfigError(f"{getattr(exc, 'full_key', None) or '?'}: {first}") from None
     if missing:
         raise ConfigError([f"{k} is required and has no value. Fix: pass {k}=..." for k in missing])
     return validate(to_config(composed))
