@@ -149,7 +149,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     for device in devices:
         precisions = (args.precisions or ("fp32,bf16,fp16" if device == "cuda" else "fp32,bf16")).split(",")
-        auto_workers = default_workers(device)
+        auto_workers = default_workers()
         workers = sorted({int(w) for w in args.workers.split(",")} if args.workers else {0, auto_workers})
         print(f"\n[{device}] the pass's loader uses {auto_workers} worker(s) here (features.num_workers=auto)")
         ref_backbone = backbone_for(args, precisions[0], device)

@@ -33,8 +33,6 @@ LOCAL_MARGIN = 0.06
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """Run the demo's config in this interpreter, with overrides; returns summary.json as a dict."""
-    import os
-
     from fedclip_lightning.config import load_config
     from fedclip_lightning.federation.orchestrator import run
 
@@ -42,17 +40,11 @@ def demo(tmp_path_factory):
     runs = iter(range(1000))
 
     def go(*overrides: str) -> dict:
-        old = os.environ.get("FEDCLIP_CACHE_DIR")
-        os.environ["FEDCLIP_CACHE_DIR"] = str(tmp / "cache")  # the synthetic images: drawn once per module
-        try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FEDCLIP_CACHE_DIR", str(tmp / "cache"))  # the synthetic images: drawn once per module
             cfg = load_config(["logger=none", "progress=false", f"output_dir={tmp / 'out'}",
                                f"run_name=r{next(runs)}", f"features.dir={tmp / 'features'}", *overrides])
             return run(cfg)
-        finally:
-            if old is None:
-                os.environ.pop("FEDCLIP_CACHE_DIR", None)
-            else:
-                os.environ["FEDCLIP_CACHE_DIR"] = old
 
     return go
 

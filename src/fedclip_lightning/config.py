@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
@@ -531,7 +532,8 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = 
     try:
         missing = sorted(OmegaConf.missing_keys(composed))
     except InterpolationResolutionError as exc:  # a resolver's own message (say, shipped weights not found)
-        first = str(exc.__cause__ or exc).splitlines()[0].replace("FileNotFoundError raised while resolving interpolation: ", "")
+        # OmegaConf keeps the resolver's message only in its own text: "<Error> raised while resolving ...: msg".
+        first = re.sub(r"^\w+ raised while resolving interpolation: ", "", str(exc).splitlines()[0])
         raise ConfigError(f"{getattr(exc, 'full_key', None) or '?'}: {first}") from None
     if missing:
         raise ConfigError([f"{k} is required and has no value. Fix: pass {k}=..." for k in missing])
@@ -540,8 +542,6 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = 
 
 def _algorithm_key_message(msg: str, overrides) -> str | None:
     """``algorithm.<key>=...`` for an algorithm without that key: which algorithms have it."""
-    import re
-
     m = re.search(r"Could not override 'algorithm\.(\w+)'", msg)
     if not m or "not in struct" not in msg:
         return None

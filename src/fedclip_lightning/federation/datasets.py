@@ -63,5 +63,5 @@ def _cache(cfg: Config, fabric, backbone) -> FeatureCache:
         root = Path(fc.dir).expanduser() if fc.dir else default_cache_dir() / "features"
     return FeatureCache(root, backbone, model_identity(backbone, backbone.precision, cfg.seed),
                         batch_size=fc.batch_size,
-                        num_workers=fc.num_workers if fc.num_workers is not None else default_workers(fabric.device),
+                        num_workers=fc.num_workers if fc.num_workers is not None else default_workers(),
                         progress=cfg.progress and fabric.is_global_zero and sys.stderr.isatty())

@@ -11,12 +11,17 @@ order, so results do not depend on the number of processes beyond BLAS rounding.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
 from pathlib import Path
 
+import torch
+
+from ..algorithms import registry
 from ..checkpoint import CheckpointWriter, write_checkpoint
+from ..config import algorithm_config
 from ..data.partition import sample_clients, stable_seed
 from ..evaluate import SplitResult
 from ..report import ModelSelection, RoundMetrics, Summary
@@ -123,13 +128,6 @@ class Server:
         val, test and unseen splits, through the same evaluation as the rounds: the baseline beside the trained
         model in the end-of-run table. Run after training, on its own random stream, so it changes nothing
         the rounds compute."""
-        import dataclasses
-
-        import torch
-
-        from ..algorithms import registry
-        from ..config import algorithm_config
-
         zero_shot = registry.get("zeroshot")(dataclasses.replace(self.cfg, algorithm=algorithm_config({"name": "zeroshot"})))
         t = time.perf_counter()
         with torch.random.fork_rng(devices=[]):

@@ -92,7 +92,7 @@ class CacheStats:
     rebuilt_files: int = 0
 
 
-def default_workers(device: torch.device | str = "cpu") -> int:
+def default_workers() -> int:
     """Decoding workers for the encoder pass when ``features.num_workers`` is null: ``min(8, cores)``.
 
     Measured on 2 cores (benchmarks/encoder_pass.py): decoding and preprocessing a PACS image costs about
@@ -114,9 +114,8 @@ class PixelsToBatch:
         from torchvision import transforms as T
 
         steps = list(getattr(preprocess, "transforms", []))
-        names = [type(t).__name__ for t in steps]
-        self.split = (len(steps) >= 2 and isinstance(steps[-1], T.Normalize)
-                      and names[-2] in ("ToTensor", "MaybeToTensor") and not steps[-1].inplace)
+        self.split = (len(steps) >= 2 and isinstance(steps[-1], T.Normalize) and isinstance(steps[-2], T.ToTensor)
+                      and not steps[-1].inplace)  # open_clip's MaybeToTensor is a ToTensor
         self.head = T.Compose(steps[:-2]) if self.split else preprocess
         if self.split:
             self.mean = torch.as_tensor(steps[-1].mean, dtype=torch.float32).view(1, -1, 1, 1)
