@@ -17,7 +17,9 @@ Prints, for one image set and backbone, in one run, side by side:
    by side (``--accuracy``; the only place here where the weights mean something).
 
 Default: ViT-B-32 at random init (no weights can be downloaded here; a random init costs the same), a
-seeded subset of PACS (100 images per domain), batch 64, on the CPU (and the GPU where there is one).
+seeded subset of PACS (100 images per domain), batches of 256 (features.batch_size) in encoder calls of
+the pass's own size (features.encoder_batch_size=auto: 16 images for ViT-B/32 on a CPU), on the CPU (and
+the GPU where there is one). First, as the baseline of the ratios, the fp32 pass as issue 15 measured it.
 
     python benchmarks/encoder_pass.py                         # the README figures
     python benchmarks/encoder_pass.py --per-domain 0          # all 9,991 PACS images (minutes per row)
@@ -76,17 +78,20 @@ def decode_rate(backbone, samples, args, workers: int, split: bool) -> float:
     return n / (time.perf_counter() - t)
 
 
-def encoder_rate(backbone, batches: list[torch.Tensor]) -> tuple[float, float, torch.Tensor]:
-    """(images/s after the first batch, seconds of the first batch, the features) of the encoder alone."""
+def encoder_rate(backbone, batches: list[torch.Tensor], chunk: int | None) -> tuple[float, float, torch.Tensor]:
+    """(images/s after the first batch, seconds of the first batch, the features) of the encoder alone, in
+    calls of ``chunk`` images as the pass makes them."""
+    from fedclip_lightning.model.features import encode_batch
+
     device = backbone.device
     feats = []
     with torch.inference_mode():
         t = time.perf_counter()
-        feats.append(backbone.image_features(batches[0].to(device)).float().cpu())
+        feats.append(encode_batch(backbone, batches[0].to(device), chunk).float().cpu())
         first = time.perf_counter() - t
         t = time.perf_counter()
         for x in batches[1:]:
-            feats.append(backbone.image_features(x.to(device)).float().cpu())
+            feats.append(encode_batch(backbone, x.to(device), chunk).float().cpu())
         if device.type == "cuda":
             torch.cuda.synchronize()
         rest = time.perf_counter() - t
@@ -98,7 +103,21 @@ def pass_rate(backbone, samples, args, workers: int) -> float:
     from fedclip_lightning.model.features import encode_images
 
     t = time.perf_counter()
-    encode_images(backbone, samples, batch_size=args.batch, num_workers=workers, progress=False)
+    encode_images(backbone, samples, batch_size=args.batch, num_workers=workers, progress=False,
+                  encoder_batch_size=args.encoder_batch)
+    return len(samples) / (time.perf_counter() - t)
+
+
+def issue_pass_rate(backbone, samples, workers: int) -> float:
+    """The fp32 pass as issue 15 measured it (620.7 s, 16.1 img/s on all of PACS; the code of commit
+    405d482): batches of 256 (features.batch_size), the whole transform per image in the workers (fp32
+    tensors), the whole batch in one encoder call. Today's pass, side by side, is what it is compared to."""
+    from fedclip_lightning.model.features import image_loader
+
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for x, _ in image_loader(backbone, samples, batch_size=256, num_workers=workers):
+            backbone.image_features(x).float().cpu()
     return len(samples) / (time.perf_counter() - t)
 
 
@@ -131,7 +150,10 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=PACS)
     ap.add_argument("--per-domain", type=int, default=100, help="images per domain (0: all)")
     ap.add_argument("--backbone", default="ViT-B-32")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=256, help="loader batch (features.batch_size; default 256 as in runs)")
+    ap.add_argument("--encoder-batch", type=int, default=None,
+                    help="images per encoder call (features.encoder_batch_size; default: auto)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the fp32 pass as issue 15 measured it")
     ap.add_argument("--precisions", default=None, help="default: fp32,bf16 on the CPU; fp32,bf16,fp16 on a GPU")
     ap.add_argument("--workers", default=None, help="worker counts for the decode stage (default: 0 and the "
                                                       "pass's own choice)")
@@ -140,7 +162,7 @@ def main() -> None:
     args = ap.parse_args()
     if not args.root.is_dir():
         sys.exit(f"{args.root} is missing: pass --root /path/to/PACS (the images beside the checkout: ../shared/data)")
-    from fedclip_lightning.model.features import default_workers
+    from fedclip_lightning.model.features import default_workers, encoder_chunk
 
     samples = samples_of(args.root, args.per_domain)
     devices = [args.device] if args.device else (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
@@ -162,13 +184,23 @@ def main() -> None:
         from fedclip_lightning.model.features import image_loader
 
         batches = [x for x, _ in image_loader(ref_backbone, samples, batch_size=args.batch, num_workers=auto_workers)]
+        chunk = encoder_chunk(ref_backbone, args.encoder_batch)
+        print(f"  encoder calls of {chunk or args.batch} images (features.encoder_batch_size="
+              f"{args.encoder_batch if args.encoder_batch is not None else 'auto'}) in batches of {args.batch}")
+        baseline = None
+        if not args.no_baseline:
+            baseline = issue_pass_rate(backbone_for(args, "fp32", device), samples, auto_workers)
+            print(f"  the fp32 pass as issue 15 measured it (batches of 256 in one call, fp32 per image from the "
+                  f"workers): {baseline:.1f} img/s")
         ref = None
+        rows = []
         print(f"  {'precision':9}  {'encoder alone':>14}  {'first batch':>11}  {'whole pass':>11}  "
               f"{'pass/slowest':>12}  {'pass/shared':>11}  {'cos min vs fp32':>15}  {'max |diff|':>10}")
         for precision in precisions:
             backbone = backbone_for(args, precision, device)
-            enc, first, feats = encoder_rate(backbone, batches)
+            enc, first, feats = encoder_rate(backbone, batches, chunk)
             whole = pass_rate(backbone, samples, args, auto_workers)
+            rows.append((precision, whole))
             slowest = min(enc, decode[auto_workers])
             # Both stages alone had every core; sharing them, the pass can at best take the sum of their
             # times per image (the bound where there are no spare cores for decoding, as on 2 cores).
@@ -178,6 +210,9 @@ def main() -> None:
             cos, diff = compare(feats, ref)
             print(f"  {precision:9}  {enc:10.1f} img/s  {first:9.2f} s  {whole:7.1f} img/s  {whole / slowest:12.2f}  "
                   f"{whole / shared:11.2f}  {cos:15.6f}  {diff:10.2e}")
+        if baseline:
+            print("  the pass against the fp32 pass as issue 15 measured it: "
+                  + ", ".join(f"{p} {w / baseline:.2f}x" for p, w in rows) + " (issue 15's target for bf16: >= 4x)")
     if args.accuracy:
         accuracy_rows(["fp32", "bf16"])
 

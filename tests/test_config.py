@@ -78,6 +78,7 @@ def test_all_problems_reported_at_once():
     ("data.unseen=[nowhere]", "data.unseen"),
     ("fabric.devices=0", "fabric.devices=0"),
     ("data.prompt=hello", "data.prompt"),
+    ("features.encoder_batch_size=0", "features.encoder_batch_size=0"),
 ])
 def test_invalid_values(override, needle):
     with pytest.raises(ConfigError, match="Fix:") as err:

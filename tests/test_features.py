@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -185,6 +186,44 @@ def test_uint8_pixels_then_batch_normalisation_are_the_reference_tensors_bit_for
     # The features of the pass equal the encoder on the reference tensors.
     torch.testing.assert_close(encode_images(backbone, samples, batch_size=16, num_workers=0, progress=False),
                                backbone.image_features(reference).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backbone_name", ["tiny_vit", "mini_clip"])
+def test_the_encoder_chunk_changes_no_bit_in_bf16_and_only_rounding_in_fp32(backbone_name):
+    """The pass encodes each loader batch in equal calls of at most features.encoder_batch_size images
+    (auto on a CPU: what stays in the caches). bf16: the same features, every bit, as the whole batch at
+    once. fp32: the same to float rounding (the CPU's fp32 matrix kernels block by the call's size)."""
+    samples = [s for items in scan_domains(PACS_MINI, None).samples.values() for s in items]
+    for precision in ("bf16", "fp32"):
+        backbone = load_backbone(load_config([f"backbone={backbone_name}", f"backbone.precision={precision}"]).backbone)
+
+        def features(chunk):
+            return encode_images(backbone, samples, batch_size=40, num_workers=0, progress=False,
+                                 encoder_batch_size=chunk)
+
+        whole = features(40)
+        assert torch.equal(features(None), features(None))  # one configuration, the same bits every time
+        for chunk in (1, 3, 7, 16, None):  # 7: calls of 7 and 6 images; 16: 14, 13 and 13
+            if precision == "bf16":
+                assert torch.equal(features(chunk), whole), chunk
+            else:
+                torch.testing.assert_close(features(chunk), whole, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_encoder_chunk_on_the_cpu_is_about_800_tokens():
+    import open_clip
+
+    from fedclip_lightning.model.features import encoder_chunk
+
+    def chunk_of(name):
+        model = open_clip.create_model(name, pretrained=None)
+        return encoder_chunk(SimpleNamespace(clip=SimpleNamespace(model=model), device=torch.device("cpu")))
+
+    assert chunk_of("ViT-B-32") == 16  # 50 tokens
+    assert chunk_of("ViT-B-16") == 4  # 197 tokens
+    assert chunk_of("RN50") == 4  # a 224-pixel ResNet
+    gpu = SimpleNamespace(clip=None, device=torch.device("cuda"))
+    assert encoder_chunk(gpu) is None and encoder_chunk(gpu, 8) == 8
 
 
 def test_a_transform_of_another_shape_stays_whole_in_the_workers():

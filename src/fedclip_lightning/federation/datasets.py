@@ -64,4 +64,5 @@ def _cache(cfg: Config, fabric, backbone) -> FeatureCache:
     return FeatureCache(root, backbone, model_identity(backbone, backbone.precision, cfg.seed),
                         batch_size=fc.batch_size,
                         num_workers=fc.num_workers if fc.num_workers is not None else default_workers(),
+                        encoder_batch_size=fc.encoder_batch_size,
                         progress=cfg.progress and fabric.is_global_zero and sys.stderr.isatty())

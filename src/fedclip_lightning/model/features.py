@@ -152,22 +152,65 @@ def image_loader(backbone: Backbone, samples: list[Sample], *, batch_size: int, 
                       persistent_workers=False, prefetch_factor=2 if num_workers else None)
 
 
+# About this many tokens per encoder call on a CPU: where one call's activations stay in the caches.
+# Measured on 2 cores with 1 MiB L2 each (benchmarks/encoder_pass.py, bf16): ViT-B/32 (50 tokens) runs at
+# 85 img/s in calls of 16 images against 74 at 64 and 62 at 256; ViT-B/16 (197 tokens) 21 img/s in calls
+# of 2 against 15 at 64; RN50 43 img/s in calls of 4 against 26 at 64 (fp32: 24 against 12).
+CPU_TOKENS_PER_CALL = 800
+
+
+def encoder_chunk(backbone: Backbone, requested: int | None = None) -> int | None:
+    """Images per encoder call within a loader batch (``features.encoder_batch_size``; None: the whole
+    batch). Auto (``requested`` None): on a GPU the whole batch; on a CPU about ``CPU_TOKENS_PER_CALL``
+    tokens' worth for a vision transformer (16 images for ViT-B/32, 4 for ViT-B/16), and the same share
+    of a 224-pixel ResNet's activations (4 images at 224 px) for other towers. A batch is cut into equal
+    calls (``encode_batch``).
+
+    The bits: in bf16 an image's features do not depend on the call's size (measured on ViT-B/32 and the
+    test models, 1 to 40 images a call; tests/test_features.py checks it). In fp32 the CPU's matrix
+    kernels block by the call's size, so calls of different sizes can differ in the last bits (up to
+    7e-7 on ViT-B/32, 3e-5 on the test ResNet), as different ``features.batch_size`` values and a short
+    last batch always could; one configuration gives the same bits on every run."""
+    if requested is not None:
+        return requested
+    if backbone.device.type != "cpu":
+        return None
+    visual = backbone.clip.model.visual
+    grid = getattr(visual, "grid_size", None)
+    if grid is not None:
+        return max(1, CPU_TOKENS_PER_CALL // (int(grid[0]) * int(grid[1]) + 1))
+    size = getattr(visual, "image_size", 224)
+    h, w = (size, size) if isinstance(size, int) else size
+    return max(1, round(4 * 224 * 224 / (h * w)))
+
+
+def encode_batch(backbone: Backbone, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """The frozen image features of one preprocessed batch, in equal calls of at most ``chunk`` images
+    (a batch of 40 in chunks of 16 is three calls of 14, 13 and 13: no short remainder)."""
+    if chunk is None or chunk >= len(x):
+        return backbone.image_features(x)
+    return torch.cat([backbone.image_features(part) for part in x.tensor_split(-(-len(x) // chunk))])
+
+
 @torch.inference_mode()
 def encode_images(backbone: Backbone, samples: list[Sample], *, batch_size: int, num_workers: int,
-                  desc: str = "encoding", progress: bool = True) -> torch.Tensor:
+                  desc: str = "encoding", progress: bool = True, encoder_batch_size: int | None = None
+                  ) -> torch.Tensor:
     """Raw frozen image features ``[N, d]`` (fp32, CPU) in the order of ``samples``.
 
     DataLoader workers decode in parallel (uint8 pixels), pinned memory feeds the GPU, the batch is
-    normalised on the device, the encoder runs in its configured precision under inference mode.
+    normalised on the device, the encoder runs in its configured precision under inference mode, in
+    calls of ``encoder_chunk(backbone, encoder_batch_size)`` images.
     """
     pixels = PixelsToBatch(backbone.preprocess)
+    chunk = encoder_chunk(backbone, encoder_batch_size)
     loader = image_loader(backbone, samples, batch_size=batch_size, num_workers=num_workers, pixels=pixels)
     out = torch.empty(len(samples), backbone.embed_dim, dtype=torch.float32)
     i = 0
     with tqdm(total=len(samples), desc=desc, unit="img", dynamic_ncols=True, disable=not progress,
               leave=False) as bar:
         for x, _ in loader:
-            f = backbone.image_features(pixels.finish(x.to(backbone.device, non_blocking=True)))
+            f = encode_batch(backbone, pixels.finish(x.to(backbone.device, non_blocking=True)), chunk)
             out[i : i + len(f)] = f.float().cpu()
             i += len(f)
             bar.update(len(f))
@@ -178,12 +221,13 @@ class FeatureCache:
     """Features of image sets, on disk under ``root`` (or in memory only when ``root`` is None)."""
 
     def __init__(self, root: Path | None, backbone: Backbone, model_ident: dict, *, batch_size: int = 256,
-                 num_workers: int = 0, progress: bool = True):
+                 num_workers: int = 0, progress: bool = True, encoder_batch_size: int | None = None):
         self.root = root
         self.backbone = backbone
         self.model_ident = model_ident
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.encoder_batch_size = encoder_batch_size
         self.progress = progress
         self.stats = CacheStats()
         if root is not None:
@@ -220,7 +264,7 @@ class FeatureCache:
             todo = [s for i in missing for s in sets[i]]
             t0 = time.perf_counter()
             feats = encode_images(self.backbone, todo, batch_size=self.batch_size, num_workers=self.num_workers,
-                                  desc=desc, progress=self.progress)
+                                  desc=desc, progress=self.progress, encoder_batch_size=self.encoder_batch_size)
             self.stats.encode_seconds += time.perf_counter() - t0
             self.stats.encoded_images += len(todo)
             offset = 0
