@@ -5,7 +5,7 @@ Prints, for one image set and backbone, in one run, side by side:
 1. decode + preprocess alone (images/s): the loader of the pass (``encode_images``'s own DataLoader, its
    workers and decoder) consumed without the encoder, for each worker count;
 2. the encoder alone on preprocessed tensors already in memory, for each precision (fp32, bf16; fp16 on a
-   GPU), with the first batch (kernel set-up) timed apart;
+   GPU), with a first call (kernel set-up) timed apart;
 3. the whole pass (``fedclip_lightning.model.features.encode_images``, as the feature cache runs it) for
    each precision, and its ratio to its slowest stage (target: >= 0.9) and to the shared-core bound
    ``1 / (1/encoder + 1/decode)`` (each stage alone had every core; where no core is spare, as on 2
@@ -17,7 +17,7 @@ Prints, for one image set and backbone, in one run, side by side:
    by side (``--accuracy``; the only place here where the weights mean something).
 
 Default: ViT-B-32 at random init (no weights can be downloaded here; a random init costs the same), a
-seeded subset of PACS (100 images per domain), batches of 256 (features.batch_size) in encoder calls of
+seeded subset of PACS (250 images per domain), batches of 256 (features.batch_size) in encoder calls of
 the pass's own size (features.encoder_batch_size=auto: 16 images for ViT-B/32 on a CPU), on the CPU (and
 the GPU where there is one). First, as the baseline of the ratios, the fp32 pass as issue 15 measured it.
 
@@ -61,17 +61,23 @@ def backbone_for(args, precision: str, device: str):
 
 def decode_rate(backbone, samples, args, workers: int, split: bool) -> float:
     """Images/s of the pass's loader alone (decode, preprocess, collate; pinned on a GPU). ``split``: the
-    pass's own way (uint8 pixels from the workers, the batch normalised on the device); otherwise the
-    whole transform per image in the workers (fp32 tensors)."""
-    from fedclip_lightning.model.features import PixelsToBatch, image_loader
+    pass's own way (uint8 pixels from the workers, each encoder call's images normalised on the device
+    just before the call, in the precision's input dtype); otherwise the whole transform per image in the
+    workers (fp32 tensors)."""
+    from fedclip_lightning.model.backbone import input_dtype
+    from fedclip_lightning.model.features import PixelsToBatch, encoder_chunk, image_loader
 
     pixels = PixelsToBatch(backbone.preprocess) if split else None
     loader = image_loader(backbone, samples, batch_size=args.batch, num_workers=workers, pixels=pixels)
+    chunk = encoder_chunk(backbone, args.encoder_batch) or args.batch
+    dtype = input_dtype(backbone.clip.model.visual)
     t = time.perf_counter()
     n = 0
     for x, _ in loader:
         if pixels is not None:
-            x = pixels.finish(x.to(backbone.device, non_blocking=True))
+            x = x.to(backbone.device, non_blocking=True)
+            for part in x.tensor_split(-(-len(x) // chunk)):
+                pixels.finish(part).to(dtype)
         n += len(x)
     if backbone.device.type == "cuda":
         torch.cuda.synchronize()
@@ -79,24 +85,23 @@ def decode_rate(backbone, samples, args, workers: int, split: bool) -> float:
 
 
 def encoder_rate(backbone, batches: list[torch.Tensor], chunk: int | None) -> tuple[float, float, torch.Tensor]:
-    """(images/s after the first batch, seconds of the first batch, the features) of the encoder alone, in
-    calls of ``chunk`` images as the pass makes them."""
+    """(images/s, seconds of a first call made before the timing (kernel set-up), the features) of the
+    encoder alone, in calls of ``chunk`` images as the pass makes them."""
     from fedclip_lightning.model.features import encode_batch
 
     device = backbone.device
-    feats = []
     with torch.inference_mode():
         t = time.perf_counter()
-        feats.append(encode_batch(backbone, batches[0].to(device), chunk).float().cpu())
+        encode_batch(backbone, batches[0][: chunk or len(batches[0])].to(device), chunk)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         first = time.perf_counter() - t
         t = time.perf_counter()
-        for x in batches[1:]:
-            feats.append(encode_batch(backbone, x.to(device), chunk).float().cpu())
+        feats = [encode_batch(backbone, x.to(device), chunk).float().cpu() for x in batches]
         if device.type == "cuda":
             torch.cuda.synchronize()
         rest = time.perf_counter() - t
-    n = sum(len(x) for x in batches[1:])
-    return n / rest, first, torch.cat(feats)
+    return sum(len(x) for x in batches) / rest, first, torch.cat(feats)
 
 
 def pass_rate(backbone, samples, args, workers: int) -> float:
@@ -148,7 +153,7 @@ def accuracy_rows(precisions: list[str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=PACS)
-    ap.add_argument("--per-domain", type=int, default=100, help="images per domain (0: all)")
+    ap.add_argument("--per-domain", type=int, default=250, help="images per domain (0: all)")
     ap.add_argument("--backbone", default="ViT-B-32")
     ap.add_argument("--batch", type=int, default=256, help="loader batch (features.batch_size; default 256 as in runs)")
     ap.add_argument("--encoder-batch", type=int, default=None,
@@ -178,8 +183,8 @@ def main() -> None:
         whole_transform = {w: decode_rate(ref_backbone, samples, args, w, split=False) for w in workers}
         decode = {w: decode_rate(ref_backbone, samples, args, w, split=True) for w in workers}
         for w in workers:
-            print(f"  decode + preprocess, {w} worker(s): {decode[w]:8.1f} img/s (uint8 from the workers, the "
-                  f"batch normalised: the pass's way); {whole_transform[w]:8.1f} img/s (fp32 per image)")
+            print(f"  decode + preprocess, {w} worker(s): {decode[w]:8.1f} img/s (uint8 from the workers, "
+                  f"normalised call by call: the pass's way); {whole_transform[w]:8.1f} img/s (fp32 per image)")
         # The encoder alone: preprocessed once, in memory.
         from fedclip_lightning.model.features import image_loader
 
@@ -194,22 +199,27 @@ def main() -> None:
                   f"workers): {baseline:.1f} img/s")
         ref = None
         rows = []
-        print(f"  {'precision':9}  {'encoder alone':>14}  {'first batch':>11}  {'whole pass':>11}  "
+        print(f"  {'precision':9}  {'decode alone':>13}  {'encoder alone':>14}  {'first call':>11}  {'whole pass':>11}  "
               f"{'pass/slowest':>12}  {'pass/shared':>11}  {'cos min vs fp32':>15}  {'max |diff|':>10}")
         for precision in precisions:
             backbone = backbone_for(args, precision, device)
             enc, first, feats = encoder_rate(backbone, batches, chunk)
             whole = pass_rate(backbone, samples, args, auto_workers)
             rows.append((precision, whole))
-            slowest = min(enc, decode[auto_workers])
+            # The decode stage as this precision's pass runs it (the last step casts to its input dtype).
+            dec = decode_rate(backbone, samples, args, auto_workers, split=True)
+            slowest = min(enc, dec)
             # Both stages alone had every core; sharing them, the pass can at best take the sum of their
             # times per image (the bound where there are no spare cores for decoding, as on 2 cores).
-            shared = 1 / (1 / enc + 1 / decode[auto_workers])
-            if ref is None:
+            shared = 1 / (1 / enc + 1 / dec)
+            if precision == "fp32":
                 ref = feats
-            cos, diff = compare(feats, ref)
-            print(f"  {precision:9}  {enc:10.1f} img/s  {first:9.2f} s  {whole:7.1f} img/s  {whole / slowest:12.2f}  "
-                  f"{whole / shared:11.2f}  {cos:15.6f}  {diff:10.2e}")
+            against = f"{'(no fp32 row)':>15}  {'':>10}"
+            if ref is not None:
+                cos, diff = compare(feats, ref)
+                against = f"{cos:15.6f}  {diff:10.2e}"
+            print(f"  {precision:9}  {dec:9.1f} img/s  {enc:10.1f} img/s  {first:9.2f} s  {whole:7.1f} img/s  "
+                  f"{whole / slowest:12.2f}  {whole / shared:11.2f}  {against}")
         if baseline:
             print("  the pass against the fp32 pass as issue 15 measured it: "
                   + ", ".join(f"{p} {w / baseline:.2f}x" for p, w in rows) + " (issue 15's target for bf16: >= 4x)")
