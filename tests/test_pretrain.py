@@ -20,6 +20,7 @@ def test_pretraining_is_deterministic_and_loads_like_any_checkpoint(tmp_path):
     assert info["steps"] == 3 and info["images"] == 20  # 2 photos and 2 cartoons of each of 5 shapes
     sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.read_bytes() == b.read_bytes()  # the same file, byte for byte, whatever its name
     assert all(v.dtype == torch.float16 for v in sa.values() if v.is_floating_point())
     # Through backbone.pretrained=<file>, as real weights load: no special case.
     backbone = load_backbone(load_config(["backbone=mini_clip", f"backbone.pretrained={a}"]).backbone)

@@ -13,7 +13,7 @@ import re
 import sys
 import warnings
 
-from .errors import UserError
+from .errors import UserError, quiet_on_closed_pipe
 
 USAGE = """\
 usage: fedclip-lightning [--print-config] [key=value ...]
@@ -132,6 +132,7 @@ def _disk_message(exc: OSError) -> str | None:
             "folder) for output_dir / features.dir, then rerun with resume=auto.")
 
 
+@quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> int:
     from .signals import install_early
 

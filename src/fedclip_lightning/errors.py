@@ -8,7 +8,10 @@ the bad value, the config key that set it and the fix.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+import os
+import sys
+from collections.abc import Callable, Iterable
 
 
 class UserError(Exception):
@@ -44,3 +47,23 @@ class DataError(UserError):
 
 class BackboneError(UserError):
     title = "backbone error"
+
+
+def quiet_on_closed_pipe(main: Callable[..., int]) -> Callable[..., int]:
+    """An entry point whose reader went away (``fedclip-lightning --help | head``) stops quietly with
+    status 1, as Python's documentation recommends for EPIPE, instead of a BrokenPipeError traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            try:
+                return main(*args, **kwargs)
+            finally:  # argparse's --help exits through SystemExit with its text still buffered
+                sys.stdout.flush()
+        except BrokenPipeError:
+            # Python flushes stdout again at exit: point it at /dev/null, not at the closed pipe.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 1
+
+    return wrapper

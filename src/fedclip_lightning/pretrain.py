@@ -34,6 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import quiet_on_closed_pipe
+from .report import atomic_save
+
 MODEL = "fedclip-mini"
 WEIGHTS = Path(__file__).parent / "weights" / f"{MODEL}-synthetic.pt"
 # The pretraining mix: images per (style, shape) relative to --per-pair. Photos and cartoons are its bulk;
@@ -190,9 +193,7 @@ def _train(out: Path, steps: int, batch: int, per_pair: int, seed: int, lr: floa
     zero_shot = evaluate_zero_shot(model, tokenizer, preprocess, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    tmp = out.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(out)
+    atomic_save(state, out)  # a unique temporary name, and the same bytes for the same tensors
     return {"steps": steps, "images": len(meta), "draw_seconds": round(drawn, 1),
             "train_seconds": round(time.perf_counter() - t0 - drawn, 1),
             "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4), "bytes": out.stat().st_size,
@@ -217,6 +218,7 @@ def evaluate_zero_shot(model, tokenizer, preprocess, seed: int, per_class: int =
 
 
 
+@quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fedclip-lightning-pretrain", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -44,6 +44,8 @@ def atomic_save(obj: Any, path: Path, durable: bool = True) -> None:
 
     The temporary name is unique per host, process and call (nodes of a cluster may share a folder, and a
     background checkpoint writer may run beside the round loop), and it never outlives a failed write.
+    torch.save writes through a file object, so the zip's inner folder is ``archive`` whatever the names:
+    the same object gives the same bytes (a path would name that folder after the temporary file).
     """
     import secrets
     import socket
@@ -52,9 +54,10 @@ def atomic_save(obj: Any, path: Path, durable: bool = True) -> None:
 
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        torch.save(obj, tmp)
-        if durable:
-            with open(tmp, "rb") as f:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            if durable:
+                f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except RuntimeError as exc:  # torch.save's zip writer reports a full disk as an "enforce fail"

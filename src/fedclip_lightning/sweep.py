@@ -32,7 +32,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from .errors import ConfigError, UserError
+from .errors import ConfigError, UserError, quiet_on_closed_pipe
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -298,6 +298,7 @@ def log_to_wandb(sweep_dir: Path, paths: list[Path]) -> str:
     return f"\nW&B: run {name}-tables in group {name} ({wandb_mode(cfg)}), artifact {art.name}"
 
 
+@quiet_on_closed_pipe
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
