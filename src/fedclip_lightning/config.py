@@ -143,7 +143,8 @@ class FeaturesConfig:
     num_workers: int | None = None
     # Images per encoder call within a batch of features.batch_size; null: auto (the whole batch on a GPU;
     # on a CPU about 800 tokens' worth, 16 images for ViT-B/32, where one call's activations stay in the
-    # caches: 1.2-1.4x faster than 256 at once). The features are the same bits whatever the value.
+    # caches: 1.2-1.4x faster than 256 at once). bf16 features are the same bits whatever the value; fp32
+    # features the same to rounding (the CPU's fp32 kernels block by the call's size).
     encoder_batch_size: int | None = None
 
 

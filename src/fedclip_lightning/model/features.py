@@ -156,8 +156,8 @@ def image_loader(backbone: Backbone, samples: list[Sample], *, batch_size: int, 
 
 # About this many tokens per encoder call on a CPU: where one call's activations stay in the caches.
 # Measured on 2 cores with 1 MiB L2 each (benchmarks/encoder_pass.py, bf16): ViT-B/32 (50 tokens) runs at
-# 85 img/s in calls of 16 images against 74 at 64 and 62 at 256; ViT-B/16 (197 tokens) 21 img/s in calls
-# of 2 against 15 at 64; RN50 43 img/s in calls of 4 against 26 at 64 (fp32: 24 against 12).
+# 85 img/s in calls of 16 images against 74 at 64 and 62 at 256; ViT-B/16 (197 tokens) 19-21 img/s in
+# calls of 4-2 against 15 at 64; RN50 43 img/s in calls of 4 against 26 at 64 (fp32: 24 against 12).
 CPU_TOKENS_PER_CALL = 800
 
 
