@@ -65,18 +65,18 @@ def decode_rate(backbone, samples, args, workers: int, split: bool) -> float:
     just before the call, in the precision's input dtype); otherwise the whole transform per image in the
     workers (fp32 tensors)."""
     from fedclip_lightning.model.backbone import input_dtype
-    from fedclip_lightning.model.features import PixelsToBatch, encoder_chunk, image_loader
+    from fedclip_lightning.model.features import PixelsToBatch, encoder_calls, encoder_chunk, image_loader
 
     pixels = PixelsToBatch(backbone.preprocess) if split else None
     loader = image_loader(backbone, samples, batch_size=args.batch, num_workers=workers, pixels=pixels)
-    chunk = encoder_chunk(backbone, args.encoder_batch) or args.batch
+    chunk = encoder_chunk(backbone, args.encoder_batch)
     dtype = input_dtype(backbone.clip.model.visual)
     t = time.perf_counter()
     n = 0
     for x, _ in loader:
         if pixels is not None:
             x = x.to(backbone.device, non_blocking=True)
-            for part in x.tensor_split(-(-len(x) // chunk)):
+            for part in encoder_calls(x, chunk):
                 pixels.finish(part).to(dtype)
         n += len(x)
     if backbone.device.type == "cuda":

@@ -17,7 +17,7 @@ seen in pretraining), chalk drawings and neon signs (seen a handful of times), s
 chance but far from perfect, and an adapter has something to learn; its unseen domain, photos, the model
 knows well.
 
-    fedclip-lightning-pretrain                       # rewrites the shipped weights (same seed: same file)
+    fedclip-lightning-pretrain                       # rewrites the shipped weights (same seed: same tensors)
     fedclip-lightning-pretrain --out /tmp/mini.pt --steps 300
 """
 
@@ -215,7 +215,6 @@ def evaluate_zero_shot(model, tokenizer, preprocess, seed: int, per_class: int =
         pred = (F.normalize(model.encode_image(x), dim=-1) @ text.T).argmax(-1)
         out[style] = round((pred == y).float().mean().item(), 3)
     return out
-
 
 
 @quiet_on_closed_pipe

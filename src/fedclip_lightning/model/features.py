@@ -186,14 +186,20 @@ def encoder_chunk(backbone: Backbone, requested: int | None = None) -> int | Non
     return max(1, round(4 * 224 * 224 / (h * w)))
 
 
+def encoder_calls(x: torch.Tensor, chunk: int | None) -> list[torch.Tensor]:
+    """A batch cut into equal calls of at most ``chunk`` images (None: one call). A batch of 40 in chunks
+    of 16 is three calls of 14, 13 and 13: no short remainder."""
+    return [x] if chunk is None or chunk >= len(x) else list(x.tensor_split(-(-len(x) // chunk)))
+
+
 def encode_batch(backbone: Backbone, x: torch.Tensor, chunk: int | None,
                  finish: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """The frozen image features of one batch, in equal calls of at most ``chunk`` images (a batch of 40
-    in chunks of 16 is three calls of 14, 13 and 13: no short remainder). ``finish`` (``PixelsToBatch.
-    finish``) completes the preprocessing of each call's images just before it: while they are in the
-    caches (on a CPU, 256 ViT images normalised and cast to bf16 in calls of 16 take 20 ms, at once 90)."""
-    parts = [x] if chunk is None or chunk >= len(x) else x.tensor_split(-(-len(x) // chunk))
-    feats = [backbone.image_features(finish(part) if finish is not None else part) for part in parts]
+    """The frozen image features of one batch, in ``encoder_calls(x, chunk)``. ``finish``
+    (``PixelsToBatch.finish``) completes the preprocessing of each call's images just before it: while
+    they are in the caches (on a CPU, 256 ViT images normalised and cast to bf16 in calls of 16 take 20
+    ms, at once 90)."""
+    feats = [backbone.image_features(finish(part) if finish is not None else part)
+             for part in encoder_calls(x, chunk)]
     return feats[0] if len(feats) == 1 else torch.cat(feats)
 
 
