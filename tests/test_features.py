@@ -105,7 +105,10 @@ def test_a_different_model_never_shares_files(tmp_path):
     a = model_identity(backbone, "fp32", 0)
     b = model_identity(backbone, "fp32", 1)  # another random init
     c = model_identity(backbone, "bf16", 0)
-    assert len({json.dumps(x, sort_keys=True) for x in (a, b, c)}) == 3
+    fast = load_backbone(load_config(["backbone=tiny_vit", "backbone.precision=bf16"]).backbone)
+    d = model_identity(fast, "bf16", 0)  # the class-token-only forward is part of what made the features
+    assert fast.clip.class_token_only and d["image_forward"] and "image_forward" not in c
+    assert len({json.dumps(x, sort_keys=True) for x in (a, b, c, d)}) == 4
 
 
 def test_the_cache_is_keyed_by_precision(tmp_path):

@@ -123,6 +123,44 @@ def test_vit_b32_counts(vit_b32):
     assert vit_b32.weights_file is None and vit_b32.pretrained is None
 
 
+# -- the class-token path ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["fedclip-tiny-vit", "ViT-B-32"])
+def test_bf16_class_token_path_gives_the_towers_own_bits(name, mini):
+    """In bf16 a vision transformer that pools its class token runs its last block's MLP on that token
+    alone: the same features, every bit, as open_clip's own forward, for calls of any size."""
+    bb = load_backbone(BackboneConfig(name=name, pretrained=None, precision="bf16", download=False))
+    assert bb.clip.class_token_only
+    x, _ = real_batch(mini, bb, list(range(16)))
+    for n in (1, 3, 16):
+        own = bb.clip.model.encode_image(x[:n].to(torch.bfloat16)).float()
+        assert torch.equal(bb.image_features(x[:n]), own), n
+
+
+def test_the_reference_numerics_keep_the_towers_own_forward():
+    """fp32 (and fp16, the reference's GPU numerics) run open_clip's forward as it is; ResNets always do."""
+    assert not tiny("fedclip-tiny-vit").clip.class_token_only
+    rn = load_backbone(BackboneConfig(name="fedclip-tiny-rn", pretrained=None, precision="bf16", download=False))
+    assert not rn.clip.class_token_only
+
+
+def test_a_tower_the_class_token_path_does_not_reproduce_keeps_its_forward(caplog):
+    """A tower of the right types whose forward does something else (a patched block, another release):
+    the check at load finds the difference, warns and keeps the full forward."""
+    import open_clip
+
+    model = open_clip.create_model("fedclip-tiny-vit", pretrained=None, precision="pure_bf16")
+    block = model.visual.transformer.resblocks[-1]
+    plain = block.forward
+    block.forward = lambda x, **kw: plain(x, **kw) + x.mean(dim=1, keepdim=True)  # mixes tokens after the MLP
+    assert backbone_mod.class_token_tower(model)
+    with caplog.at_level("WARNING"):
+        clip = FrozenCLIP(model, class_token_only=True)
+    assert not clip.class_token_only and "class-token path does not reproduce" in caplog.text
+    x = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    assert torch.equal(clip.encode_image(x), model.encode_image(x).float())
+
+
 # -- frozen backbone -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", TINY)

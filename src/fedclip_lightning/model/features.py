@@ -50,6 +50,8 @@ def model_identity(backbone: Backbone, precision: str, seed: int) -> dict:
                    "model_config": open_clip.get_model_config(backbone.name)
                    if not backbone.name.startswith(("hf-hub:", "local-dir:")) else None,
                    "create_options": {k: v for k, v in sorted(backbone.create_options.items())}}
+    if getattr(backbone.clip, "class_token_only", False):  # bf16: the last block's MLP on the class token alone
+        ident["image_forward"] = "class-token-only last block"
     if backbone.weights_file:
         st = os.stat(backbone.weights_file)
         ident["weights"] = [os.path.abspath(backbone.weights_file), st.st_size, st.st_mtime_ns]
