@@ -12,7 +12,12 @@ Prints, for one image set and backbone, in one run, side by side:
    cores, the pass can at best add their times per image);
 4. for each reduced precision, the features against fp32's: the lowest cosine similarity and the largest
    absolute difference (of L2-normalised features);
-5. accuracy against fp32 on the same run: the embedded demo (the project's pretrained small CLIP,
+5. the hardware's limit: which matrix units the CPU has (AMX, AVX512-BF16), the rate of a bare matrix
+   product of the encoder's own shapes (its MLP at one call's tokens) for each precision, and the
+   encoder's rate in the same units (its FLOPs per image, counted by torch's FlopCounterMode on the
+   path it runs, times its images/s) as a share of it. A change of precision can give the encoder at
+   most the ratio of those bare products; on a CPU without AMX that is about 2x for bf16;
+6. accuracy against fp32 on the same run: the embedded demo (the project's pretrained small CLIP,
    FedCLIP, 200 rounds) with backbone.precision=fp32 and =bf16, zero-shot and FedCLIP accuracies side
    by side (``--accuracy``; the only place here where the weights mean something).
 
@@ -126,6 +131,71 @@ def issue_pass_rate(backbone, samples, workers: int) -> float:
     return len(samples) / (time.perf_counter() - t)
 
 
+def matrix_units() -> str:
+    """The CPU's bf16 matrix instructions, as /proc/cpuinfo lists them."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return "unknown (no /proc/cpuinfo)"
+    if "amx_bf16" in flags:
+        return "AMX-BF16 tiles (and AVX512-BF16)" if "avx512_bf16" in flags else "AMX-BF16 tiles"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16 dot products, no AMX"
+    return "no bf16 instructions (fp32 units only)"
+
+
+def gemm_rate(dtype: torch.dtype, device: str, m: int, k: int, n: int, seconds: float = 1.5) -> float:
+    """GFLOP/s of a bare ``[m, k] @ [k, n]`` product (a Linear's) in ``dtype``."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    w = torch.randn(n, k, device=device).to(dtype)
+    with torch.inference_mode():
+        torch.nn.functional.linear(a, w)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        reps, t = 0, time.perf_counter()
+        while time.perf_counter() - t < seconds:
+            torch.nn.functional.linear(a, w)
+            reps += 1
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9
+
+
+def encoder_gemm_shapes(backbone, chunk: int | None, batch: int) -> tuple[int, int, int]:
+    """(rows, width, hidden) of the encoder's MLP products in one call: a ViT's tokens per call and its
+    MLP; another tower: 800 rows through a 768-to-3072 product, a generic shape."""
+    visual = backbone.clip.model.visual
+    grid = getattr(visual, "grid_size", None)
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if grid is not None and blocks is not None:
+        fc = blocks[0].mlp.c_fc
+        return (chunk or batch) * (int(grid[0]) * int(grid[1]) + 1), fc.in_features, fc.out_features
+    return 800, 768, 3072
+
+
+def flops_per_image(backbone) -> float:
+    """FLOPs of one image through the encoder on the path it runs (FlopCounterMode counts products,
+    convolutions and attention; the MHA fast path is one uncounted kernel, so it is off while counting)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    visual = backbone.clip.model.visual
+    size = getattr(visual, "image_size", 224)
+    h, w = (size, size) if isinstance(size, int) else size
+    x = torch.randn(2, 3, h, w, device=backbone.device)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            backbone.image_features(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return counter.get_total_flops() / 2
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "pure_fp16": torch.float16}
+
+
 def compare(feats: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     a = torch.nn.functional.normalize(feats.float(), dim=-1)
     b = torch.nn.functional.normalize(ref.float(), dim=-1)
@@ -163,7 +233,7 @@ def main() -> None:
     ap.add_argument("--workers", default=None, help="worker counts for the decode stage (default: 0 and the "
                                                       "pass's own choice)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: both where there is a GPU)")
-    ap.add_argument("--accuracy", action="store_true", help="also run the demo in fp32 and bf16 (row 5)")
+    ap.add_argument("--accuracy", action="store_true", help="also run the demo in fp32 and bf16 (row 6)")
     args = ap.parse_args()
     if not args.root.is_dir():
         sys.exit(f"{args.root} is missing: pass --root /path/to/PACS (the images beside the checkout: ../shared/data)")
@@ -197,13 +267,35 @@ def main() -> None:
             baseline = issue_pass_rate(backbone_for(args, "fp32", device), samples, auto_workers)
             print(f"  the fp32 pass as issue 15 measured it (batches of 256 in one call, fp32 per image from the "
                   f"workers): {baseline:.1f} img/s")
+        m, k, n = encoder_gemm_shapes(ref_backbone, chunk, args.batch)
+        gemm = {p: (gemm_rate(DTYPES[p], device, m, k, n) + gemm_rate(DTYPES[p], device, m, n, k)) / 2
+                for p in precisions if p in DTYPES}
+        print(f"  matrix units: {matrix_units() if device == 'cpu' else torch.cuda.get_device_name()}; a bare "
+              f"product of the encoder's MLP shapes ({m}x{k}x{n} and back): "
+              + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in gemm.items()))
+        if "fp32" in gemm and len(gemm) > 1:
+            print("  so a change of precision can give the encoder at most: "
+                  + ", ".join(f"{p} {g / gemm['fp32']:.2f}x" for p, g in gemm.items() if p != "fp32"))
         ref = None
         rows = []
+        limits = []
         print(f"  {'precision':9}  {'decode alone':>13}  {'encoder alone':>14}  {'first call':>11}  {'whole pass':>11}  "
               f"{'pass/slowest':>12}  {'pass/shared':>11}  {'cos min vs fp32':>15}  {'max |diff|':>10}")
         for precision in precisions:
             backbone = backbone_for(args, precision, device)
             enc, first, feats = encoder_rate(backbone, batches, chunk)
+            flops = flops_per_image(backbone)
+            if backbone.clip.class_token_only:  # the tower's own forward, side by side
+                backbone.clip.class_token_only = False
+                own = encoder_rate(backbone, batches, chunk)[0]
+                own_flops = flops_per_image(backbone)
+                backbone.clip.class_token_only = True
+                limits.append(f"{precision}: class-token-only last block {enc:.1f} img/s ({flops / 1e9:.2f} GFLOP "
+                              f"per image) against the tower's own forward {own:.1f} img/s ({own_flops / 1e9:.2f}"
+                              f" GFLOP): {enc / own:.2f}x")
+            if precision in gemm:
+                limits.append(f"{precision}: the encoder at {enc * flops / 1e9:.0f} GFLOP/s, "
+                              f"{enc * flops / 1e9 / gemm[precision]:.2f} of the bare product's rate")
             whole = pass_rate(backbone, samples, args, auto_workers)
             rows.append((precision, whole))
             # The decode stage as this precision's pass runs it (the last step casts to its input dtype).
@@ -220,9 +312,13 @@ def main() -> None:
                 against = f"{cos:15.6f}  {diff:10.2e}"
             print(f"  {precision:9}  {dec:9.1f} img/s  {enc:10.1f} img/s  {first:9.2f} s  {whole:7.1f} img/s  "
                   f"{whole / slowest:12.2f}  {whole / shared:11.2f}  {against}")
+        for line in limits:
+            print(f"  {line}")
         if baseline:
             print("  the pass against the fp32 pass as issue 15 measured it: "
-                  + ", ".join(f"{p} {w / baseline:.2f}x" for p, w in rows) + " (issue 15's target for bf16: >= 4x)")
+                  + ", ".join(f"{p} {w / baseline:.2f}x" for p, w in rows) + " (issue 15's target for bf16: >= 4x"
+                  + (f"; this machine's bf16 product runs at {gemm['bf16'] / gemm['fp32']:.2f}x its fp32 one)"
+                     if {"bf16", "fp32"} <= set(gemm) else ")"))
     if args.accuracy:
         accuracy_rows(["fp32", "bf16"])
 

@@ -83,10 +83,15 @@ class FrozenCLIP(nn.Module):
         x = x.to(next(visual.parameters()).device, input_dtype(visual))
         full = self.model.encode_image(x).float()
         fast = class_token_features(visual, x).float()
-        if fast.shape == full.shape and bool(((fast - full).abs() <= 1e-2 * full.abs().max() + 1e-6).all()):
+        # On a CPU the bf16 path gives the same bits; the margin is for other devices' kernels (a GPU may
+        # round rows of a smaller product otherwise). A structural difference moves features by far more.
+        if fast.shape == full.shape and bool(((fast - full).abs() <= 2e-2 * full.abs().max() + 1e-6).all()):
             return True
-        log.warning("the image tower's class-token path does not reproduce its own forward (%s against %s); "
-                    "using the full forward", tuple(fast.shape), tuple(full.shape))
+        gap = (f"largest difference {float((fast - full).abs().max()):.3g} against features up to "
+               f"{float(full.abs().max()):.3g}" if fast.shape == full.shape
+               else f"shape {tuple(fast.shape)} against {tuple(full.shape)}")
+        log.warning("the image tower's class-token path does not reproduce its own forward (%s): running the "
+                    "full forward, a little slower, with the tower's own features", gap)
         return False
 
     @torch.no_grad()
@@ -153,8 +158,8 @@ def class_token_features(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """open_clip's ``VisionTransformer.forward`` for a tower that pools its class token, with the last
     block's second half (LayerNorm, MLP) on the class token alone: after the last attention nothing mixes
     tokens, and every token but the first is thrown away. The attention itself still sees every token.
-    That MLP is two thirds of the block's work (ViT-B/32: a twelfth of it, about 5% of the tower; measured
-    8-11% faster on a CPU). Row for row the same operations: in bf16 the same bits (tests/test_model.py);
+    That MLP is two thirds of the last block's work; in ViT-B/32, one block of twelve, it is 5% of the
+    tower's FLOPs (8.26 against 8.73 GFLOP an image), and the tower runs 8-11% faster on a CPU. Row for row the same operations: in bf16 the same bits (tests/test_model.py);
     in fp32 the matrix kernels may block a call of a few rows differently (up to about 1e-6)."""
     x = visual._embeds(x)
     blocks = visual.transformer.resblocks
