@@ -57,7 +57,7 @@ class BackboneConfig:
     # Precision of the frozen encoders; the adapter always runs in fp32.
     # auto: fp16 on a GPU, fp32 on the CPU. fp16 is clip.load's mixed precision (the reference's numerics:
     # weights in fp16, LayerNorm computed in fp32); pure_fp16 runs everything in fp16; bf16 is pure bf16
-    # (and a ViT's last block runs its MLP on the class token alone: the same bits, 5% fewer FLOPs).
+    # (and a ViT's last block runs its MLP on the class token alone: 5% fewer FLOPs, the same bits on a CPU).
     # fast: the fastest the device runs natively (bf16 on CPUs with AVX512-BF16/AMX and GPUs with bf16,
     # fp16 on other GPUs, fp32 on other CPUs). The feature cache keys on the precision a run resolves to.
     precision: str = "auto"

@@ -75,7 +75,8 @@ class FrozenCLIP(nn.Module):
     def _class_token_checks(self) -> bool:
         """The class-token path against the model's own ``encode_image`` on two seeded random images: a
         tower whose forward differs from what ``class_token_features`` mirrors (another open_clip release,
-        a patched block) keeps its full forward, with a warning, and never gives other features silently."""
+        a patched block) by more than 2% of its largest feature keeps its full forward, with a warning.
+        Hooks on the tower's modules see the class token alone in the last block."""
         visual = self.model.visual
         size = getattr(visual, "image_size", 224)
         h, w = (size, size) if isinstance(size, int) else size
@@ -159,8 +160,9 @@ def class_token_features(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
     block's second half (LayerNorm, MLP) on the class token alone: after the last attention nothing mixes
     tokens, and every token but the first is thrown away. The attention itself still sees every token.
     That MLP is two thirds of the last block's work; in ViT-B/32, one block of twelve, it is 5% of the
-    tower's FLOPs (8.26 against 8.73 GFLOP an image), and the tower runs 8-11% faster on a CPU. Row for row the same operations: in bf16 the same bits (tests/test_model.py);
-    in fp32 the matrix kernels may block a call of a few rows differently (up to about 1e-6)."""
+    tower's FLOPs (8.26 against 8.73 GFLOP an image; the speed-up is in benchmarks/encoder_pass.py). Row
+    for row the same operations: in bf16 on a CPU the same bits (tests/test_model.py); in fp32 the matrix
+    kernels may block a call of a few rows differently (up to 1.7e-6)."""
     x = visual._embeds(x)
     blocks = visual.transformer.resblocks
     for block in blocks[:-1]:
