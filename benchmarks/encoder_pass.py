@@ -210,10 +210,9 @@ def flops_per_image(backbone) -> float:
     ViT-B/32's FLOPs, 4% of ViT-B/16's, so the rates below are a little low."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    visual = backbone.clip.model.visual
-    size = getattr(visual, "image_size", 224)
-    h, w = (size, size) if isinstance(size, int) else size
-    x = torch.randn(2, 3, h, w, device=backbone.device)
+    from fedclip_lightning.model.backbone import image_size
+
+    x = torch.randn(2, 3, *image_size(backbone.clip.model.visual), device=backbone.device)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:

@@ -78,9 +78,7 @@ class FrozenCLIP(nn.Module):
         a patched block) by more than 2% of its largest feature keeps its full forward, with a warning.
         Hooks on the tower's modules see the class token alone in the last block."""
         visual = self.model.visual
-        size = getattr(visual, "image_size", 224)
-        h, w = (size, size) if isinstance(size, int) else size
-        x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(2, 3, *image_size(visual), generator=torch.Generator().manual_seed(0))
         x = x.to(next(visual.parameters()).device, input_dtype(visual))
         full = self.model.encode_image(x).float()
         fast = class_token_features(visual, x).float()
@@ -133,6 +131,12 @@ class Backbone:
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_image(images.to(self.device, non_blocking=True))
+
+
+def image_size(visual: nn.Module) -> tuple[int, int]:
+    """(height, width) of the images an open_clip image tower takes (224 where it does not say)."""
+    size = getattr(visual, "image_size", 224)
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def class_token_tower(model: nn.Module) -> bool:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..data.domains import ImageDataset, Sample
 from ..errors import ConfigError
 from ..report import atomic_save
-from .backbone import Backbone
+from .backbone import Backbone, image_size
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: a SHA-256 of the feature bytes, checked on every load
@@ -183,8 +183,7 @@ def encoder_chunk(backbone: Backbone, requested: int | None = None) -> int | Non
     grid = getattr(visual, "grid_size", None)
     if grid is not None:
         return max(1, CPU_TOKENS_PER_CALL // (int(grid[0]) * int(grid[1]) + 1))
-    size = getattr(visual, "image_size", 224)
-    h, w = (size, size) if isinstance(size, int) else size
+    h, w = image_size(visual)
     return max(1, round(4 * 224 * 224 / (h * w)))
 
 
