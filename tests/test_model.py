@@ -128,7 +128,7 @@ def test_vit_b32_counts(vit_b32):
 @pytest.mark.parametrize("name", ["fedclip-tiny-vit", "ViT-B-32"])
 def test_bf16_class_token_path_gives_the_towers_own_bits(name, mini):
     """In bf16 a vision transformer that pools its class token runs its last block's MLP on that token
-    alone: the same features, every bit, as open_clip's own forward, for calls of any size."""
+    alone: the same features, every bit, as open_clip's own forward, for calls of 1, 3 and 16 images."""
     bb = load_backbone(BackboneConfig(name=name, pretrained=None, precision="bf16", download=False))
     assert bb.clip.class_token_only
     x, _ = real_batch(mini, bb, list(range(16)))
@@ -140,6 +140,8 @@ def test_bf16_class_token_path_gives_the_towers_own_bits(name, mini):
 def test_the_reference_numerics_keep_the_towers_own_forward():
     """fp32 (and fp16, the reference's GPU numerics) run open_clip's forward as it is; ResNets always do."""
     assert not tiny("fedclip-tiny-vit").clip.class_token_only
+    fp16 = load_backbone(BackboneConfig(name="fedclip-tiny-vit", pretrained=None, precision="fp16", download=False))
+    assert fp16.precision == "fp16" and not fp16.clip.class_token_only
     rn = load_backbone(BackboneConfig(name="fedclip-tiny-rn", pretrained=None, precision="bf16", download=False))
     assert not rn.clip.class_token_only
 
