@@ -17,7 +17,7 @@ Prints, for one image set and backbone, in one run, side by side:
    encoder's rate in the same units (its FLOPs per image, counted by torch's FlopCounterMode on the
    path it runs, times its images/s) as a share of it; and the class-token path against the tower's
    own forward, timed in alternation. A change of precision can give the encoder at most the ratio of the
-   bare products: 2.1x on a Zen 4 EPYC, about 4x on the earlier machine of the README;
+   bare products: 2.1-2.4x on a Zen 4 EPYC, about 4x on the earlier machine of the README;
 6. accuracy against fp32 on the same run: the embedded demo (the project's pretrained small CLIP,
    FedCLIP, 200 rounds) with backbone.precision=fp32 and =bf16, zero-shot and FedCLIP accuracies side
    by side (``--accuracy``; the only place here where the weights mean something).
@@ -317,13 +317,13 @@ def main() -> None:
             enc, first, feats = encoder_rate(backbone, batches, chunk)
             flops = flops_per_image(backbone)
             if backbone.clip.class_token_only:  # against the tower's own forward, interleaved
-                fast, own, gain, n = class_token_gain(backbone, batches, chunk)
+                fast, own, gain, n_images = class_token_gain(backbone, batches, chunk)
                 backbone.clip.class_token_only = False
                 own_flops = flops_per_image(backbone)
                 backbone.clip.class_token_only = True
                 limits.append(f"{precision}: class-token-only last block {fast:.1f} img/s ({flops / 1e9:.2f} GFLOP "
                               f"per image) against the tower's own forward {own:.1f} img/s ({own_flops / 1e9:.2f}"
-                              f" GFLOP), medians of 8 alternations on {n} images: {gain:.3f}x")
+                              f" GFLOP), medians of 8 alternations on {n_images} images: {gain:.3f}x")
             if precision in gemm:
                 limits.append(f"{precision}: the encoder at {enc * flops / 1e9:.0f} GFLOP/s, "
                               f"{enc * flops / 1e9 / gemm[precision]:.2f} of the bare product's rate")
