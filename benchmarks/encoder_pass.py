@@ -161,11 +161,11 @@ def issue_pass_rate(backbone, samples, workers: int) -> float:
 
 def matrix_units() -> str:
     """The CPU's bf16 matrix instructions, as /proc/cpuinfo lists them."""
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError:
-        return "unknown (no /proc/cpuinfo)"
+    from fedclip_lightning.model.backbone import cpu_flags
+
+    flags = cpu_flags()
+    if not flags:
+        return "unknown (no /proc/cpuinfo flags)"
     if "amx_bf16" in flags:
         return "AMX-BF16 tiles (and AVX512-BF16)" if "avx512_bf16" in flags else "AMX-BF16 tiles"
     if "avx512_bf16" in flags:
@@ -194,12 +194,14 @@ def gemm_rate(dtype: torch.dtype, device: str, m: int, k: int, n: int, seconds: 
 def encoder_gemm_shapes(backbone, chunk: int | None, batch: int) -> tuple[int, int, int]:
     """(rows, width, hidden) of the encoder's MLP products in one call: a ViT's tokens per call and its
     MLP; another tower: 800 rows through a 768-to-3072 product, a generic shape."""
+    from fedclip_lightning.model.backbone import tokens_per_image
+
     visual = backbone.clip.model.visual
-    grid = getattr(visual, "grid_size", None)
+    tokens = tokens_per_image(visual)
     blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
-    if grid is not None and blocks is not None:
+    if tokens is not None and blocks is not None:
         fc = blocks[0].mlp.c_fc
-        return (chunk or batch) * (int(grid[0]) * int(grid[1]) + 1), fc.in_features, fc.out_features
+        return (chunk or batch) * tokens, fc.in_features, fc.out_features
     return 800, 768, 3072
 
 

@@ -82,13 +82,15 @@ class FrozenCLIP(nn.Module):
         x = x.to(next(visual.parameters()).device, input_dtype(visual))
         full = self.model.encode_image(x).float()
         fast = class_token_features(visual, x).float()
-        # On a CPU the bf16 path gives the same bits; the margin is for other devices' kernels (a GPU may
-        # round rows of a smaller product otherwise). A structural difference moves features by far more.
-        if fast.shape == full.shape and bool(((fast - full).abs() <= 2e-2 * full.abs().max() + 1e-6).all()):
-            return True
-        gap = (f"largest difference {float((fast - full).abs().max()):.3g} against features up to "
-               f"{float(full.abs().max()):.3g}" if fast.shape == full.shape
-               else f"shape {tuple(fast.shape)} against {tuple(full.shape)}")
+        if fast.shape != full.shape:
+            gap = f"shape {tuple(fast.shape)} against {tuple(full.shape)}"
+        else:
+            # On a CPU the bf16 path gives the same bits; the margin is for other devices' kernels (a GPU
+            # may round rows of a smaller product otherwise). A structural difference moves features by far more.
+            diff, scale = float((fast - full).abs().max()), float(full.abs().max())
+            if diff <= 2e-2 * scale + 1e-6:
+                return True
+            gap = f"largest difference {diff:.3g} against features up to {scale:.3g}"
         log.warning("the image tower's class-token path does not reproduce its own forward (%s): running the "
                     "full forward, a little slower, with the tower's own features", gap)
         return False
@@ -137,6 +139,13 @@ def image_size(visual: nn.Module) -> tuple[int, int]:
     """(height, width) of the images an open_clip image tower takes (224 where it does not say)."""
     size = getattr(visual, "image_size", 224)
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def tokens_per_image(visual: nn.Module) -> int | None:
+    """Tokens a vision transformer's blocks see per image (its patches and the class token); None for
+    another tower."""
+    grid = getattr(visual, "grid_size", None)
+    return int(grid[0]) * int(grid[1]) + 1 if grid is not None else None
 
 
 def class_token_tower(model: nn.Module) -> bool:
@@ -196,12 +205,18 @@ _PRECISION = {"fp32": "fp32", "bf16": "pure_bf16", "fp16": "fp16", "pure_fp16": 
 def cpu_has_bf16() -> bool:
     """Does this CPU multiply bf16 natively (AVX512-BF16 or AMX-BF16, as Linux's /proc/cpuinfo lists its
     flags)? Elsewhere (no such file) the answer is no: ``fast`` stays fp32 there."""
+    flags = cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux's /proc/cpuinfo lists them (empty where there is no such file)."""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")),
+                set())
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:

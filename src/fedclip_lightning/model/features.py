@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..data.domains import ImageDataset, Sample
 from ..errors import ConfigError
 from ..report import atomic_save
-from .backbone import Backbone, image_size
+from .backbone import Backbone, image_size, tokens_per_image
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: a SHA-256 of the feature bytes, checked on every load
@@ -180,9 +180,9 @@ def encoder_chunk(backbone: Backbone, requested: int | None = None) -> int | Non
     if backbone.device.type != "cpu":
         return None
     visual = backbone.clip.model.visual
-    grid = getattr(visual, "grid_size", None)
-    if grid is not None:
-        return max(1, CPU_TOKENS_PER_CALL // (int(grid[0]) * int(grid[1]) + 1))
+    tokens = tokens_per_image(visual)
+    if tokens is not None:
+        return max(1, CPU_TOKENS_PER_CALL // tokens)
     h, w = image_size(visual)
     return max(1, round(4 * 224 * 224 / (h * w)))
 
