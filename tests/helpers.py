@@ -37,11 +37,12 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m fedclip_lightning <args>`` in ``tmp_path``."""
+def run_cli(args: list[str], tmp_path: Path, timeout: int = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m fedclip_lightning <args>`` in ``tmp_path`` (``env``: variables to add)."""
     return subprocess.run(
         [sys.executable, "-m", "fedclip_lightning", *args],
-        cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=timeout,
+        cwd=tmp_path, env={**cli_env(tmp_path), **(env or {})}, capture_output=True, text=True, timeout=timeout,
     )
 
 

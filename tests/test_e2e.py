@@ -69,6 +69,12 @@ def test_run_writes_summary_metrics_and_table(one_process):
     assert "sketch (unseen)" in proc.stdout and "mean (clients)" in proc.stdout
     assert "RANDOMLY initialised" in proc.stdout
     assert str(run_dir.relative_to(tmp)) in proc.stdout
+    # which kernels made these numbers: the suite's own (its environment reaches the command)
+    from fedclip_lightning.numerics import header_line, is_portable
+
+    assert s["numerics"]["profile"] == ("portable" if is_portable() else "native")
+    assert s["numerics"]["threads"] == torch.get_num_threads()
+    assert header_line(s["numerics"]) in proc.stdout
     adapter = torch.load(run_dir / "adapter_final.pt", weights_only=True)
     assert adapter["round"] == 3 and set(adapter["state"]) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
 

@@ -148,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
               "settings are passed as key=value.", file=sys.stderr)
         return 2
     overrides = [a for a in argv if not a.startswith("-")]
+    from .numerics import NumericsError, apply_switch
+
+    try:
+        apply_switch()  # FEDCLIP_NUMERICS=portable: its variables must be set before torch is imported
+    except NumericsError as exc:
+        print(f"fedclip-lightning: {exc}", file=sys.stderr)
+        return 2
     _quiet()
     try:
         from .config import load_config, to_dict

@@ -268,6 +268,7 @@ class Summary:
     server: dict[str, float] = field(default_factory=dict)
     wandb_id: str | None = None  # the W&B run of this training run (kept across resumes)
     slurm: dict[str, str] = field(default_factory=dict)  # the SLURM job as rank 0 saw it (empty outside SLURM)
+    numerics: dict[str, Any] = field(default_factory=dict)  # a CPU run's kernels and threads (numerics.describe)
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -302,6 +303,7 @@ class Summary:
             "world_size": self.world_size,
             "wandb_id": self.wandb_id,
             "slurm": self.slurm,
+            "numerics": self.numerics,
             "skipped_images": self.skipped_images,
             "features": self.features,
             "error": self.error,

@@ -24,6 +24,7 @@ from ..checkpoint import (COMPLETE, MANIFEST, check_data, check_resumable, check
 from ..config import Config, to_dict, uses_feature_cache, validate
 from ..data.pipeline import build_task, class_prompt_names, make_loader
 from ..errors import ConfigError
+from .. import numerics
 from ..loggers import build_loggers, finish_loggers
 from ..model.backbone import load_backbone, resolve_weights
 from ..report import Summary, atomic_write_text
@@ -164,8 +165,8 @@ def _launch(cfg: Config, started: float, preemption: Preemption, task, domains, 
     fabric = build_fabric(cfg, loggers)
     fabric.launch()
     LAUNCHED_RANK = fabric.global_rank if fabric.world_size > 1 else None
-    if fabric.device.type == "cpu" and fabric.world_size > 1:
-        # Processes sharing a node share its cores: no oversubscription.
+    if fabric.device.type == "cpu" and fabric.world_size > 1 and not os.environ.get("OMP_NUM_THREADS"):
+        # Processes sharing a node share its cores: no oversubscription (an OMP_NUM_THREADS the user set wins).
         local = max(1, fabric.world_size // max(1, cfg.fabric.num_nodes))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     exit_code = 1
@@ -215,6 +216,7 @@ def make_summary(cfg: Config, fabric, backbone, task, domains, algorithm, random
         config=to_dict(cfg),
         skipped_images=list(domains.skipped),
         slurm=slurm_job(),
+        numerics=numerics.describe() if fabric.device.type == "cpu" else {},
     )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from .. import numerics
 from ..config import Config
 from ..loggers import wandb_mode
 from .tracking import WandbTracking, wandb_logger
@@ -188,6 +189,8 @@ def print_header(cfg: Config, s: Summary, run_dir: Path, random_init: bool, fabr
     print(f"  clients: {listed}")
     print(f"  unseen:  {', '.join(s.unseen) or '-'}")
     print(f"  {w} rounds on {fabric.world_size} process(es), {fabric.device.type}; run directory {run_dir}")
+    if s.numerics:
+        print(f"  {numerics.header_line(s.numerics)}")
     if s.slurm:  # summary.json's slurm block: the job as this process's environment says
         j = s.slurm
         job = j["job_id"] + (f" (array {j.get('array_job_id')}_{j['array_task_id']})" if "array_task_id" in j else "")
