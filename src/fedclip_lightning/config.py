@@ -456,6 +456,23 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+# Settings that act only where another setting turns them on: key -> (that setting, whether a value of it turns
+# the key on, the fix). Set to anything but its default elsewhere, the key is refused; a sweep whose axis turns the
+# feature off leaves the key out of those runs (sweep.plan).
+ONLY_WITH: dict[str, tuple[str, Any, str]] = {
+    "federation.dp_target_epsilon": ("federation.dp", lambda v: v != "none",
+                                     "add federation.dp=server (or client), or drop dp_target_epsilon"),
+    "federation.attack_fraction": ("federation.attack", lambda v: v != "none",
+                                   "add federation.attack=sign_flip (or scaled, gaussian), or drop attack_fraction"),
+    "federation.trim_beta": ("federation.aggregator", lambda v: v == "trimmed_mean",
+                             "add federation.aggregator=trimmed_mean, or drop trim_beta"),
+    "federation.krum_f": ("federation.aggregator", lambda v: v in ("krum", "multi_krum"),
+                          "add federation.aggregator=krum (or multi_krum), or drop krum_f"),
+    "federation.multi_krum_m": ("federation.aggregator", lambda v: v == "multi_krum",
+                                "add federation.aggregator=multi_krum, or drop multi_krum_m"),
+}
+
+
 def _validate_server_side(f: FederationConfig, cfg: Config, bad, choice) -> None:
     from .algorithms import registry
     from .federation.attacks import ATTACKS
@@ -493,6 +510,13 @@ def _validate_server_side(f: FederationConfig, cfg: Config, bad, choice) -> None
             "need a clip > 0, a noise multiplier >= 0 and a delta in (0, 1)", "e.g. dp_clip=1 dp_noise_multiplier=1 dp_delta=1e-5")
     if f.dp_target_epsilon is not None and not f.dp_target_epsilon > 0:
         bad("federation.dp_target_epsilon", f.dp_target_epsilon, "must be > 0", "e.g. federation.dp_target_epsilon=8")
+    if not math.isfinite(f.attack_scale):
+        bad("federation.attack_scale", f.attack_scale, "must be a finite number", "e.g. federation.attack_scale=100")
+    # A setting that does nothing where it stands is refused, not ignored (the run would look as if it had used it).
+    for key, (enabler, enables, fix) in ONLY_WITH.items():
+        name, on = key.split(".", 1)[1], enabler.split(".", 1)[1]
+        if getattr(f, name) != getattr(FederationConfig, name) and not enables(getattr(f, on)):
+            bad(key, getattr(f, name), f"has no effect with {enabler}={getattr(f, on)}", fix)
     if f.dp != "none" and f.aggregator != "mean":
         bad("federation.aggregator", f.aggregator, "DP-FedAvg noises a sum: it needs the mean",
             "use federation.aggregator=mean with federation.dp")

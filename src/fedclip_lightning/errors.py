@@ -49,6 +49,12 @@ class BackboneError(UserError):
     title = "backbone error"
 
 
+class DivergedError(UserError):
+    """Training produced a non-finite loss or model: the run stops rather than report it as a result."""
+
+    title = "run diverged"
+
+
 def quiet_on_closed_pipe(main: Callable[..., int]) -> Callable[..., int]:
     """An entry point whose reader went away (``fedclip-lightning --help | head``) stops quietly with
     status 1, as Python's documentation recommends for EPIPE, instead of a BrokenPipeError traceback."""

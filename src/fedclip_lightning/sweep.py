@@ -72,7 +72,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, list[tuple[str, str, list[str]]]]:
     """The sweep directory and its runs: (algorithm, held-out domain, overrides)."""
     from .algorithms import registry
-    from .config import load_config
+    from .config import ONLY_WITH, load_config
     from .data.pipeline import resolve_root
 
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
@@ -81,7 +81,10 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, list[tup
     if unknown or not algorithms:
         raise ConfigError(f"--algorithms={args.algorithms!r}: unknown {unknown or 'empty list'}. "
                           f"Fix: choose from {', '.join(known)}.")
-    base = load_config(overrides)
+    # The settings an axis may turn off are checked run by run (_applying), not in the base.
+    axis_keys = {axis.partition("=")[0].strip() for axis in args.set}
+    base = load_config([o for o in overrides if ONLY_WITH.get(o.partition("=")[0].lstrip("+~"), ("",))[0]
+                        not in axis_keys])
     domains = base.data.domains
     if domains is None:
         root = resolve_root(base)
@@ -93,20 +96,40 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, list[tup
                           "Fix: name domains of the data set, or use --heldout all.")
     name = args.name or f"sweep-{base.data.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = Path(base.output_dir).expanduser() / name
-    runs = []
+    runs, left_out = [], set()
     for h in heldout:
         for a in algorithms:
             for combo in _combinations(_axes_for(a, args.set)):
                 label = " ".join([a, *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in combo)])
                 tag = re.sub(r"[^A-Za-z0-9_.]+", "_", "_".join([a, *(f"{k.rsplit('.', 1)[-1]}_{v}" for k, v in combo)]))
-                ov = [*overrides, f"algorithm={a}", *(f"{k}={v}" for k, v in combo), f"data.unseen=[{h}]",
+                ov = [*_applying(overrides, combo, left_out), f"algorithm={a}", *(f"{k}={v}" for k, v in combo),
+                      f"data.unseen=[{h}]",
                       f"output_dir={_q(str(sweep_dir))}", f"run_name={_q(f'{tag}-{h}')}",
                       f"logger.wandb.group={_q(name)}"]
                 if combo:
                     ov.append(f"label={_q(label)}")
                 runs.append((tag, h, ov))
+    for o, (key, value) in sorted(left_out):
+        print(f"sweep: {o} has no effect where {key}={value}; those runs leave it out")
     _check_each(runs)
     return sweep_dir, runs
+
+
+def _applying(overrides: list[str], combo, left_out: set) -> list[str]:
+    """The fixed overrides less those that an axis value of this run turns off (``--set federation.attack=none,
+    scaled`` with ``federation.attack_fraction=0.34``: the run without an attack has no attackers to count)."""
+    from .config import ONLY_WITH
+
+    axes = dict(combo)
+    kept = []
+    for o in overrides:
+        key = o.partition("=")[0].lstrip("+~")
+        enabler, enables, _ = ONLY_WITH.get(key, (None, None, None))
+        if enabler in axes and not enables(axes[enabler]):
+            left_out.add((o, (enabler, axes[enabler])))
+            continue
+        kept.append(o)
+    return kept
 
 
 def _q(value: str) -> str:

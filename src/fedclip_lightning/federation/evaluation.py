@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import torch
 
+import math
+
+from ..errors import DivergedError
 from ..evaluate import SplitResult
 from ..report import RoundMetrics
 from .distributed import gather_rows
@@ -52,22 +55,31 @@ class RoundEvaluator:
 
         acc: dict[str, dict[str, float]] = {s: {} for s in SLOTS}
         unseen: dict[str, float] = {}
-        csv_rows, logd = [], {}
+        csv_rows, logd, bad = [], {}, []
         for p in self.parts:
             if p.kind == "client":
                 for s in SLOTS:
                     res = row(s, p.index)
                     if res is None:
                         continue
+                    if res.n > 0 and not math.isfinite(res.loss):
+                        bad.append(f"{p.name} {s}")
                     acc[s][p.name] = res.accuracy
                     csv_rows.append((rnd, p.name, s, res.accuracy, res.loss))
                     logd[f"client/{p.name}/{s}_acc"] = res.accuracy
                     logd[f"client/{p.name}/{s}_loss"] = res.loss
             else:
                 te = row("test", p.index)
+                if te.n > 0 and not math.isfinite(te.loss):
+                    bad.append(f"{p.name} unseen")
                 unseen[p.name] = te.accuracy
                 csv_rows.append((rnd, p.name, "unseen", te.accuracy, te.loss))
                 logd[f"unseen/{p.name}/acc"] = te.accuracy
                 logd[f"unseen/{p.name}/loss"] = te.loss
+        if bad:
+            raise DivergedError(f"round {rnd}: the loss is not finite (NaN or inf) for {', '.join(bad)}: the model "
+                                "diverged, and its accuracies are not results. The run stopped (summary.json: "
+                                "failed). Fix: lower algorithm.lr, or the server-side settings that scale the "
+                                "update (federation.server_lr, federation.attack_scale).")
         metrics = RoundMetrics(rnd, acc["val"], acc["test"], unseen, acc["val_global"], acc["test_global"])
         return metrics, csv_rows, logd

@@ -78,6 +78,9 @@ class Krum:
                               f"a round, this round has {k}. Fix: lower federation.krum_f, or use "
                               "federation.aggregator=median.")
         m = self.m if self.m is not None else k - self.f
+        if m > k:
+            raise ConfigError(f"federation.multi_krum_m={m}: this round has only {k} clients, so multi-Krum would "
+                              "average every row (the plain mean). Fix: lower federation.multi_krum_m (null: K - f).")
         chosen = krum_scores(rows, self.f).argsort()[:m].sort().values  # ties: the lower client index
         return rows[chosen].mean(dim=0) if m > 1 else rows[chosen[0]].clone()
 

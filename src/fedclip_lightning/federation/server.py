@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from ..algorithms import registry
 from ..checkpoint import CheckpointWriter, write_checkpoint
 from ..config import algorithm_config
+from ..errors import DivergedError
 from ..data.partition import sample_clients, stable_seed
 from ..evaluate import SplitResult
 from ..report import ModelSelection, RoundMetrics, Summary
@@ -90,12 +92,35 @@ class Server:
             if p.index in active:
                 results[p.index] = self.algorithm.fit_client(self.clients[p.index], p, rnd)
                 self._park(self.clients[p.index])
+        self._stop_if_diverged(rnd, [i for i, r in results.items() if not math.isfinite(r.train.loss)], "loss")
         self.phase_seconds["fit"] += time.perf_counter() - t
         return results
+
+    def _stop_if_diverged(self, rnd: int, mine: list[int], what: str) -> None:
+        """Every rank stops, naming the clients (of any rank) whose local fit ended in a non-finite ``what``."""
+        flags = torch.zeros(len(self.ctx.parts), dtype=torch.float64)
+        flags[mine] = 1.0
+        if self.fabric.world_size > 1:
+            flags = self.fabric.all_reduce(flags.to(self.fabric.device), reduce_op="sum").cpu()
+        if flags.any():
+            names = [self.ctx.parts[i].name for i in flags.nonzero().flatten().tolist()]
+            raise DivergedError(
+                f"round {rnd}: the local training {what} of client(s) {', '.join(names)} is not finite (NaN or inf): "
+                f"training diverged, and its accuracies would not be results. The run stopped (summary.json: "
+                f"failed). Fix: lower algorithm.lr (now {self.cfg.algorithm.lr:g}).")
 
     def aggregate(self, rnd: int, active: list[int], results: dict) -> None:
         t = time.perf_counter()
         self.algorithm.aggregate(rnd, active, results)
+        state = getattr(self.algorithm, "global_state", None)
+        if state is not None and not all(bool(torch.isfinite(v).all()) for v in state.values()):
+            # The same on every rank (each computed the same server update), so all take this branch together:
+            # first the clients whose uploads were not finite, else the server's own step is named.
+            self._stop_if_diverged(rnd, [i for i, r in results.items() if not bool(torch.isfinite(r.update()).all())],
+                                   "model")
+            raise DivergedError(f"round {rnd}: the aggregated model is not finite (NaN or inf), from finite client "
+                                "models. The run stopped (summary.json: failed). Fix: lower federation.server_lr, "
+                                "or check the server-side settings (federation.server_optimizer, dp, attack).")
         if self.algorithm.communicates:
             per_copy = self.algorithm.bytes_per_copy
             self.summary.bytes_up_total += len(active) * per_copy

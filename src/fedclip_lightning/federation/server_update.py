@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..data.partition import stable_seed
+from ..errors import ConfigError
 from .attacks import attackers, corrupt
 from .distributed import gather_rows, stream_rows
 from .privacy import Privacy, clip
@@ -39,6 +40,14 @@ class ServerUpdate:
         self.optimizer = ServerOptimizer(fed.server_optimizer, lr, fed.server_beta1, fed.server_beta2, fed.server_tau)
         self.privacy = Privacy(fed, rounds) if fed.dp != "none" else None
         self.attackers = attackers(num_clients, fed.attack_fraction, seed) if fed.attack != "none" else set()
+        if fed.attack != "none" and not self.attackers:
+            raise ConfigError(f"federation.attack_fraction={fed.attack_fraction:g}: of {num_clients} clients that "
+                              f"rounds to 0 attackers, so federation.attack={fed.attack} would change nothing. "
+                              f"Fix: set federation.attack_fraction={1 / num_clients:.2f} or more (one attacker).")
+        if fed.aggregator == "multi_krum" and fed.multi_krum_m is not None and fed.multi_krum_m > num_clients:
+            raise ConfigError(f"federation.multi_krum_m={fed.multi_krum_m}: more rows than the {num_clients} clients, "
+                              "so multi-Krum would average every row (the plain mean). "
+                              f"Fix: set federation.multi_krum_m to at most {num_clients} (null: K - krum_f).")
         self.plain = fed.server_optimizer == "none" and self.privacy is None and not self.attackers
 
     def warnings(self) -> list[str]:

@@ -50,6 +50,30 @@ class LinearProbe(nn.Module):
         return self.weight
 
 
+def _check_fits(tokenizer, texts: list[str], class_names: list[str], length: int, n_ctx: int,
+                init: str | None) -> None:
+    """Every class's prompt (SOS, the context, the class name, '.', EOS) fits the text tower's context: a
+    tokenizer cuts what does not, and prompts cut before their class name are all the same."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    if not isinstance(tokenizer, SimpleTokenizer):  # its padding id is 0 (others: not checked here)
+        return
+    need = (tokenizer(texts, context_length=length + n_ctx + 256) != 0).sum(dim=1)
+    if int(need.max()) <= length:
+        return
+    from ..errors import ConfigError
+
+    i = int(need.argmax())
+    cut = [name for name, n in zip(class_names, need.tolist()) if n > length]
+    room = length - (int(need.max()) - n_ctx)
+    key = f"algorithm.ctx_init={init!r} ({n_ctx} tokens)" if init else f"algorithm.n_ctx={n_ctx}"
+    fix = (f"use at most {room} context tokens (algorithm.n_ctx={room}, or a shorter algorithm.ctx_init)" if room >= 1
+           else "use a backbone with a longer text context (shorter class names: data.class_names)")
+    raise ConfigError(f"{key}: the prompt of class {class_names[i]!r} needs {int(need[i])} tokens, but the text "
+                      f"tower's context holds {length}, so {len(cut)} of {len(class_names)} class names would be cut "
+                      f"off and their prompts could not tell the classes apart. Fix: {fix}.")
+
+
 class PromptLearner(nn.Module):
     """CoOp's unified context on a frozen open_clip text tower (not a submodule: only ``ctx`` is state).
 
@@ -66,7 +90,9 @@ class PromptLearner(nn.Module):
             init_tokens = tokenizer([init])[0]
             n_ctx = int((init_tokens > 0).sum()) - 2  # without SOS and EOS
         placeholder = " ".join(["X"] * n_ctx)
-        tokens = tokenizer([f"{placeholder} {name}." for name in class_names]).to(emb.weight.device)
+        texts = [f"{placeholder} {name}." for name in class_names]
+        tokens = tokenizer(texts).to(emb.weight.device)
+        _check_fits(tokenizer, texts, class_names, tokens.shape[1], n_ctx, init)
         with torch.no_grad():
             embedded = emb(tokens).float()
             if init:

@@ -1,0 +1,109 @@
+"""Numbers a researcher can trust (issue 23): a setting that would run silently wrong is refused with a message,
+and a diverged model stops the run instead of being reported as a result."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import PACS_MINI
+from fedclip_lightning.config import ONLY_WITH, load_config
+from fedclip_lightning.errors import ConfigError, DivergedError
+from fedclip_lightning.federation.orchestrator import run
+
+PM = ["experiment=pacs_mini_debug", f"data.root={PACS_MINI}", "progress=false", "logger=none"]
+
+
+def _run(tmp_path, *more, name="r"):
+    return run(load_config([*PM, f"output_dir={tmp_path}", f"run_name={name}", f"features.dir={tmp_path / 'f'}",
+                            *more]))
+
+
+@pytest.mark.parametrize("lr", ["1e30"])
+def test_a_diverged_run_stops_naming_round_and_clients(tmp_path, lr):
+    with pytest.raises(DivergedError, match=r"round 1: the local training (loss|model) of client\(s\) art_painting, "
+                                            r"cartoon, photo is not finite .* Fix: lower algorithm\.lr \(now 1e\+30\)"):
+        _run(tmp_path, f"algorithm.lr={lr}", "federation.rounds=3")
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["status"] == "failed" and "run diverged: round 1" in s["error"]
+    assert s["selected"] is None and s["final"] is None  # no accuracy of a NaN model is reported
+
+
+def test_a_non_finite_aggregate_stops_the_run(tmp_path, monkeypatch):
+    """A server update that makes the global model NaN (a broken server step, an absurd attack scale) is
+    caught in the round it happens, before evaluation."""
+    from fedclip_lightning.federation import server_opt
+
+    step = server_opt.ServerOptimizer.step
+    monkeypatch.setattr(server_opt.ServerOptimizer, "step", lambda self, w, d: step(self, w, d) * float("nan"))
+    with pytest.raises(DivergedError, match="round 1: the aggregated model is not finite .*, from finite client"):
+        _run(tmp_path, "federation.server_optimizer=momentum", "federation.rounds=2")
+
+
+def test_evaluation_names_a_split_whose_loss_is_not_finite(tmp_path, monkeypatch):
+    """The last local step can leave a model that no training loss saw: its evaluation says so."""
+    from fedclip_lightning.evaluate import SplitResult
+    from fedclip_lightning.federation.evaluation import RoundEvaluator
+
+    local = RoundEvaluator._local
+
+    def nan_val(self, train):
+        out = local(self, train)
+        n = len(self.parts)
+        for i, row in out.items():
+            if i // n == 1:  # the val slot
+                out[i] = SplitResult(row[0].item(), float("nan"), int(row[2])).as_row()
+        return out
+
+    monkeypatch.setattr(RoundEvaluator, "_local", nan_val)
+    with pytest.raises(DivergedError, match="round 1: the loss is not finite .* for art_painting val"):
+        _run(tmp_path, "federation.rounds=1")
+
+
+def test_nan_attack_scale_is_refused():
+    with pytest.raises(ConfigError, match=r"federation.attack_scale=nan: must be a finite number"):
+        load_config([*PM, "federation.attack=scaled", "federation.attack_fraction=0.34", "federation.attack_scale=nan"])
+
+
+@pytest.mark.parametrize("key,value", [
+    ("federation.dp_target_epsilon", "8.5"), ("federation.attack_fraction", "0.34"),
+    ("federation.trim_beta", "0.2"), ("federation.krum_f", "1"), ("federation.multi_krum_m", "2")])
+def test_a_setting_that_does_nothing_where_it_stands_is_refused(key, value):
+    enabler = ONLY_WITH[key][0]
+    with pytest.raises(ConfigError, match=rf"{key}={value}: has no effect with {enabler}=.* Fix: add {enabler}="):
+        load_config([*PM, f"{key}={value}"])
+
+
+def test_an_attack_fraction_that_rounds_to_no_attacker_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"attack_fraction=0\.1: of 3 clients that rounds to 0 attackers.*"
+                                          r"Fix: set federation\.attack_fraction=0\.33 or more"):
+        _run(tmp_path, "federation.attack=sign_flip", "federation.attack_fraction=0.1", "federation.rounds=1")
+
+
+def test_multi_krum_with_more_rows_than_clients_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"federation.multi_krum_m=5: more rows than the 3 clients"):
+        _run(tmp_path, "federation.aggregator=multi_krum", "federation.multi_krum_m=5", "federation.rounds=1")
+
+
+def test_a_sweep_leaves_a_setting_out_of_the_runs_whose_axis_turns_it_off(tmp_path, capsys):
+    import argparse
+
+    from fedclip_lightning.sweep import plan
+
+    args = argparse.Namespace(algorithms="fedclip", heldout="sketch", name="s",
+                              set=["federation.attack=none,sign_flip"])
+    _, runs = plan(args, [*PM, f"output_dir={tmp_path}", "federation.attack_fraction=0.34"])
+    by_attack = {next(o for o in ov if o.startswith("federation.attack=")): ov for _, _, ov in runs}
+    assert "federation.attack_fraction=0.34" not in by_attack["federation.attack=none"]
+    assert "federation.attack_fraction=0.34" in by_attack["federation.attack=sign_flip"]
+    assert "federation.attack_fraction=0.34 has no effect where federation.attack=none" in capsys.readouterr().out
+
+
+def test_promptfl_refuses_a_context_that_pushes_the_class_name_out(tmp_path):
+    """The tiny backbone's text context holds 77 tokens: 74 context tokens leave no room for 'art_painting.'"""
+    with pytest.raises(ConfigError, match=r"algorithm.n_ctx=74: the prompt of class .* needs \d+ tokens, but the "
+                                          r"text tower's context holds 77.* Fix: use at most \d+ context tokens"):
+        _run(tmp_path, "algorithm=promptfl", "algorithm.n_ctx=74", "federation.rounds=1")
+    with pytest.raises(ConfigError, match=r"algorithm.ctx_init='(x ){73}x' \(74 tokens\): .* Fix: use at most"):
+        _run(tmp_path, "algorithm=promptfl", f"algorithm.ctx_init='{' '.join(['x'] * 74)}'", "federation.rounds=1")
