@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import PACS_MINI
 from fedclip_lightning.config import ONLY_WITH, load_config
@@ -107,3 +108,52 @@ def test_promptfl_refuses_a_context_that_pushes_the_class_name_out(tmp_path):
         _run(tmp_path, "algorithm=promptfl", "algorithm.n_ctx=74", "federation.rounds=1")
     with pytest.raises(ConfigError, match=r"algorithm.ctx_init='(x ){73}x' \(74 tokens\): .* Fix: use at most"):
         _run(tmp_path, "algorithm=promptfl", f"algorithm.ctx_init='{' '.join(['x'] * 74)}'", "federation.rounds=1")
+
+
+def test_resume_refuses_to_change_rounds_that_a_schedule_was_planned_for(tmp_path):
+    """promptfl's cosine schedule and a DP target both spread over federation.rounds: a resume that changes it
+    would match neither run (5 then 10 rounds differed from a straight 10 in 90 metrics rows)."""
+    for name, opts in (("cos", ["algorithm=promptfl", "algorithm.n_ctx=4"]),
+                       ("dp", ["federation.dp=server", "federation.dp_target_epsilon=20"])):
+        _run(tmp_path, *opts, "federation.rounds=2", name=name)
+        with pytest.raises(ConfigError, match=r"resume: federation.rounds=4, but the checkpoint .* belongs to a run "
+                                              r"of 2 rounds and .* Fix: resume with federation.rounds=2"):
+            _run(tmp_path, *opts, "federation.rounds=4", "resume=auto", name=name)
+
+
+def test_resume_refuses_a_checkpoint_past_the_last_round(tmp_path):
+    _run(tmp_path, "federation.rounds=3")
+    with pytest.raises(ConfigError, match=r"is at round 3, past federation.rounds=2\. Fix: resume with "
+                                          r"federation.rounds=3"):
+        _run(tmp_path, "federation.rounds=2", "resume=auto")
+
+
+def test_extending_a_run_without_a_schedule_still_resumes(tmp_path):
+    _run(tmp_path, "federation.dp=server", "federation.dp_noise_multiplier=0.5", "federation.rounds=2")
+    s = _run(tmp_path, "federation.dp=server", "federation.dp_noise_multiplier=0.5", "federation.rounds=4",
+             "resume=auto")
+    straight = _run(tmp_path, "federation.dp=server", "federation.dp_noise_multiplier=0.5", "federation.rounds=4",
+                    name="straight")
+    assert s["resumed_from"] == 2 and s["server"] == straight["server"]  # epsilon of 4 rounds at one sigma
+
+
+def test_an_unreachable_privacy_target_is_a_message_not_a_traceback(tmp_path):
+    with pytest.raises(ConfigError, match=r"federation.dp_target_epsilon=1e-06: no noise multiplier reaches it .* "
+                                          r"Fix: a larger dp_target_epsilon"):
+        _run(tmp_path, "federation.dp=server", "federation.dp_target_epsilon=1e-6", "federation.rounds=2")
+
+
+def test_secure_dp_noise_comes_from_the_os_not_the_config(tmp_path, capsys):
+    from fedclip_lightning.federation.privacy import secure_normal
+
+    z = secure_normal(200_001)
+    assert z.shape == (200_001,) and abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+    assert not torch.equal(secure_normal(8), secure_normal(8))
+    opts = ["federation.dp=server", "federation.dp_clip=0.05", "federation.rounds=2"]
+    a = _run(tmp_path, *opts, "federation.dp_secure=true", name="a")
+    b = _run(tmp_path, *opts, "federation.dp_secure=true", name="b")
+    sa = torch.load(tmp_path / "a" / "adapter_final.pt", weights_only=True)["state"]
+    sb = torch.load(tmp_path / "b" / "adapter_final.pt", weights_only=True)["state"]
+    assert not all(torch.equal(sa[k], sb[k]) for k in sa)  # same config, other noise
+    assert a["server"]["privacy/epsilon"] == b["server"]["privacy/epsilon"]
+    assert "noise from the operating system's entropy" in capsys.readouterr().out

@@ -241,8 +241,28 @@ def check_data(ckpt: Path, meta: dict[str, Any], run_dir: Path, manifest: dict[s
                       "was, or start over with resume=never (or another run_name).")
 
 
+def rounds_dependent(config: dict[str, Any]) -> list[str]:
+    """What in a run's config is derived from ``federation.rounds`` (a resume may not change it)."""
+    out = []
+    if (config.get("algorithm") or {}).get("lr_schedule") == "cosine":
+        out.append("algorithm.lr_schedule=cosine spreads the learning rate over federation.rounds")
+    if (config.get("federation") or {}).get("dp_target_epsilon") is not None:
+        out.append("federation.dp_target_epsilon chose the noise for federation.rounds rounds")
+    return out
+
+
 def check_resumable(ckpt: Path, meta: dict[str, Any], current_config: dict[str, Any]) -> None:
     saved = json.loads(meta["config"])
+    before, now = saved["federation"]["rounds"], current_config["federation"]["rounds"]
+    if int(meta["round"]) > now:
+        raise ConfigError(f"resume: the checkpoint {ckpt} is at round {meta['round']}, past federation.rounds={now}. "
+                          f"Fix: resume with federation.rounds={before} (the run's own), or start a new run "
+                          "(another run_name, or resume=never).")
+    if now != before and rounds_dependent(saved):
+        raise ConfigError(f"resume: federation.rounds={now}, but the checkpoint {ckpt} belongs to a run of {before} "
+                          f"rounds and {'; '.join(rounds_dependent(saved))}: the resumed run would match neither. "
+                          f"Fix: resume with federation.rounds={before}, or start a new run of {now} rounds "
+                          "(another run_name, or resume=never).")
     diff = config_mismatch(saved, current_config)
     if diff:
         shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")

@@ -186,6 +186,9 @@ class FederationConfig:
     dp_noise_multiplier: float = 1.0
     dp_target_epsilon: float | None = None  # picks dp_noise_multiplier for the planned rounds
     dp_delta: float = 1e-5
+    # The noise from the operating system's entropy (a deployment), not from a stream seeded by the config
+    # (simulation: reproducible, bitwise on resume, and so known to anyone who has the config).
+    dp_secure: bool = False
     # Unreliable clients: a client drops (sends nothing) with this probability each round; a straggler
     # fraction completes only straggler_work of its local steps; local epochs drawn per (round, client)
     # uniformly from local_epochs_range=[lo, hi] (null: algorithm.local_epochs for everyone).
@@ -462,6 +465,8 @@ def validate(cfg: Config) -> Config:
 ONLY_WITH: dict[str, tuple[str, Any, str]] = {
     "federation.dp_target_epsilon": ("federation.dp", lambda v: v != "none",
                                      "add federation.dp=server (or client), or drop dp_target_epsilon"),
+    "federation.dp_secure": ("federation.dp", lambda v: v != "none",
+                             "add federation.dp=server (or client), or drop dp_secure"),
     "federation.attack_fraction": ("federation.attack", lambda v: v != "none",
                                    "add federation.attack=sign_flip (or scaled, gaussian), or drop attack_fraction"),
     "federation.trim_beta": ("federation.aggregator", lambda v: v == "trimmed_mean",

@@ -49,14 +49,24 @@ class Privacy:
         self.q = fed.client_fraction
         RDPAccountant, get_noise_multiplier = _opacus()
         if fed.dp_target_epsilon is not None:
-            self.sigma = float(get_noise_multiplier(target_epsilon=fed.dp_target_epsilon, target_delta=self.delta,
-                                                    sample_rate=self.q, steps=max(1, rounds), accountant="rdp"))
+            try:
+                self.sigma = float(get_noise_multiplier(target_epsilon=fed.dp_target_epsilon, target_delta=self.delta,
+                                                        sample_rate=self.q, steps=max(1, rounds), accountant="rdp"))
+            except ValueError as exc:  # Opacus: no noise multiplier it tries reaches the target
+                raise ConfigError(f"federation.dp_target_epsilon={fed.dp_target_epsilon:g}: no noise multiplier "
+                                  f"reaches it for {rounds} rounds at delta {self.delta:g} and sampling rate {self.q:g} "
+                                  f"(Opacus: {exc}). Fix: a larger dp_target_epsilon (e.g. 8), fewer rounds, or "
+                                  "federation.dp_noise_multiplier instead of a target.") from None
         else:
             self.sigma = fed.dp_noise_multiplier
+        self.secure = bool(getattr(fed, "dp_secure", False))
         self._accountant_class = RDPAccountant
-        self.rounds = 0
 
     def noise(self, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Gaussian noise of std ``sigma * C``: from ``generator`` (simulation), or with ``dp_secure`` from the
+        operating system's entropy (``os.urandom``, Box-Muller in float64), which no config reproduces."""
+        if self.secure:
+            return secure_normal(like.numel()).view(like.shape).to(like.dtype) * (self.sigma * self.c)
         return torch.randn(like.shape, generator=generator, dtype=like.dtype) * (self.sigma * self.c)
 
     def epsilon(self, rounds: int) -> float:
@@ -66,3 +76,17 @@ class Privacy:
         acc = self._accountant_class()
         acc.history = [(self.sigma, self.q, rounds)]
         return float(acc.get_epsilon(self.delta))
+
+
+def secure_normal(n: int) -> torch.Tensor:
+    """``n`` standard normal float64 values from the operating system's entropy (Box-Muller over 53-bit uniforms)."""
+    import math
+    import os
+
+    m = (n + 1) // 2
+    bits = torch.frombuffer(bytearray(os.urandom(16 * m)), dtype=torch.int64).view(2, m)
+    u = ((bits >> 11) & ((1 << 53) - 1)).double() * 2.0 ** -53  # uniform in [0, 1)
+    r = torch.sqrt(-2.0 * torch.log1p(-u[0]))  # 1 - u in (0, 1]: log never sees 0
+    theta = (2 * math.pi) * u[1]
+    return torch.cat([r * torch.cos(theta), r * torch.sin(theta)])[:n]
+

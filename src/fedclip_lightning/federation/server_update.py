@@ -60,7 +60,10 @@ class ServerUpdate:
                        f"client(s) {sorted(self.attackers)}")
         if self.privacy is not None:
             out.append(f"client-level DP ({self.fed.dp}): clip {self.fed.dp_clip:g}, noise multiplier "
-                       f"{self.privacy.sigma:.4g}, delta {self.fed.dp_delta:g}")
+                       f"{self.privacy.sigma:.4g}, delta {self.fed.dp_delta:g}; " +
+                       ("noise from the operating system's entropy (federation.dp_secure)" if self.privacy.secure else
+                        "noise from a stream seeded by the config: a simulation, reproducible by anyone with the "
+                        "config (federation.dp_secure=true draws it from the OS's entropy)"))
         return out
 
     def __call__(self, fabric, rnd: int, order: list[int], row_of: Callable[[int], torch.Tensor | None],
