@@ -157,3 +157,36 @@ def test_secure_dp_noise_comes_from_the_os_not_the_config(tmp_path, capsys):
     assert not all(torch.equal(sa[k], sb[k]) for k in sa)  # same config, other noise
     assert a["server"]["privacy/epsilon"] == b["server"]["privacy/epsilon"]
     assert "noise from the operating system's entropy" in capsys.readouterr().out
+
+
+def test_a_sweep_reruns_a_finished_run_whose_results_would_differ_and_resumes_a_stopped_one(tmp_path):
+    from fedclip_lightning.sweep import _rerun_plan
+
+    ov = [*PM, f"output_dir={tmp_path}", "run_name=r", f"features.dir={tmp_path / 'f'}", "federation.rounds=2"]
+    run(load_config(ov))
+    assert _rerun_plan(tmp_path / "r", ov) == ("skip", "")
+    for change, key in (("federation.rounds=3", "federation.rounds"), ("features.encoder_batch_size=1",
+                                                                         "features.encoder_batch_size"),
+                        ("fabric.devices=2", "fabric.devices"), ("logger=csv", "logger.name")):
+        action, why = _rerun_plan(tmp_path / "r", [*ov, change])
+        assert action == "fresh" and f"finished earlier with other settings ({key}" in why, (change, why)
+    assert _rerun_plan(tmp_path / "r", [*ov, "progress=true", "features.num_workers=1"]) == ("skip", "")
+    # killed after its checkpoint of round 2: the sweep resumes it instead of starting at round 0
+    summary = tmp_path / "r" / "summary.json"
+    summary.write_text(summary.read_text().replace('"status": "finished"', '"status": "running"'))
+    assert _rerun_plan(tmp_path / "r", ov) == ("resume", "stopped after round 2: resumed from its checkpoint")
+    assert _rerun_plan(tmp_path / "r", [*ov, "algorithm.lr=1e-3"])[0] == "fresh"
+
+
+def test_sweep_tables_compare_only_the_runs_of_the_current_plan(tmp_path):
+    import shutil
+
+    from fedclip_lightning.sweep import report
+    from fedclip_lightning.tables import collect_runs
+
+    _run(tmp_path, "federation.rounds=1", name="fedclip-sketch")
+    shutil.copytree(tmp_path / "fedclip-sketch", tmp_path / "fedclip_lr_1e-3-sketch")
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "s", "overrides": PM, "runs": ["fedclip-sketch"]}))
+    assert [r["run_dir"].name for r in collect_runs(tmp_path)] == ["fedclip-sketch"]
+    assert ("left out of the tables: 1 run(s) of an earlier plan in this folder (fedclip_lr_1e-3-sketch)"
+            in report(tmp_path))

@@ -177,21 +177,48 @@ def _check_each(runs) -> None:
                           f"{problems[0]} Fix: drop that algorithm or axis value from the sweep.")
 
 
-def _finished_as_planned(run_dir: Path, ov: list[str]) -> tuple[bool, str]:
-    """``(reusable, why not)``: a run that finished with the config this sweep would give it now."""
-    from .checkpoint import config_mismatch
+# Settings that change nothing a sweep compares (where and how a run prints or stores, not its numbers). A run that
+# finished with other values of anything else is run again: its rounds, features, processes, logger, label.
+NOT_COMPARED = ("progress", "run_name", "resume", "note", "features.dir", "features.num_workers", "data.num_workers",
+                "fabric.timeout_minutes", "backbone.download", "backbone.cache_dir", "federation.checkpoint_interval",
+                "federation.keep_checkpoints", "federation.checkpoint_min_seconds")
+
+
+def _rerun_plan(run_dir: Path, ov: list[str]) -> tuple[str, str]:
+    """``("skip" | "resume" | "fresh", why)`` for a planned run: skip one that finished with these settings,
+    resume one that stopped (killed, preempted) with a checkpoint of them, run the rest afresh and say why."""
+    from .checkpoint import checkpoint_root, latest, load_meta
     from .config import load_config, to_dict
 
+    want = to_dict(load_config(ov))
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
-        return False, ""
-    if summary.get("status") != "finished":
-        return False, ""
-    diff = config_mismatch(summary.get("config") or {}, to_dict(load_config(ov)))
-    if diff:
-        return False, "finished earlier with other settings (" + "; ".join(diff[:3]) + "): run again"
-    return True, ""
+        summary = None
+    if summary is not None and summary.get("status") == "finished":
+        diff = _differences(summary.get("config") or {}, want)
+        if not diff:
+            return "skip", ""
+        return "fresh", "finished earlier with other settings (" + "; ".join(diff[:3]) + "): run again"
+    ckpt = latest(run_dir) if checkpoint_root(run_dir).is_dir() else None
+    if ckpt is not None:
+        try:
+            meta = load_meta(ckpt)
+            saved = json.loads(meta["config"])
+        except Exception:  # noqa: BLE001 - a damaged checkpoint: the run starts afresh
+            return "fresh", f"its checkpoint {ckpt.name} cannot be read: run again from round 0"
+        if not _differences(saved, want):
+            return "resume", f"stopped after round {meta['round']}: resumed from its checkpoint"
+        return "fresh", "stopped earlier with other settings: run again from round 0"
+    return "fresh", ""
+
+
+def _differences(saved: dict, want: dict) -> list[str]:
+    from .checkpoint import _flatten
+
+    a, b = _flatten(saved), _flatten(want)
+    return [f"{k}: then {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if not any(k == r or k.startswith(r + ".") for r in NOT_COMPARED) and a.get(k) != b.get(k)]
 
 
 def _die_with_parent() -> None:
@@ -213,12 +240,13 @@ def run_local(sweep_dir: Path, runs) -> list[str]:
         env.pop(var, None)
     for i, (a, h, ov) in enumerate(runs, 1):
         run_dir = sweep_dir / f"{a}-{h}"
-        reusable, why = _finished_as_planned(run_dir, ov)
-        if reusable:
+        action, why = _rerun_plan(run_dir, ov)
+        if action == "skip":
             print(f"[{i}/{len(runs)}] {a}, held out {h}: finished earlier, skipped", flush=True)
             continue
         print(f"[{i}/{len(runs)}] {a}, held out {h}" + (f": {why}" if why else ""), flush=True)
-        proc = subprocess.run([sys.executable, "-m", "fedclip_lightning", *ov], env=env,
+        args = [*ov, "resume=auto"] if action == "resume" else ov
+        proc = subprocess.run([sys.executable, "-m", "fedclip_lightning", *args], env=env,
                               preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         if proc.returncode != 0:
             failed.append(f"{a}-{h} (exit {proc.returncode})")
@@ -268,11 +296,15 @@ def report(sweep_dir: Path) -> str:
     """Write the tables and plots of a sweep directory (and log them to W&B, as the sweep's runs are);
     return the Markdown of the selected-round table."""
     from .plots import plot_sweep
-    from .tables import write_sweep_tables
+    from .tables import left_out_runs, write_sweep_tables
 
     paths = write_sweep_tables(sweep_dir)
     paths += plot_sweep(sweep_dir)
     md = (sweep_dir / "table_selected.md").read_text()
+    others = left_out_runs(sweep_dir)
+    if others:
+        md += (f"\nleft out of the tables: {len(others)} run(s) of an earlier plan in this folder ({', '.join(others[:5])}"
+               f"{', ...' if len(others) > 5 else ''}); sweep.json lists this sweep's runs\n")
     try:
         where = log_to_wandb(sweep_dir, paths)
     except Exception as exc:  # noqa: BLE001 - the tables are written; W&B (a node without network...) is a copy

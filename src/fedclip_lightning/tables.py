@@ -34,8 +34,25 @@ HELDOUT_HEADER = "held-out domain"
 # --------------------------------------------------------------------------- reading
 
 
+def planned_runs(sweep_dir: Path) -> set[str] | None:
+    """The run folders of the sweep's current plan (``sweep.json``), or None for a folder without one."""
+    try:
+        return set(json.loads((Path(sweep_dir) / "sweep.json").read_text())["runs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def left_out_runs(sweep_dir: str | Path) -> list[str]:
+    """Runs in ``sweep_dir`` that its current plan does not list: the tables leave them out."""
+    planned = planned_runs(Path(sweep_dir))
+    if planned is None:
+        return []
+    return sorted(p.parent.name for p in Path(sweep_dir).glob("*/summary.json") if p.parent.name not in planned)
+
+
 def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Every ``*/summary.json`` under ``sweep_dir``, sorted by directory name.
+    """Every ``*/summary.json`` under ``sweep_dir`` that the sweep's plan (``sweep.json``) lists, sorted by
+    directory name (a folder without a plan: every one).
 
     Each record: ``algorithm`` (summary's, else the directory name before the
     first ``-``), ``heldout`` (the run's ``unseen[0]``, else the directory name
@@ -44,8 +61,11 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """
     sweep_dir = Path(sweep_dir)
     records: list[dict[str, Any]] = []
+    planned = planned_runs(sweep_dir)
     for path in sorted(sweep_dir.glob("*/summary.json")):
         run_dir = path.parent
+        if planned is not None and run_dir.name not in planned:
+            continue  # a run of an earlier plan in the same folder: not part of this comparison (left_out_runs)
         try:
             summary = json.loads(path.read_text())
             if not isinstance(summary, dict):
