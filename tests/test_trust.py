@@ -190,3 +190,34 @@ def test_sweep_tables_compare_only_the_runs_of_the_current_plan(tmp_path):
     assert [r["run_dir"].name for r in collect_runs(tmp_path)] == ["fedclip-sketch"]
     assert ("left out of the tables: 1 run(s) of an earlier plan in this folder (fedclip_lr_1e-3-sketch)"
             in report(tmp_path))
+
+
+def test_the_feature_cache_is_a_function_of_its_key(tmp_path):
+    """Features encoded in calls of one image differ from the default calls' in the last bits (fp32): a cache
+    they filled is not read by a run of other settings, whose adapters equal a cold run's bit for bit."""
+    def adapter(d):
+        return torch.load(d / "adapter_final.pt", weights_only=True)["state"]
+
+    _run(tmp_path, "federation.rounds=2", "features.encoder_batch_size=1", name="one")
+    warm = _run(tmp_path, "federation.rounds=2", name="warm")
+    assert warm["features"]["encoded_images"] == 40 and warm["features"]["cached_images"] == 0
+    again = _run(tmp_path, "federation.rounds=2", name="again")
+    assert again["features"]["cached_images"] == 40
+    cold = run(load_config([*PM, f"output_dir={tmp_path}", "run_name=cold", f"features.dir={tmp_path / 'g'}",
+                            "federation.rounds=2"]))
+    assert cold["features"]["encoded_images"] == 40
+    a, b, c = adapter(tmp_path / "warm"), adapter(tmp_path / "again"), adapter(tmp_path / "cold")
+    assert all(torch.equal(a[k], c[k]) and torch.equal(b[k], c[k]) for k in a)
+
+
+def test_a_set_encoded_beside_others_has_the_bits_it_has_alone(tmp_path):
+    from fedclip_lightning.data.domains import scan_domains
+    from fedclip_lightning.model.backbone import load_backbone
+    from fedclip_lightning.model.features import FeatureCache, model_identity
+
+    backbone = load_backbone(load_config(["backbone=tiny_vit"]).backbone)
+    sets = [s for s in scan_domains(PACS_MINI, None).samples.values()]
+    ident = model_identity(backbone, "fp32", 0)
+    together = FeatureCache(None, backbone, ident, batch_size=16, progress=False).get_many(sets)
+    for samples, f in zip(sets, together):
+        assert torch.equal(FeatureCache(None, backbone, ident, batch_size=16, progress=False).get(samples), f)

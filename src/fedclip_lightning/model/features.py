@@ -81,9 +81,26 @@ def images_identity(samples: list[Sample]) -> list:
     return out
 
 
-def cache_key(model_ident: dict, samples: list[Sample]) -> str:
-    blob = json.dumps({"v": FORMAT_VERSION, "model": model_ident, "images": images_identity(samples)},
-                      sort_keys=True, default=str).encode()
+def kernels_identity(device: torch.device) -> dict:
+    """What picks the encoder's kernels, hence the last bits of its features: the CPU's kernel set, thread
+    count and numerics settings (``fedclip_lightning.numerics``), or the GPU model and its libraries."""
+    from .. import numerics
+
+    ident: dict = {"torch": torch.__version__}
+    if device.type == "cuda":
+        ident.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                     cudnn=torch.backends.cudnn.version())
+    else:
+        info = numerics.describe()
+        ident.update(cpu=info["cpu"], capability=info["cpu_capability"], threads=info["threads"], env=info["env"])
+    return ident
+
+
+def cache_key(model_ident: dict, samples: list[Sample], encoding: dict | None = None) -> str:
+    """The file name of a set's features: everything that changes their bits. ``encoding``: how the pass
+    ran (loader batch, encoder call size, kernels), since fp32 kernels block by the call's size."""
+    blob = json.dumps({"v": FORMAT_VERSION, "model": model_ident, "images": images_identity(samples),
+                       "encoding": encoding}, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -146,12 +163,22 @@ class PixelsToBatch:
 
 
 def image_loader(backbone: Backbone, samples: list[Sample], *, batch_size: int, num_workers: int,
-                 pixels: PixelsToBatch | None = None) -> DataLoader:
+                 pixels: PixelsToBatch | None = None, set_sizes: list[int] | None = None) -> DataLoader:
     """The encoder pass's loader: decode + preprocess (``backbone.preprocess``, the reference pixels) in
     ``num_workers`` processes, two batches ahead each, pinned memory for a GPU. With ``pixels`` the
-    workers send uint8 pixels and ``pixels.finish`` completes each batch."""
+    workers send uint8 pixels and ``pixels.finish`` completes each batch. ``set_sizes``: ``samples`` is
+    that many image sets one after another, and no batch crosses from one into the next (so a set's
+    features do not depend on what was encoded beside it)."""
     transform = pixels if pixels is not None else backbone.preprocess
-    return DataLoader(ImageDataset(samples, transform), batch_size=batch_size, shuffle=False,
+    if set_sizes is None:
+        set_sizes = [len(samples)]
+    if sum(set_sizes) != len(samples):
+        raise ValueError(f"set sizes {set_sizes} do not add up to {len(samples)} samples")
+    batches, start = [], 0
+    for n in set_sizes:
+        batches += [list(range(i, min(i + batch_size, start + n))) for i in range(start, start + n, batch_size)]
+        start += n
+    return DataLoader(ImageDataset(samples, transform), batch_sampler=batches,
                       num_workers=num_workers, pin_memory=backbone.device.type == "cuda",
                       persistent_workers=False, prefetch_factor=2 if num_workers else None)
 
@@ -206,8 +233,8 @@ def encode_batch(backbone: Backbone, x: torch.Tensor, chunk: int | None,
 
 @torch.inference_mode()
 def encode_images(backbone: Backbone, samples: list[Sample], *, batch_size: int, num_workers: int,
-                  desc: str = "encoding", progress: bool = True, encoder_batch_size: int | None = None
-                  ) -> torch.Tensor:
+                  desc: str = "encoding", progress: bool = True, encoder_batch_size: int | None = None,
+                  set_sizes: list[int] | None = None) -> torch.Tensor:
     """Raw frozen image features ``[N, d]`` (fp32, CPU) in the order of ``samples``.
 
     DataLoader workers decode in parallel (uint8 pixels), pinned memory feeds the GPU, the batch is
@@ -216,7 +243,8 @@ def encode_images(backbone: Backbone, samples: list[Sample], *, batch_size: int,
     """
     pixels = PixelsToBatch(backbone.preprocess)
     chunk = encoder_chunk(backbone, encoder_batch_size)
-    loader = image_loader(backbone, samples, batch_size=batch_size, num_workers=num_workers, pixels=pixels)
+    loader = image_loader(backbone, samples, batch_size=batch_size, num_workers=num_workers, pixels=pixels,
+                          set_sizes=set_sizes)
     out = torch.empty(len(samples), backbone.embed_dim, dtype=torch.float32)
     i = 0
     with tqdm(total=len(samples), desc=desc, unit="img", dynamic_ncols=True, disable=not progress,
@@ -242,6 +270,11 @@ class FeatureCache:
         self.encoder_batch_size = encoder_batch_size
         self.progress = progress
         self.stats = CacheStats()
+        # A set's features are a function of its key: each set is encoded in batches of its own, and the
+        # key names the batch, the call size and the kernels (a cache filled by another configuration or
+        # machine is not read as if it were this one's).
+        self.encoding = {"batch_size": batch_size, "encoder_chunk": encoder_chunk(backbone, encoder_batch_size),
+                         "kernels": kernels_identity(backbone.device)}
         if root is not None:
             try:
                 root.mkdir(parents=True, exist_ok=True)
@@ -260,7 +293,7 @@ class FeatureCache:
         """Features of several image sets (a rank's clients and unseen domains), each from its file when
         valid; the missing ones are encoded together in one pass (one set of loader workers, full batches
         across set boundaries), then saved one file per set."""
-        keys = [cache_key(self.model_ident, samples) for samples in sets]
+        keys = [cache_key(self.model_ident, samples, self.encoding) for samples in sets]
         out: list[torch.Tensor | None] = [None] * len(sets)
         for i, (samples, key) in enumerate(zip(sets, keys)):
             path = self.path_for(key)
@@ -276,7 +309,8 @@ class FeatureCache:
             todo = [s for i in missing for s in sets[i]]
             t0 = time.perf_counter()
             feats = encode_images(self.backbone, todo, batch_size=self.batch_size, num_workers=self.num_workers,
-                                  desc=desc, progress=self.progress, encoder_batch_size=self.encoder_batch_size)
+                                  desc=desc, progress=self.progress, encoder_batch_size=self.encoder_batch_size,
+                                  set_sizes=[len(sets[i]) for i in missing])
             self.stats.encode_seconds += time.perf_counter() - t0
             self.stats.encoded_images += len(todo)
             offset = 0
