@@ -221,3 +221,25 @@ def test_a_set_encoded_beside_others_has_the_bits_it_has_alone(tmp_path):
     together = FeatureCache(None, backbone, ident, batch_size=16, progress=False).get_many(sets)
     for samples, f in zip(sets, together):
         assert torch.equal(FeatureCache(None, backbone, ident, batch_size=16, progress=False).get(samples), f)
+
+
+def test_a_class_folder_of_one_domain_only_is_refused_with_the_fix(tmp_path):
+    """VLCS-style folders where one domain says husky and the others dog: not 8 classes without a word."""
+    import shutil
+
+    from fedclip_lightning.data.domains import scan_domains
+    from fedclip_lightning.errors import DataError
+
+    root = tmp_path / "mini"
+    shutil.copytree(PACS_MINI, root)
+    (root / "cartoon" / "dog").rename(root / "cartoon" / "husky")
+    with pytest.raises(DataError, match=r"class folder 'husky' is only in domain 'cartoon' of 4 domains \(which "
+                                        r"lacks \['dog', 'guitar'\].* Fix: rename the folder"):
+        scan_domains(root)
+    assert len(scan_domains(root, single_domain_classes=True).classes) == 8
+    assert len(scan_domains(root, ["cartoon", "photo"]).classes) == 8  # two domains: nothing to compare with
+
+
+def test_the_header_lists_the_classes(tmp_path, capsys):
+    _run(tmp_path, "federation.rounds=1")
+    assert "  classes: 7 (dog, elephant, giraffe, guitar, horse, house, person)" in capsys.readouterr().out

@@ -105,6 +105,7 @@ class DataConfig:
     max_per_domain: int | None = None
     on_corrupt: str = "error"
     check_images: bool = True
+    single_domain_classes: bool = False  # accept a class folder that only one of 3+ domains has
     prompt: str = "a picture of a {}"
     class_names: str = "verbatim"  # verbatim (reference) or spaces (_ -> ' ')
     # Synthetic demo set only.

@@ -180,6 +180,7 @@ def scan_domains(
     *,
     on_corrupt: str = "error",
     check_images: bool = True,
+    single_domain_classes: bool = False,
 ) -> DomainSet:
     """Index ``<root>/<domain>/<class>/<image>`` and check it.
 
@@ -192,6 +193,11 @@ def scan_domains(
             (``data.on_corrupt``).
         check_images: run ``PIL.Image.verify`` on every image (about 1.5 s
             for all of PACS); ``False`` trusts the files (``data.check_images``).
+        single_domain_classes: accept a class folder that only one of three or
+            more domains has (``data.single_domain_classes``); refused by
+            default, as it is most often another name for a class the other
+            domains have (``husky`` beside ``dog``), which would split one class
+            in two.
 
     Hidden files and folders and files without an image extension are ignored.
     Images may sit in sub-folders of a class folder. A class is a class folder
@@ -276,6 +282,19 @@ def scan_domains(
             f"data.domains={list(nonempty)!r}: no class is common to all these domains ({detail}). "
             "Fix: choose domains of the same data set in data.domains, or rename class folders so they agree."
         )
+    if len(nonempty) >= 3 and not single_domain_classes:
+        for c in classes:
+            having = [d for d, cs in nonempty.items() if c in cs]
+            if len(having) == 1:
+                others = sorted(set().union(*(cs for d, cs in nonempty.items() if d != having[0])) -
+                                nonempty[having[0]])
+                problems.append(
+                    f"class folder {c!r} is only in domain {having[0]!r} of {len(nonempty)} domains"
+                    + (f" (which lacks {others}, found in the others)" if others else "") + ": if it is that "
+                    "domain's name for a class the others have, it would become a class of its own. Fix: rename "
+                    "the folder to the others' name, or set data.single_domain_classes=true if the class exists "
+                    "in that domain only."
+                )
     if problems:
         raise DataError(problems)
 

@@ -34,7 +34,8 @@ def resolve_root(cfg: Config) -> Path:
 def build_task(cfg: Config) -> tuple[Task, DomainSet]:
     """Scan the image folders named by ``cfg.data`` and split them into clients and unseen domains."""
     d = cfg.data
-    ds = scan_domains(resolve_root(cfg), d.domains, on_corrupt=d.on_corrupt, check_images=False)
+    ds = scan_domains(resolve_root(cfg), d.domains, on_corrupt=d.on_corrupt, check_images=False,
+                      single_domain_classes=d.single_domain_classes)
     if d.max_per_domain is not None:
         ds = subsample(ds, d.max_per_domain, cfg.seed)
     if d.check_images:  # only the images this run uses

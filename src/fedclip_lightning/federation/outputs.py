@@ -188,6 +188,8 @@ def print_header(cfg: Config, s: Summary, run_dir: Path, random_init: bool, fabr
     listed = ", ".join(f"{c} ({s.num_samples[c]['train']} train)" for c in s.clients)
     print(f"  clients: {listed}")
     print(f"  unseen:  {', '.join(s.unseen) or '-'}")
+    shown = ", ".join(s.classes[:12]) + (f", ... ({len(s.classes) - 12} more: summary.json)" if len(s.classes) > 12 else "")
+    print(f"  classes: {len(s.classes)} ({shown})")
     print(f"  {w} rounds on {fabric.world_size} process(es), {fabric.device.type}; run directory {run_dir}")
     if s.numerics:
         print(f"  {numerics.header_line(s.numerics)}")
