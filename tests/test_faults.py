@@ -181,19 +181,31 @@ def test_an_unknown_added_key_is_refused(tmp_path):
     assert proc.returncode == 2 and "federation.roundz: unknown key (did you mean federation.rounds?)" in proc.stderr
 
 
-def test_a_signal_during_start_up_is_kept(mini, tmp_path):
-    """SIGUSR1 in the first instants (data checks, model loading): the run still checkpoints after its
-    first round and exits with status 3, as SLURM's requeue needs."""
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["usr1", "term"])
+def test_a_signal_during_start_up_is_kept(mini, tmp_path, sig):
+    """A signal in the first instants (data checks, model loading): the run still checkpoints after its
+    first round and exits with status 3. Under SLURM, SIGUSR1 (launch.sh's warning before the time limit)
+    requeues the job; SIGTERM (scancel) does not, or a cancelled job would come back."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**cli_env(tmp_path), "SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     proc = subprocess.Popen([sys.executable, "-m", "fedclip_lightning", *_args(mini, "run_name=early", "federation.rounds=5")],
-                            cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Once the package is imported (the handlers go in before the data is scanned), deliver the signal.
     end = time.monotonic() + 60
     while not (tmp_path / "outputs" / "early").exists():
         assert proc.poll() is None and time.monotonic() < end
         time.sleep(0.005)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err[-2000:]
+    requeued = (tmp_path / "scontrol.log").read_text() if (tmp_path / "scontrol.log").exists() else ""
+    if sig == signal.SIGUSR1:
+        assert requeued == "requeue 4242\n" and "requeued" in err
+    else:
+        assert requeued == "" and "stopped on SIGTERM, so the job is not requeued" in err
     s = read_summary(tmp_path / "outputs" / "early")
     assert s["status"] == "preempted" and s["rounds_run"] == 1
     assert (tmp_path / "outputs" / "early" / "checkpoints" / "round-000001" / "COMPLETE").exists()

@@ -243,3 +243,47 @@ def test_a_class_folder_of_one_domain_only_is_refused_with_the_fix(tmp_path):
 def test_the_header_lists_the_classes(tmp_path, capsys):
     _run(tmp_path, "federation.rounds=1")
     assert "  classes: 7 (dog, elephant, giraffe, guitar, horse, house, person)" in capsys.readouterr().out
+
+
+def test_all_checkpoints_damaged_is_refused_not_a_silent_restart(tmp_path, capsys):
+    _run(tmp_path, "federation.rounds=2", "federation.checkpoint_min_seconds=0")
+    for meta in (tmp_path / "r" / "checkpoints").glob("round-*/meta.pt"):
+        meta.write_bytes(b"damaged")
+    with pytest.raises(ConfigError, match=r"resume=auto: all 2 checkpoint\(s\) of .* are damaged .* Fix: restore"):
+        _run(tmp_path, "federation.rounds=3", "federation.checkpoint_min_seconds=0", "resume=auto")
+    out = capsys.readouterr().out
+    assert "trying the one before it" in out and "it was the oldest one kept" in out
+
+
+def test_a_run_folder_moved_to_another_output_dir_resumes(tmp_path):
+    import shutil
+
+    _run(tmp_path / "a", "federation.rounds=2")
+    shutil.move(tmp_path / "a" / "r", tmp_path / "b" / "r")
+    s = _run(tmp_path / "b", "federation.rounds=3", "resume=auto")
+    assert s["resumed_from"] == 2 and s["rounds_run"] == 3
+
+
+def test_a_relabelled_image_reads_as_relabelled():
+    from fedclip_lightning.checkpoint import data_changes
+
+    assert data_changes({"x.jpg": [1, 2, 0, "a/test"]}, {"x.jpg": [1, 2, 3, "a/test"]}) == [
+        "relabelled x.jpg (label 0 -> 3)"]
+    assert data_changes({"x.jpg": [1, 2, 0, "a/test"]}, {"x.jpg": [1, 2, 0, "a/train"]}) == [
+        "moved x.jpg (a/test -> a/train)"]
+
+
+def test_an_image_without_an_extension_is_refused_not_dropped(tmp_path):
+    import shutil
+
+    from fedclip_lightning.data.domains import scan_domains
+    from fedclip_lightning.errors import DataError
+
+    root = tmp_path / "mini"
+    shutil.copytree(PACS_MINI, root)
+    img = next((root / "photo" / "dog").glob("*.jpg"))
+    img.rename(img.with_suffix(""))
+    (root / "photo" / "dog" / "NOTES").write_text("not an image")
+    with pytest.raises(DataError, match=r"1 image file\(s\) without an extension .* would be left out without a "
+                                        r"word: .*photo/dog/[^/.]+\. Fix: give them their extension"):
+        scan_domains(root)

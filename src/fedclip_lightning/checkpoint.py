@@ -41,7 +41,7 @@ COMPLETE = "COMPLETE"
 
 # Config keys that may differ between a run and its resumption: they change
 # neither the arithmetic nor the result.
-RESUMABLE_DIFFERENCES = ("progress", "run_name", "resume", "fabric", "logger", "features", "note", "label",
+RESUMABLE_DIFFERENCES = ("progress", "run_name", "output_dir", "resume", "fabric", "logger", "features", "note", "label",
                          "federation.rounds", "federation.checkpoint_interval", "federation.keep_checkpoints",
                          "federation.checkpoint_min_seconds",
                          "data.num_workers", "data.eval_batch_size", "backbone.download", "backbone.cache_dir")
@@ -107,11 +107,13 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 def latest(run_dir: Path) -> Path | None:
     """The newest sealed checkpoint that proves whole; a damaged one is passed over with a warning."""
-    for ckpt in reversed(complete_checkpoints(run_dir)):
+    sealed = complete_checkpoints(run_dir)
+    for i, ckpt in reversed(list(enumerate(sealed))):
         problems = verify(ckpt)
         if not problems:
             return ckpt
-        msg = (f"checkpoint {ckpt} is damaged ({'; '.join(problems[:3])}): resuming from the one before it")
+        msg = (f"checkpoint {ckpt} is damaged ({'; '.join(problems[:3])}): "
+               + ("trying the one before it" if i else "it was the oldest one kept"))
         log.warning(msg)
         print(f"  WARNING: {msg}", flush=True)
     return None
@@ -218,8 +220,10 @@ def data_changes(old: dict[str, list], new: dict[str, list]) -> list[str]:
         (s0, m0, l0, w0), (s1, m1, l1, w1) = old[p], new[p]
         if (s0, m0) != (s1, m1):
             out.append(f"modified {p} (size {s0} -> {s1})")
-        elif (l0, w0) != (l1, w1):
+        elif w0 != w1:
             out.append(f"moved {p} ({w0} -> {w1})")
+        elif l0 != l1:
+            out.append(f"relabelled {p} (label {l0} -> {l1})")
     return out
 
 

@@ -192,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         if not _peer_failed(exc):
             raise
-        print("fedclip-lightning: another process of this run stopped (its message is above); "
-              "this one stopped with it.", file=sys.stderr)
+        print("fedclip-lightning: another process of this run stopped (its message is above, unless it was killed "
+              "without one: out of memory, kill -9, a lost node); this one stopped with it. Fix: see that process's "
+              "message or the job's log, then rerun with resume=auto.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("fedclip-lightning: interrupted", file=sys.stderr)

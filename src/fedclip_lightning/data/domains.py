@@ -112,15 +112,32 @@ def _visible_dirs(folder: Path, what: str = "folder") -> list[Path]:
     return sorted(out)
 
 
-def _images_under(folder: Path) -> list[Path]:
+# The first bytes of the image formats PIL reads here: a file without an extension that starts so is an image.
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _looks_like_image(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False
+    return head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def _images_under(folder: Path, unnamed: list[Path] | None = None) -> list[Path]:
     """Image files anywhere below ``folder``, skipping hidden files and folders (symlinked sub-folders
-    are not followed); a folder that cannot be read is an error naming it, never skipped silently."""
+    are not followed); a folder that cannot be read is an error naming it, never skipped silently.
+    Files without an extension whose bytes are an image go to ``unnamed`` (the caller refuses them)."""
     found: list[Path] = []
     errors: list[OSError] = []
     for dirpath, dirnames, filenames in os.walk(folder, onerror=errors.append):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         base = Path(dirpath)
         found.extend(base / f for f in filenames if is_image_file(base / f))
+        if unnamed is not None:
+            unnamed.extend(base / f for f in filenames
+                           if not f.startswith(".") and "." not in f and _looks_like_image(base / f))
     if errors:
         e = errors[0]
         raise DataError(f"cannot read {e.filename} ({e.strerror}): its images would be left out without a word. "
@@ -248,11 +265,12 @@ def scan_domains(
 
     # domain -> class -> image paths
     found: dict[str, dict[str, list[Path]]] = {}
+    unnamed: list[Path] = []
     for d in selected:
         dom_dir = root_path / d
         per_class: dict[str, list[Path]] = {}
         for cdir in _visible_dirs(dom_dir, f"domain folder {d!r}"):
-            imgs = _images_under(cdir)
+            imgs = _images_under(cdir, unnamed)
             if imgs:
                 per_class[cdir.name] = imgs
         if not per_class:
@@ -266,6 +284,12 @@ def scan_domains(
             )
         found[d] = per_class
 
+    if unnamed:
+        problems.append(
+            f"{len(unnamed)} image file(s) without an extension under data.root={str(root)!r} would be left out "
+            f"without a word: {_listing([str(p) for p in sorted(unnamed)])}. Fix: give them their extension "
+            "(.jpg, .png...), or move them out of the data set."
+        )
     classes = sorted({c for per_class in found.values() for c in per_class})
     for group in _similar_class_names(classes):
         log.warning("class folders %s differ only by case or whitespace: they are %d different classes. "

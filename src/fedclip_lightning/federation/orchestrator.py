@@ -19,8 +19,8 @@ import torch
 from lightning.fabric import Fabric
 
 from ..algorithms import Participant, RunContext, registry
-from ..checkpoint import (COMPLETE, MANIFEST, check_data, check_resumable, checkpoint_root, config_mismatch,
-                          data_manifest, latest, load_clients, load_meta, manifest_digest, verify)
+from ..checkpoint import (COMPLETE, MANIFEST, check_data, check_resumable, checkpoint_root, complete_checkpoints,
+                          config_mismatch, data_manifest, latest, load_clients, load_meta, manifest_digest, verify)
 from ..config import Config, to_dict, uses_feature_cache, validate
 from ..data.pipeline import build_task, class_prompt_names, make_loader
 from ..errors import ConfigError
@@ -95,6 +95,11 @@ def find_resume(cfg: Config, run_dir: Path, manifest: dict) -> tuple[Path, dict]
         return None
     ckpt = latest(run_dir) if cfg.resume == "auto" else Path(cfg.resume).expanduser()
     if ckpt is None:
+        sealed = complete_checkpoints(run_dir) if cfg.resume == "auto" else []
+        if sealed:  # every checkpoint kept is damaged: starting at round 0 unasked would lose the run
+            raise ConfigError(f"resume=auto: all {len(sealed)} checkpoint(s) of {run_dir} are damaged (above), so "
+                              "there is nothing to resume from. Fix: restore the checkpoints folder, or start the run "
+                              "over with resume=never (it replaces this run).")
         return None
     if not (ckpt / COMPLETE).exists():
         raise ConfigError(f"resume={cfg.resume!r}: {ckpt} is not a complete checkpoint. "

@@ -1,6 +1,8 @@
-"""Preemption: SIGUSR1 / SIGTERM (SLURM's warning before a time limit or a preemption) set a flag; the
-server checks it at its safe point, the end of a round, on every rank at once, writes a checkpoint and
-stops; under SLURM the job is requeued and resumes by itself (launch.sh passes resume=auto)."""
+"""Preemption: SIGUSR1 (SLURM's warning before a time limit or a preemption, launch.sh's --signal) or
+SIGTERM (scancel) set a flag; the server checks it at its safe point, the end of a round, on every rank at
+once, writes a checkpoint and stops. After SIGUSR1 the job is requeued under SLURM and resumes by itself
+(launch.sh passes resume=auto); after SIGTERM alone it is not (a cancelled job stays cancelled), as
+Lightning's Trainer does."""
 
 from __future__ import annotations
 
@@ -18,11 +20,13 @@ log = logging.getLogger(__name__)
 class Preempted(Exception):
     """Stopped at a safe point on SIGUSR1/SIGTERM, after writing a checkpoint."""
 
-    def __init__(self, rnd: int, requeued: bool):
+    def __init__(self, rnd: int, requeued: bool, terminated: bool = False):
         self.round, self.requeued = rnd, requeued
-        super().__init__(f"preempted after round {rnd}: checkpoint written"
-                         + ("; the job was requeued and will resume by itself" if requeued else
-                            "; continue with resume=auto"))
+        if terminated:  # SIGTERM: scancel, or the end of the time limit's grace; requeueing would undo a cancel
+            tail = "; stopped on SIGTERM, so the job is not requeued: continue with resume=auto"
+        else:
+            tail = "; the job was requeued and will resume by itself" if requeued else "; continue with resume=auto"
+        super().__init__(f"preempted after round {rnd}: checkpoint written{tail}")
 
 
 class Preemption:
@@ -34,6 +38,8 @@ class Preemption:
         from .. import signals
 
         self.requested = bool(signals.received)  # a signal that came while the command line started
+        # SLURM's warning (USR1, launch.sh's --signal) asks for a requeue; SIGTERM (scancel) only for a clean stop.
+        self.requeue = signal.SIGUSR1 in signals.received
         signals.received.clear()
         self._old = {}
         if threading.current_thread() is threading.main_thread():
@@ -42,6 +48,8 @@ class Preemption:
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
         self.requested = True
+        if signum == signal.SIGUSR1:
+            self.requeue = True
 
     def restore(self) -> None:
         for sig, old in self._old.items():

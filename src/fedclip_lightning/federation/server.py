@@ -66,7 +66,9 @@ class Server:
             self.outputs.round_done()
             if stop:
                 self.summary.status = "preempted"
-                raise Preempted(rnd, requeue() if self.fabric.is_global_zero else False)
+                again = any_rank(self.fabric, self.preemption.requeue)
+                raise Preempted(rnd, requeue() if again and self.fabric.is_global_zero else False,
+                                terminated=not again)
 
     def configure_round(self, rnd: int) -> list[int]:
         """The clients that train and report this round: a seeded draw of ``federation.client_fraction``,
