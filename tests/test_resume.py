@@ -222,7 +222,8 @@ def test_wandb_run_killed_before_its_first_checkpoint_restarts_as_the_same_run(t
     # another config in the same directory is another W&B run
     other = run_cli([*args, "resume=never", "algorithm.lr=1e-3"], tmp_path)
     assert other.returncode == 0, other.stderr
-    assert len({read_offline_run(d)["id"] for d in find_offline_runs(run_dir / "wandb")}) == 2
+    assert len({read_offline_run(d)["id"] for d in find_offline_runs(run_dir / "wandb")}) == 1  # the old one is
+    assert len({read_offline_run(d)["id"] for d in find_offline_runs(run_dir / "replaced")}) == 1  # set aside
 
 
 def _logged(run_dir: Path) -> set[int]:

@@ -287,3 +287,76 @@ def test_an_image_without_an_extension_is_refused_not_dropped(tmp_path):
     with pytest.raises(DataError, match=r"1 image file\(s\) without an extension .* would be left out without a "
                                         r"word: .*photo/dog/[^/.]+\. Fix: give them their extension"):
         scan_domains(root)
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    for k, v in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_DISABLE_GIT": "true",
+                 "WANDB_DISABLE_CODE": "true", "WANDB__DISABLE_STATS": "true", "WANDB__DISABLE_META": "true",
+                 "WANDB_CACHE_DIR": str(tmp_path / ".cache"), "WANDB_CONFIG_DIR": str(tmp_path / ".config"),
+                 "WANDB_DATA_DIR": str(tmp_path / ".data")}.items():
+        monkeypatch.setenv(k, v)
+    yield tmp_path
+    if wandb.run is not None:
+        wandb.finish()
+
+
+def test_wandb_summaries_cover_the_whole_run_after_a_resume(offline_wandb, capsys):
+    from fedclip_lightning.federation.tracking import summary_kind
+    from fedclip_lightning.wandb_files import find_offline_runs, read_offline_run
+
+    tmp_path = offline_wandb
+    _run(tmp_path, "logger=wandb", "federation.rounds=2", "federation.checkpoint_min_seconds=0")
+    s = _run(tmp_path, "logger=wandb", "federation.rounds=4", "federation.checkpoint_min_seconds=0", "resume=auto")
+    sessions = [read_offline_run(d) for d in find_offline_runs(tmp_path / "r" / "wandb")]
+    assert len(sessions) == 2 and {x["id"] for x in sessions} == {s["wandb_id"]}
+    history = [row for x in sessions for row in x["history"]]
+    last = sessions[-1]["summary"]
+    checked = 0
+    keys = {k for row in history for k in row if summary_kind(k)}
+    for key in keys:
+        kind = summary_kind(key)
+        seen = [r[key] for r in history if isinstance(r.get(key), (int, float))]
+        assert last[f"{kind}/{key}"] == (max if kind == "max" else min)(seen), key
+        checked += 1
+    assert checked >= 20
+    out = capsys.readouterr().out
+    assert f"W&B ran offline (WANDB_MODE=offline): nothing was uploaded" in out
+    assert f"wandb sync {tmp_path / 'r' / 'wandb'}/offline-run-*-{s['wandb_id']}" in out
+
+
+def test_a_fresh_run_sets_the_replaced_runs_wandb_sessions_aside(offline_wandb):
+    from fedclip_lightning.wandb_files import find_offline_runs, read_offline_run
+
+    tmp_path = offline_wandb
+    first = _run(tmp_path, "logger=wandb", "federation.rounds=1")
+    second = _run(tmp_path, "logger=wandb", "federation.rounds=1", "algorithm.lr=1e-3")
+    assert first["wandb_id"] != second["wandb_id"]
+    assert [read_offline_run(d)["id"] for d in find_offline_runs(tmp_path / "r" / "wandb")] == [second["wandb_id"]]
+    (aside,) = (tmp_path / "r" / "replaced").glob("*/wandb/offline-run-*")
+    assert read_offline_run(aside)["id"] == first["wandb_id"]
+
+
+def test_a_kill_during_wandb_start_up_restarts_as_the_same_wandb_run(offline_wandb, monkeypatch):
+    from fedclip_lightning.federation import orchestrator
+
+    tmp_path = offline_wandb
+    build = orchestrator.build_loggers
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # the process dies while W&B starts
+
+    monkeypatch.setattr(orchestrator, "build_loggers", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "logger=wandb", "federation.rounds=1")
+    wanted = json.loads((tmp_path / "r" / "wandb_id.json").read_text())["wandb_id"]
+    monkeypatch.setattr(orchestrator, "build_loggers", build)
+    assert _run(tmp_path, "logger=wandb", "federation.rounds=1", "resume=auto")["wandb_id"] == wanted
+
+
+def test_seeds_share_a_wandb_job_type():
+    from fedclip_lightning.loggers import job_type
+
+    assert job_type(load_config([*PM, "label='fedclip aggregator=median seed=2'"])) == "fedclip aggregator=median"
+    assert job_type(load_config(PM)) == "fedclip"

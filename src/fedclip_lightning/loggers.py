@@ -41,6 +41,12 @@ def wandb_mode(cfg: Config) -> str:
     return mode
 
 
+def job_type(cfg: Config) -> str:
+    """W&B's job type: the run's label (or algorithm) less any ``seed=N`` in it."""
+    label = " ".join(t for t in (cfg.label or cfg.algorithm.name).split() if not t.startswith("seed="))
+    return (label or cfg.algorithm.name)[:64]
+
+
 def build_loggers(cfg: Config, run_dir: Path, run_name: str, run_id: str | None = None) -> list[Any]:
     """The Fabric loggers for this run (they log on rank 0 only)."""
     name = cfg.logger.name
@@ -62,7 +68,8 @@ def build_loggers(cfg: Config, run_dir: Path, run_name: str, run_id: str | None 
         entity=w.entity,
         name=run_name,
         group=w.group,
-        job_type=(cfg.label or cfg.algorithm.name)[:64],
+        # The method, not its repeat: seeds share a job type, so a dashboard grouped by it averages them.
+        job_type=job_type(cfg),
         tags=list(w.tags) or None,
         save_dir=str(run_dir),
         offline=(mode == "offline"),

@@ -114,19 +114,42 @@ def find_resume(cfg: Config, run_dir: Path, manifest: dict) -> tuple[Path, dict]
     return ckpt, meta
 
 
+WANDB_ID_FILE = "wandb_id.json"
+
+
 def restarted_wandb_id(cfg: Config, run_dir: Path) -> str | None:
     """The W&B id of an unfinished run in ``run_dir`` with this same config that restarts from round 0
-    (stopped before its first checkpoint): the restart continues that W&B run, not a second one."""
+    (stopped before its first checkpoint, even during W&B's own start-up): the restart continues that W&B
+    run, not a second one. The id is on disk before W&B starts (``wandb_id.json``), then in summary.json."""
     if cfg.resume != "auto":
         return None
-    try:
-        old = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if old.get("status") == "finished" or not old.get("wandb_id") or \
-            config_mismatch(old.get("config") or {}, to_dict(cfg)):
-        return None
-    return str(old["wandb_id"])
+    for name in ("summary.json", WANDB_ID_FILE):
+        try:
+            old = json.loads((run_dir / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if old.get("status") == "finished" or not old.get("wandb_id") or \
+                config_mismatch(old.get("config") or {}, to_dict(cfg)):
+            return None
+        return str(old["wandb_id"])
+    return None
+
+
+def set_aside_replaced_wandb_runs(run_dir: Path, keep_id: str) -> list[Path]:
+    """A fresh run replaces the run in its directory: the old run's offline W&B sessions move to
+    ``replaced/<time>/`` so that ``wandb sync <run dir>/wandb/offline-run-*`` uploads this run alone."""
+    from ..wandb_files import find_offline_runs
+
+    old = [d for d in find_offline_runs(run_dir / "wandb") if not d.name.endswith(f"-{keep_id}")]
+    if not old:
+        return []
+    dest = run_dir / "replaced" / datetime.now().strftime("%Y%m%d-%H%M%S-%f") / "wandb"
+    dest.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for d in old:
+        shutil.move(str(d), str(dest / d.name))
+        moved.append(dest / d.name)
+    return moved
 
 
 def run(cfg: Config) -> dict:
@@ -166,6 +189,12 @@ def _launch(cfg: Config, started: float, preemption: Preemption, task, domains, 
     global LAUNCHED_RANK
     # Only rank 0 logs (and writes checkpoints), so its id is the run's.
     wandb_id = resume[1]["wandb_id"] if resume else (restarted_wandb_id(cfg, run_dir) or secrets.token_hex(4))
+    if cfg.logger.name == "wandb" and os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0")) == "0":
+        # On disk before W&B starts: a kill during its start-up restarts as the same W&B run.
+        atomic_write_text(run_dir / WANDB_ID_FILE, json.dumps({"wandb_id": wandb_id, "config": to_dict(cfg)}))
+        if resume is None:
+            for d in set_aside_replaced_wandb_runs(run_dir, wandb_id):
+                print(f"  W&B: the replaced run's offline session {d.name} moved to {d.parent}", flush=True)
     loggers = build_loggers(cfg, run_dir, run_dir.name, run_id=wandb_id)
     fabric = build_fabric(cfg, loggers)
     fabric.launch()

@@ -178,6 +178,11 @@ class RunOutputs:
               f"data_manifest.json{more}"
               + (f", W&B run under {self.run_dir / 'wandb'}" if cfg.logger.name == "wandb" and
                  wandb_mode(cfg) != "disabled" else ""))
+        if cfg.logger.name == "wandb" and wandb_mode(cfg) == "offline":
+            why = ("WANDB_MODE=offline" if os.environ.get("WANDB_MODE") in ("offline", "dryrun") else
+                   "logger.wandb.mode=offline" if cfg.logger.wandb.mode == "offline" else "no W&B API key")
+            print(f"W&B ran offline ({why}): nothing was uploaded. To upload this run (all its sessions, as one run):\n"
+                  f"  wandb sync {self.run_dir / 'wandb'}/offline-run-*-{self.summary.wandb_id}")
 
 
 def print_header(cfg: Config, s: Summary, run_dir: Path, random_init: bool, fabric) -> None:

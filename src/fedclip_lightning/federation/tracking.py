@@ -2,7 +2,8 @@
 
 - The W&B step is the round (``run.log(..., step=round)``), and every logged metric is declared
   with ``define_metric``: the round as its step, ``max`` summaries for accuracies and ``min`` for
-  losses; ``vs_bytes/*`` repeat the mean accuracies with ``comm/bytes_total`` as their x axis.
+  losses; ``vs_bytes/*`` repeat the mean accuracies with ``comm/bytes_total`` as their x axis. At the
+  end, ``max/<key>`` and ``min/<key>`` over every round of the run (all its sessions) join the summary.
 - A resumed run continues the same W&B id (kept in the checkpoint, or in summary.json when the run
   restarts from round 0 with the same config). What its earlier sessions logged is found out (online
   W&B knows it: the run summary's ``round``; offline each session is a directory of its own, read back
@@ -119,6 +120,7 @@ class WandbTracking:
             return
         import wandb
 
+        self._whole_run_summaries()
         sel, fin = summary.selected, summary.final
         columns, rows = table
         self.exp.log({"summary_table": wandb.Table(columns=columns, data=rows)}, commit=True)
@@ -130,6 +132,23 @@ class WandbTracking:
             "trainable_params": summary.trainable_params, "bytes_up_total": summary.bytes_up_total,
             "bytes_total": summary.bytes_up_total + summary.bytes_down_total})
         self._log_models(summary, saved)
+
+    def _whole_run_summaries(self) -> None:
+        """``max/<key>`` (accuracies) and ``min/<key>`` (losses) in the run summary, over every round of the
+        training run. W&B's own ``define_metric`` summaries are per session (after a resume they covered the
+        last session's rounds only), and an offline session's summary holds each key's last value; explicit
+        keys are neither recomputed nor overwritten. The journal holds every round of the run once."""
+        best: dict[str, float] = {}
+        for row in _journal_rows(self.run_dir / JOURNAL, 1 << 62):
+            values = dict(row["values"])
+            values.update({f"vs_bytes/{k.split('/', 1)[1]}": values[k] for k in VS_BYTES if k in values})
+            for key, v in values.items():
+                kind = summary_kind(key)
+                if kind is None or not isinstance(v, (int, float)) or math.isnan(v):
+                    continue
+                if key not in best or (v > best[key] if kind == "max" else v < best[key]):
+                    best[key] = v
+        self.exp.summary.update({f"{summary_kind(key)}/{key}": v for key, v in best.items()})
 
     def _log_models(self, summary: Summary, saved: list[str]) -> None:
         import wandb
