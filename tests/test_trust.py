@@ -360,3 +360,29 @@ def test_seeds_share_a_wandb_job_type():
 
     assert job_type(load_config([*PM, "label='fedclip aggregator=median seed=2'"])) == "fedclip aggregator=median"
     assert job_type(load_config(PM)) == "fedclip"
+
+
+def test_seeds_are_repeats_with_mean_and_standard_deviation(tmp_path):
+    import argparse
+    import statistics
+
+    from fedclip_lightning.sweep import _parse, plan, report, save_plan
+
+    args, overrides = _parse(["--algorithms", "fedclip", "--heldout", "sketch", "--name", "s", "--seeds", "0,1",
+                              *PM, f"output_dir={tmp_path}", "federation.rounds=2", "algorithm.lr=1e-3"])
+    sweep_dir, runs = plan(args, overrides)
+    assert [tag for tag, _, _ in runs] == ["fedclip_seed_0", "fedclip_seed_1"]
+    save_plan(sweep_dir, overrides, runs)
+    accs = []
+    for _, _, ov in runs:
+        accs.append(run(load_config([*ov, f"features.dir={tmp_path / 'f'}"]))["selected"]["mean_unseen_acc"])
+    md = report(sweep_dir)
+    assert accs[0] != accs[1]  # the spread is not zero by construction
+    assert "mean over 2 seeds" in md and "standard deviation over the seeds" in md
+    mean_row = next(line for line in md.splitlines() if line.startswith("| sketch |"))
+    assert f"{100 * statistics.mean(accs):.2f}" in mean_row
+    std_rows = [line for line in md.splitlines() if line.startswith("| sketch |")]
+    assert f"{100 * statistics.stdev(accs):.2f}" in std_rows[1]
+    assert md.count("fedclip seed=") == 0  # the seeds are one column
+    with pytest.raises(ConfigError, match="--seeds='0,x'"):
+        _parse(["--seeds", "0,x"])

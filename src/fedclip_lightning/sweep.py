@@ -48,6 +48,9 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                     help="an axis: one run per value, e.g. --set federation.aggregator=mean,median "
                          "(repeatable: the axes multiply; each combination is a column of the tables; an "
                          "algorithm.<key> axis applies to the algorithms that have the key)")
+    ap.add_argument("--seeds", default=None, metavar="S1,S2",
+                    help="repeats: every run once per seed (the axis seed=S1,S2); the tables report the mean "
+                         "and the standard deviation over the seeds, and W&B gives the repeats one job type")
     ap.add_argument("--dry-run", action="store_true", help="print the runs (with --slurm: the job scripts) and exit")
     slurm = ap.add_argument_group("SLURM (with --slurm; defaults: launch.sh's #SBATCH header)")
     for opt in ("partition", "account", "nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "time",
@@ -56,6 +59,15 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     slurm.add_argument("--max-parallel", type=int, default=None, metavar="N",
                        help="at most N array tasks at once (sbatch --array=...%%N; default: all)")
     args, overrides = ap.parse_known_args(argv)
+    if args.seeds is not None:
+        seeds = [x.strip() for x in args.seeds.split(",") if x.strip()]
+        if not seeds or not all(x.isdigit() for x in seeds) or len(set(seeds)) != len(seeds):
+            raise ConfigError(f"--seeds={args.seeds!r}: expected distinct whole numbers. Fix: e.g. --seeds 0,1,2.")
+        if any(ax.partition("=")[0].strip() == "seed" for ax in args.set) or \
+                any(o.partition("=")[0] == "seed" for o in overrides):
+            raise ConfigError("--seeds and a seed set elsewhere (--set seed=... or seed=...): one of them. "
+                              "Fix: drop the other.")
+        args.set = [*args.set, "seed=" + ",".join(seeds)]
     slurm_only = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
                   if v is not None and k in ("partition", "account", "nodes", "ntasks_per_node", "gpus_per_node",
                                              "cpus_per_task", "time", "mem", "max_parallel")]

@@ -76,6 +76,8 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
         name = run_dir.name
         prefix, _, suffix = name.partition("-")
         algorithm = (summary.get("config") or {}).get("label") or summary.get("algorithm") or prefix
+        # Repeats over seeds are one method: its cells hold their mean (and a table their spread).
+        algorithm = " ".join(t for t in str(algorithm).split() if not t.startswith("seed=")) or prefix
         unseen = summary.get("unseen") or []
         if unseen:
             heldout = str(unseen[0])
@@ -83,7 +85,8 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
             heldout = name[len(algorithm) + 1:]
         else:
             heldout = suffix or name
-        records.append({"algorithm": str(algorithm), "heldout": heldout, "summary": summary, "run_dir": run_dir})
+        records.append({"algorithm": str(algorithm), "heldout": heldout, "summary": summary, "run_dir": run_dir,
+                        "seed": (summary.get("config") or {}).get("seed")})
     return records
 
 
@@ -118,6 +121,49 @@ def _mean(values: list[float]) -> float:
 
 
 # --------------------------------------------------------------------------- tables
+
+
+def _std(values: list[float]) -> float:
+    """The sample standard deviation (n - 1)."""
+    m = _mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def repeats(records: list[dict[str, Any]]) -> int:
+    """The most runs any (held-out domain, method) cell has: above 1, the sweep ran repeats (seeds)."""
+    counts: dict[tuple, int] = {}
+    for r in records:
+        counts[(r["heldout"], r["algorithm"])] = counts.get((r["heldout"], r["algorithm"]), 0) + 1
+    return max(counts.values(), default=0)
+
+
+def spread_table(records: list[dict[str, Any]], block: str = "selected",
+                 metric: str = "unseen") -> tuple[list[str], list[list]]:
+    """``paper_table``'s layout with the standard deviation (points of %) over each cell's runs (seeds) instead of
+    their mean; None for a cell of one run. The average row: the standard deviation over the seeds of each seed's
+    average over the held-out domains (seeds with a result for every domain)."""
+    key = METRICS[metric][0]
+    header, _ = paper_table(records, block, metric)
+    domains, algorithms = [], header[1:]
+    for r in records:
+        if r["heldout"] not in domains:
+            domains.append(r["heldout"])
+    cells: dict[tuple[str, str], dict[Any, float]] = {}
+    for r in records:
+        v = _block_value(r["summary"], block, key)
+        if v is not None:
+            cells.setdefault((r["heldout"], r["algorithm"]), {})[r.get("seed")] = v
+    rows: list[list] = []
+    for d in domains:
+        rows.append([d, *(round(100 * _std(list(cells[(d, a)].values())), 2)
+                          if len(cells.get((d, a), {})) > 1 else None for a in algorithms)])
+    avg: list = [AVERAGE]
+    for a in algorithms:
+        seeds = set.intersection(*(set(cells.get((d, a), {})) for d in domains)) if domains else set()
+        per_seed = [_mean([cells[(d, a)][sd] for d in domains]) for sd in seeds]
+        avg.append(round(100 * _std(per_seed), 2) if len(per_seed) > 1 else None)
+    rows.append(avg)
+    return header, rows
 
 
 def paper_table(records: list[dict[str, Any]], block: str = "selected",
@@ -264,9 +310,16 @@ def sweep_markdown(records: list[dict[str, Any]], block: str, name: str = "sweep
              "rows = the held-out domain of the run, columns = algorithms.\n"]
     if status:
         parts.append(f"*{status}*\n")
+    n = repeats(records)
     for metric in ("unseen", "clients"):
+        title = f"{METRICS[metric][1][0].upper()}{METRICS[metric][1][1:]}"
         h, rows = paper_table(records, block, metric)
-        parts.append(to_markdown(h, rows, f"{METRICS[metric][1][0].upper()}{METRICS[metric][1][1:]}"))
+        parts.append(to_markdown(h, rows, title + (f": mean over {n} seeds" if n > 1 else "")))
+        if n > 1:
+            h, rows = spread_table(records, block, metric)
+            parts.append(to_markdown(h, rows, title + f": standard deviation over the seeds (points of %)",
+                                     footnotes=["sample standard deviation (n - 1) over each cell's runs; the average "
+                                                "row: over the seeds' own averages across the held-out domains."]))
     personal = [r for r in records if isinstance(r["summary"].get("personal"), dict)]
     if personal:
         h, rows = paper_table(personal, "personal", "clients")
@@ -282,6 +335,8 @@ def sweep_csv(records: list[dict[str, Any]], block: str) -> str:
     """Both paper tables of one block in one CSV: a leading ``metric`` column
     (``unseen`` or ``clients``), then the paper table's columns."""
     tables = [(m, paper_table(records, block, m)) for m in ("unseen", "clients")]
+    if repeats(records) > 1:  # repeats: the spread over the seeds too, as rows of metric unseen_std / clients_std
+        tables += [(f"{m}_std", spread_table(records, block, m)) for m in ("unseen", "clients")]
     header = ["metric", *tables[0][1][0]]
     rows = [[m, *r] for m, (_, rs) in tables for r in rs]
     return to_csv(header, rows)
