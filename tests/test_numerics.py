@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from fedclip_lightning import numerics
@@ -16,7 +18,7 @@ def _clean_env(monkeypatch):
 def test_native_is_the_default_and_changes_nothing(monkeypatch):
     _clean_env(monkeypatch)
     numerics.apply_switch()
-    assert not any(v in __import__("os").environ for v in numerics.PORTABLE)
+    assert not any(v in os.environ for v in numerics.PORTABLE)
 
 
 def test_unknown_value_is_refused_with_the_fix(monkeypatch):
