@@ -268,3 +268,31 @@ def test_unreadable_class_and_domain_folders_are_named(mini):
     finally:
         os.chmod(mini / "photo" / "dog", 0o755)
         os.chmod(mini / "cartoon", 0o755)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_a_rank_killed_with_sigkill_stops_the_other_with_a_message_that_does_not_invent_one(mini, tmp_path):
+    """kill -9 on rank 1 of a two-process run: rank 0 stops too, saying another process stopped, that its
+    message is above unless it was killed without one, and how to go on; no traceback."""
+    args = _args(mini, "run_name=k", "fabric.devices=2", "features=reference", "federation.rounds=50",
+                 "federation.checkpoint_min_seconds=0")
+    proc = subprocess.Popen([sys.executable, "-m", "fedclip_lightning", *args], cwd=tmp_path, env=cli_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 180
+    while not (tmp_path / "outputs" / "k" / "checkpoints" / "round-000001" / "COMPLETE").exists():
+        assert proc.poll() is None and time.monotonic() < end, "the run ended before its first checkpoint"
+        time.sleep(0.01)
+    rank1 = [c for c in _children(proc.pid)
+             if b"LOCAL_RANK=1\x00" in Path(f"/proc/{c}/environ").read_bytes()]
+    assert len(rank1) == 1, rank1
+    os.kill(rank1[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    assert ("another process of this run stopped (its message is above, unless it was killed without one" in err
+            and "rerun with resume=auto" in err and "Traceback" not in err), err[-3000:]
