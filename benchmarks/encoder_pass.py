@@ -238,7 +238,7 @@ def accuracy_rows(precisions: list[str]) -> None:
     """The demo with each precision: mean client test and unseen accuracy, zero-shot and FedCLIP."""
     import tempfile
 
-    from fedclip_lightning.config import load_config
+    from fedclip_lightning.configure import load_config
     from fedclip_lightning.federation.orchestrator import run
 
     print("\n  the demo (fedclip-mini, FedCLIP 200 rounds, seed 0), mean client test / unseen accuracy (%):")

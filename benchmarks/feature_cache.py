@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     args = ap.parse_args()
 
-    from fedclip_lightning.config import load_config
+    from fedclip_lightning.configure import load_config
     from fedclip_lightning.data.pipeline import build_task
     from fedclip_lightning.model.backbone import load_backbone
     from fedclip_lightning.model.features import encode_images

@@ -31,7 +31,7 @@ PACS = REPO.parent / "shared" / "data" / "PACS"
 
 CHILD = r"""
 import json, resource, sys
-from fedclip_lightning.config import load_config
+from fedclip_lightning.configure import load_config
 from fedclip_lightning.federation.orchestrator import run
 s = run(load_config(sys.argv[2:]))
 print("RESULT " + json.dumps({"clients": len(s["clients"]), "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,

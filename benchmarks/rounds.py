@@ -46,7 +46,7 @@ def overrides(args, out: Path, name: str, per_domain: int | None, *more: str) ->
 
 
 def bare_pass(args, out: Path, per_domain: int | None) -> tuple[float, int]:
-    from fedclip_lightning.config import load_config
+    from fedclip_lightning.configure import load_config
     from fedclip_lightning.data.pipeline import build_task
     from fedclip_lightning.model.backbone import load_backbone
     from fedclip_lightning.model.features import encode_images

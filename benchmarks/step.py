@@ -1,4 +1,4 @@
-"""One local FedCLIP training step, three ways, side by side: plain autograd, the autograd.Functions, the old hand path.
+"""One local FedCLIP training step, two ways, side by side: plain autograd and the package's autograd.Functions.
 
 A step is what a client does per batch on cached frozen features: adapter
 forward, loss, backward, Adam update. FedCLIP adapter at d = 512 (ViT-B-32's
@@ -12,16 +12,11 @@ reference Adam hyperparameters, fp32 on the CPU:
   ``losses.clip_loss`` (``ContrastiveLoss``) + ``loss.backward()`` +
   ``make_adam(..., buffer=row).step()``; also split into forward+backward and
   the optimiser step;
-* (c) the previous hand-written path, kept here only as the historical
-  reference: ``forward_train`` / ``clip_loss_and_grad`` / ``backward`` (the
-  gradients written out, no autograd) and a direct call of the private
-  ``torch._fused_adam_`` kernel (what ``optim.adam_step`` did). The package
-  itself no longer uses either.
-
-The three run interleaved (a block of steps of each in turn, many times), on
+The two run interleaved (a block of steps of each in turn, many times), on
 the same batches, from the same initial adapter, after a warm-up; the table
-gives the median time per step. At the end (b) and (c) must hold bitwise the
-same weights, and (a) the same to float rounding.
+gives the median time per step. At the end (a) and (b) must hold the same
+weights to float rounding (the package's gradients are bitwise the hand-written reference's:
+``tests/test_step_functions.py``).
 
     python benchmarks/step.py [--dim 512] [--batch 32] [--threads N]
 """
@@ -31,9 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,36 +36,9 @@ from fedclip_lightning.model.adapter import AttentionAdapter
 from fedclip_lightning.model.losses import clip_loss
 from fedclip_lightning.optim import AdamStateArena, adam_buffer_size, make_adam
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from old_hand_path import old_backward, old_clip_loss_and_grad, old_forward_train  # noqa: E402  (the one copy)
-
 
 class Algo:
     lr, betas, eps, weight_decay = 5e-5, [0.9, 0.98], 1e-6, 0.2
-
-
-# -- (c) the previous hand-written path (historical reference; private torch API) ----------------
-
-def old_adam_step(opt: torch.optim.Adam, buffer: torch.Tensor) -> None:
-    """optim.adam_step's fast path: torch._fused_adam_ on the optimiser's own state."""
-    g = opt.param_groups[0]
-    params = [p for p in g["params"] if p.grad is not None]
-    states = [opt.state[p] for p in params]
-    if any(not st for st in states):
-        buf = buffer.view(-1)[: adam_buffer_size(params)].zero_()
-        offset = 0
-        for p, st in zip(params, states):
-            n = p.numel()
-            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            st["exp_avg"] = buf[offset : offset + n].view_as(p)
-            st["exp_avg_sq"] = buf[offset + n : offset + 2 * n].view_as(p)
-            offset += 2 * n
-    steps = [st["step"] for st in states]
-    torch._foreach_add_(steps, 1)
-    torch._fused_adam_(params, [p.grad for p in params], [st["exp_avg"] for st in states],
-                       [st["exp_avg_sq"] for st in states], [], steps, amsgrad=False, lr=g["lr"],
-                       beta1=g["betas"][0], beta2=g["betas"][1], weight_decay=g["weight_decay"], eps=g["eps"],
-                       maximize=False, grad_scale=None, found_inf=None)
 
 
 # -- the three steps ------------------------------------------------------------------------------
@@ -99,16 +65,6 @@ def function_step(ad: AttentionAdapter, params, opt, scale, x, text, y) -> tuple
     loss.backward()
     t1 = time.perf_counter()
     opt.step()
-    return t1 - t0, time.perf_counter() - t1
-
-
-def hand_step(ad: AttentionAdapter, opt, buffer, scale, x, text, y) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    feats, saved = old_forward_train(ad, x)
-    _, grad = old_clip_loss_and_grad("contrastive", scale, feats, text, y)
-    old_backward(ad, saved, grad)
-    t1 = time.perf_counter()
-    old_adam_step(opt, buffer)
     return t1 - t0, time.perf_counter() - t1
 
 
@@ -145,15 +101,10 @@ def main() -> None:
     arena = AdamStateArena(size, rows=1, device=torch.device("cpu"))
     b_params = list(b_ad.parameters())
     b_opt = make_adam(b_params, Algo, buffer=arena.buffer_for(0))
-    # (c)
-    c_ad = copy.deepcopy(base)
-    c_buf = torch.empty(size)
-    c_opt = torch.optim.Adam(c_ad.parameters(), fused=True, **kw)
 
     runners = {
         "a": lambda i: plain_step(a_ad.fc1, a_ad.fc2, a_params, a_opt, scale, xs[i], text, ys[i]),
         "b": lambda i: function_step(b_ad, b_params, b_opt, scale, xs[i], text, ys[i]),
-        "c": lambda i: hand_step(c_ad, c_opt, c_buf, scale, xs[i], text, ys[i]),
     }
     counter = {k: 0 for k in runners}
 
@@ -174,8 +125,7 @@ def main() -> None:
             run(key, args.block, times[key])
     elapsed = time.perf_counter() - start
 
-    # The same number of steps on the same batches: (b) and (c) bitwise, (a) to float rounding.
-    bitwise_bc = all(torch.equal(p, q) for p, q in zip(b_ad.parameters(), c_ad.parameters()))
+    # The same number of steps on the same batches: (a) and (b) the same to float rounding.
     close_ab = all(torch.allclose(p, q, rtol=1e-4, atol=1e-6) for p, q in zip(a_ad.parameters(), b_ad.parameters()))
     bitwise_ab = all(torch.equal(p, q) for p, q in zip(a_ad.parameters(), b_ad.parameters()))
 
@@ -185,7 +135,6 @@ def main() -> None:
     labels = {
         "a": "(a) plain autograd: nn.Linear + F ops + Adam(fused).step()",
         "b": "(b) AdapterFunction + ContrastiveLoss + make_adam().step()",
-        "c": "(c) old hand path: forward_train/backward + torch._fused_adam_",
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; d={d}, batch={b}, contrastive loss, "
           f"{sum(p.numel() for p in base.parameters()):,} adapter parameters")
@@ -199,8 +148,7 @@ def main() -> None:
     print()
     print(f"(b) split: forward+backward {med_fb['b']:.3f} ms + optimiser step {med_opt['b']:.3f} ms "
           f"(medians of each part; their sum need not equal the median step)")
-    print(f"weights after {counter['b']} steps: (b) == (c) bitwise: {bitwise_bc}; (a) ~ (b) to rounding: {close_ab} "
-          f"(bitwise: {bitwise_ab})")
+    print(f"weights after {counter['b']} steps: (a) ~ (b) to rounding: {close_ab} (bitwise: {bitwise_ab})")
 
 
 if __name__ == "__main__":

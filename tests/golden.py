@@ -127,7 +127,7 @@ def record_of(run_dir: Path) -> dict:
 
 def run_one_process(name: str, out: Path, extra: tuple[str, ...] = ()) -> dict:
     """One case in this interpreter, with the kernels this process was started with."""
-    from fedclip_lightning.config import load_config
+    from fedclip_lightning.configure import load_config
     from fedclip_lightning.federation.orchestrator import run
 
     cfg = load_config([*COMMON, *CASES[name], *extra, f"output_dir={out}", f"run_name={name}",

@@ -1,5 +1,5 @@
 """The project's previous hand-written training path, verbatim: the reference that the autograd Functions
-must match bitwise (``tests/test_step_functions.py``) and the historical row of ``benchmarks/step.py``.
+must match bitwise (``tests/test_step_functions.py``).
 
 ``AttentionAdapter.forward_train`` / ``backward`` and ``client.clip_loss_and_grad`` wrote the gradients
 out by hand, outside autograd; the package no longer has them.

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import PACS, PACS_MINI
-from fedclip_lightning.config import load_config
+from fedclip_lightning.configure import load_config
 from fedclip_lightning.errors import ConfigError
 from fedclip_lightning.federation.orchestrator import run
 from fedclip_lightning.model.backbone import load_backbone

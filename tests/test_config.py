@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fedclip_lightning.config import Config, conf_dir, load_config, to_config, validate
+from fedclip_lightning.config import Config
+from fedclip_lightning.configure import check, conf_dir, load_config, to_config
 from fedclip_lightning.errors import ConfigError
 
 CONF = conf_dir()
@@ -98,5 +99,5 @@ def test_type_errors_and_unknown_keys_name_the_key():
 
 
 def test_to_config_round_trip():
-    cfg = validate(to_config({"federation": {"rounds": 4}}))
+    cfg = check(to_config({"federation": {"rounds": 4}}))
     assert cfg.federation.rounds == 4 and cfg.algorithm.name == "fedclip"

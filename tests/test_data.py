@@ -468,7 +468,7 @@ def test_cached_batches_follow_the_loaders_order():
     """Training on cached features gathers batches by the loader's own sampler, not through the
     DataLoader: the same batches in the same order, epoch after epoch, as iterating the loader."""
     from fedclip_lightning.data.pipeline import FeatureDataset, make_loader
-    from fedclip_lightning.evaluate import batches
+    from fedclip_lightning.training import batches
 
     ds = FeatureDataset(torch.arange(70.0).reshape(70, 1), torch.arange(70))
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import PACS_MINI
-from fedclip_lightning.config import load_config, to_config, validate
+from fedclip_lightning.configure import check, load_config, to_config
 from fedclip_lightning.data.domains import scan_domains
 from fedclip_lightning.errors import ConfigError
 from fedclip_lightning.federation.orchestrator import run
@@ -96,7 +96,7 @@ def test_encode_matches_the_backbone_batch_by_batch():
 def test_cache_refused_where_it_is_not_exact():
     cfg = to_config({"algorithm": {"name": "fedavg", "trainable": "all"}, "features": {"cache": "on"}})
     with pytest.raises(ConfigError, match="features.cache") as err:
-        validate(cfg)
+        check(cfg)
     assert "not exact" in str(err.value)
 
 

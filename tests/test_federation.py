@@ -8,9 +8,9 @@ import pytest
 import torch
 from lightning.fabric import Fabric
 
-from fedclip_lightning.federation.distributed import gather_rows
+from fedclip_lightning.aggregation.rows import gather_rows
 from fedclip_lightning.federation.placement import assign
-from fedclip_lightning.federation.strategy import (
+from fedclip_lightning.aggregation.mean import (
     aggregation_weights,
     flatten,
     state_bytes,
@@ -219,7 +219,7 @@ def test_gather_rows_dtype_and_empty(fabric):
 def test_aggregate_rows_streams_a_linear_rule_and_gathers_for_one_that_needs_every_row(fabric):
     """The weighted mean streams row by row (bitwise weighted_sum_rows); a rule that is not linear, a
     coordinate-wise median here, gets the whole table of the clients in order."""
-    from fedclip_lightning.federation.strategy import WeightedMean, aggregate_rows
+    from fedclip_lightning.aggregation.mean import WeightedMean, aggregate_rows
 
     g = torch.Generator().manual_seed(10)
     rows = torch.randn(5, 7, generator=g)

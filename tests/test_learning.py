@@ -33,7 +33,7 @@ LOCAL_MARGIN = 0.06
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """Run the demo's config in this interpreter, with overrides; returns summary.json as a dict."""
-    from fedclip_lightning.config import load_config
+    from fedclip_lightning.configure import load_config
     from fedclip_lightning.federation.orchestrator import run
 
     tmp = tmp_path_factory.mktemp("learning")

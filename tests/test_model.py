@@ -20,7 +20,7 @@ from fedclip_lightning.config import AlgorithmConfig, BackboneConfig
 from fedclip_lightning.data.domains import ImageDataset, scan_domains
 from fedclip_lightning.data.pipeline import make_loader
 from fedclip_lightning.errors import BackboneError
-from fedclip_lightning.evaluate import local_fit
+from fedclip_lightning.training import local_fit
 from lightning.fabric import Fabric
 from fedclip_lightning.model import backbone as backbone_mod
 from fedclip_lightning.model.adapter import AttentionAdapter, num_adapter_params

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fedclip_lightning.config import load_config
+from fedclip_lightning.configure import load_config
 from fedclip_lightning.model.backbone import load_backbone
 from fedclip_lightning.pretrain import MIX, WEIGHTS, evaluate_zero_shot, pretrain
 

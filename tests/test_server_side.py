@@ -9,13 +9,14 @@ import torch
 from lightning.fabric import Fabric
 
 from conftest import PACS_MINI
-from fedclip_lightning.config import FederationConfig, load_config
+from fedclip_lightning.config import FederationConfig
+from fedclip_lightning.configure import load_config
 from fedclip_lightning.data.partition import sample_clients, stable_seed
 from fedclip_lightning.errors import ConfigError
 from fedclip_lightning.federation.orchestrator import run
-from fedclip_lightning.federation.privacy import clip
-from fedclip_lightning.federation.robust import Krum, Median, TrimmedMean, krum_scores
-from fedclip_lightning.federation.server_update import ServerUpdate
+from fedclip_lightning.aggregation.privacy import clip
+from fedclip_lightning.aggregation.robust import Krum, Median, TrimmedMean, krum_scores
+from fedclip_lightning.aggregation.update import ServerUpdate
 
 
 @pytest.fixture(scope="module")

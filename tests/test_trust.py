@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import PACS_MINI
-from fedclip_lightning.config import ONLY_WITH, load_config
+from fedclip_lightning.aggregation.checks import ONLY_WITH
+from fedclip_lightning.configure import load_config
 from fedclip_lightning.errors import ConfigError, DivergedError
 from fedclip_lightning.federation.orchestrator import run
 
@@ -44,7 +45,7 @@ def test_a_non_finite_aggregate_stops_the_run(tmp_path, monkeypatch):
 
 def test_evaluation_names_a_split_whose_loss_is_not_finite(tmp_path, monkeypatch):
     """The last local step can leave a model that no training loss saw: its evaluation says so."""
-    from fedclip_lightning.evaluate import SplitResult
+    from fedclip_lightning.training import SplitResult
     from fedclip_lightning.federation.evaluation import RoundEvaluator
 
     local = RoundEvaluator._local
@@ -144,7 +145,7 @@ def test_an_unreachable_privacy_target_is_a_message_not_a_traceback(tmp_path):
 
 
 def test_secure_dp_noise_comes_from_the_os_not_the_config(tmp_path, capsys):
-    from fedclip_lightning.federation.privacy import secure_normal
+    from fedclip_lightning.aggregation.privacy import secure_normal
 
     z = secure_normal(200_001)
     assert z.shape == (200_001,) and abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
@@ -181,7 +182,7 @@ def test_a_sweep_reruns_a_finished_run_whose_results_would_differ_and_resumes_a_
 def test_sweep_tables_compare_only_the_runs_of_the_current_plan(tmp_path):
     import shutil
 
-    from fedclip_lightning.sweep import report
+    from fedclip_lightning.sweep_results import report
     from fedclip_lightning.tables import collect_runs
 
     _run(tmp_path, "federation.rounds=1", name="fedclip-sketch")

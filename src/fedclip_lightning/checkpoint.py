@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .report import atomic_save
+from .files import atomic_save
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def mark_complete(run_dir: Path, rnd: int, keep: int) -> None:
     d = round_dir(run_dir, rnd)
     files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(d.iterdir()) if p.is_file() and p.suffix == ".pt"}
-    from .report import atomic_write_text
+    from .files import atomic_write_text
 
     atomic_write_text(d / COMPLETE, json.dumps({"format": FORMAT, "round": rnd, "files": files}, indent=1))
     for old in complete_checkpoints(run_dir)[:-keep]:

@@ -38,7 +38,7 @@ options:
 
 
 def _presets() -> str:
-    from .config import conf_dir
+    from .configure import conf_dir
 
     try:
         root = conf_dir()
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _quiet()
     try:
-        from .config import load_config, to_dict
+        from .config import to_dict
+        from .configure import load_config
 
         cfg = load_config(overrides)
         if "--print-config" in flags:

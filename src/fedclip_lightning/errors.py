@@ -55,6 +55,32 @@ class DivergedError(UserError):
     title = "run diverged"
 
 
+class Problems:
+    """Collects the problems of a config as complete sentences (the value, the key that set it, the fix) so
+    that every component checks its own keys and the user hears of every mistake in one :class:`ConfigError`."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.messages.append(message)
+
+    def bad(self, key: str, value, why: str, fix: str) -> None:
+        self.messages.append(f"{key}={value!r}: {why}. Fix: {fix}.")
+
+    def choice(self, key: str, value, options: tuple[str, ...]) -> None:
+        if value not in options:
+            self.bad(key, value, "unknown value", f"use one of {', '.join(options)}")
+
+    def positive_int(self, key: str, value: int, minimum: int = 1) -> None:
+        if value < minimum:
+            self.bad(key, value, f"must be >= {minimum}", f"set {key}={minimum} or more")
+
+    def raise_any(self) -> None:
+        if self.messages:
+            raise ConfigError(self.messages)
+
+
 def quiet_on_closed_pipe(main: Callable[..., int]) -> Callable[..., int]:
     """An entry point whose reader went away (``fedclip-lightning --help | head``) stops quietly with
     status 1, as Python's documentation recommends for EPIPE, instead of a BrokenPipeError traceback."""

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import quiet_on_closed_pipe
-from .report import atomic_save
+from .files import atomic_save
 
 MODEL = "fedclip-mini"
 WEIGHTS = Path(__file__).parent / "weights" / f"{MODEL}-synthetic.pt"

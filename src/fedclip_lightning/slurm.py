@@ -114,7 +114,7 @@ def run_task(launch: str, overrides: list[str]) -> str:
 
 def report_task(sweep_dir: str) -> str:
     """The table job: the sweep's tables and plots (and their W&B artifact) from what the runs left."""
-    from .sweep import report
+    from .sweep_results import report
 
     text = report(Path(sweep_dir))
     print(text, flush=True)

@@ -33,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .errors import ConfigError, UserError, quiet_on_closed_pipe
+from .sweep_results import PLAN, report
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -84,7 +85,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, list[tuple[str, str, list[str]]]]:
     """The sweep directory and its runs: (algorithm, held-out domain, overrides)."""
     from .algorithms import registry
-    from .config import ONLY_WITH, load_config
+    from .aggregation.checks import ONLY_WITH
+    from .configure import load_config
     from .data.pipeline import resolve_root
 
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
@@ -130,7 +132,7 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, list[tup
 def _applying(overrides: list[str], combo, left_out: set) -> list[str]:
     """The fixed overrides less those that an axis value of this run turns off (``--set federation.attack=none,
     scaled`` with ``federation.attack_fraction=0.34``: the run without an attack has no attackers to count)."""
-    from .config import ONLY_WITH
+    from .aggregation.checks import ONLY_WITH
 
     axes = dict(combo)
     kept = []
@@ -176,7 +178,7 @@ def _combinations(axes: list[str]) -> list[tuple[tuple[str, str], ...]]:
 
 def _check_each(runs) -> None:
     """Every run's config composes and validates before anything runs (a clash is named)."""
-    from .config import load_config
+    from .configure import load_config
 
     problems = []
     for tag, h, ov in runs:
@@ -200,7 +202,8 @@ def _rerun_plan(run_dir: Path, ov: list[str]) -> tuple[str, str]:
     """``("skip" | "resume" | "fresh", why)`` for a planned run: skip one that finished with these settings,
     resume one that stopped (killed, preempted) with a checkpoint of them, run the rest afresh and say why."""
     from .checkpoint import checkpoint_root, latest, load_meta
-    from .config import load_config, to_dict
+    from .config import to_dict
+    from .configure import load_config
 
     want = to_dict(load_config(ov))
     try:
@@ -285,14 +288,13 @@ def submit_slurm(args: argparse.Namespace, sweep_dir: Path, runs) -> None:
           f"logs: {job.folder}/<job id>_<task>_0_log.out; runs: {sweep_dir}/<algorithm>-<held out>/")
 
 
-PLAN = "sweep.json"
 
 
 def save_plan(sweep_dir: Path, overrides: list[str], runs) -> None:
     """sweep.json: what the sweep runs, its settings and its W&B run id (the table job reads it)."""
     import secrets
 
-    from .report import atomic_write_text
+    from .files import atomic_write_text
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -302,67 +304,6 @@ def save_plan(sweep_dir: Path, overrides: list[str], runs) -> None:
     atomic_write_text(sweep_dir / PLAN, json.dumps({
         "name": sweep_dir.name, "overrides": overrides, "runs": [f"{a}-{h}" for a, h, _ in runs],
         "wandb_id": old.get("wandb_id") or secrets.token_hex(4)}, indent=1))
-
-
-def report(sweep_dir: Path) -> str:
-    """Write the tables and plots of a sweep directory (and log them to W&B, as the sweep's runs are);
-    return the Markdown of the selected-round table."""
-    from .plots import plot_sweep
-    from .tables import left_out_runs, write_sweep_tables
-
-    paths = write_sweep_tables(sweep_dir)
-    paths += plot_sweep(sweep_dir)
-    md = (sweep_dir / "table_selected.md").read_text()
-    others = left_out_runs(sweep_dir)
-    if others:
-        md += (f"\nleft out of the tables: {len(others)} run(s) of an earlier plan in this folder ({', '.join(others[:5])}"
-               f"{', ...' if len(others) > 5 else ''}); sweep.json lists this sweep's runs\n")
-    try:
-        where = log_to_wandb(sweep_dir, paths)
-    except Exception as exc:  # noqa: BLE001 - the tables are written; W&B (a node without network...) is a copy
-        where = f"\nW&B: could not log the tables ({type(exc).__name__}: {exc}); they are in {sweep_dir}"
-    return md + "\nwritten: " + ", ".join(str(p.relative_to(sweep_dir.parent)) for p in paths) + where
-
-
-def log_to_wandb(sweep_dir: Path, paths: list[Path]) -> str:
-    """The tables and plots as an artifact (type ``sweep-results``) of a W&B run in the sweep's group."""
-    from .config import load_config
-    from .loggers import wandb_mode
-
-    try:
-        plan = json.loads((sweep_dir / PLAN).read_text())
-        cfg = load_config(plan["overrides"])
-    except (OSError, ValueError, KeyError, UserError):
-        return ""  # a sweep directory from before sweep.json: its runs say where W&B is
-    if cfg.logger.name != "wandb" or wandb_mode(cfg) == "disabled":
-        return ""
-    import wandb
-
-    w, name = cfg.logger.wandb, sweep_dir.name
-    if wandb.run is not None:
-        wandb.finish()
-    run = wandb.init(project=w.project, entity=w.entity, group=name, job_type="sweep", name=f"{name}-tables",
-                     id=plan["wandb_id"], resume="allow", dir=str(sweep_dir), mode=wandb_mode(cfg),
-                     config={"runs": plan["runs"], "overrides": plan["overrides"]})
-    try:
-        art = wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]+", "-", f"sweep-{name}"), type="sweep-results",
-                             metadata={"runs": plan["runs"], "overrides": plan["overrides"]})
-        logged = {}
-        for p in paths:
-            art.add_file(str(p), name=str(p.relative_to(sweep_dir)))
-            if p.suffix == ".png" and p.parent == sweep_dir:
-                logged[p.stem] = wandb.Image(str(p))
-            elif p.suffix == ".csv":
-                import csv
-
-                with open(p, newline="") as f:
-                    rows = list(csv.reader(f))
-                logged[p.stem] = wandb.Table(columns=rows[0], data=rows[1:])
-        run.log(logged)
-        run.log_artifact(art)
-    finally:
-        run.finish()
-    return f"\nW&B: run {name}-tables in group {name} ({wandb_mode(cfg)}), artifact {art.name}"
 
 
 @quiet_on_closed_pipe

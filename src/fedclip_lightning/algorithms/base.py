@@ -32,11 +32,12 @@ from typing import Any, ClassVar
 import torch
 
 from ..client import AdapterClient, CLIPClient
-from ..config import AlgorithmConfig, Config
+from ..config import LOSSES, OPTIMIZER_STATES, AlgorithmConfig, Config
 from ..data.partition import stable_seed
-from ..evaluate import SplitResult, evaluate, local_fit
-from ..federation.server_update import ServerUpdate
-from ..federation.strategy import aggregation_weights, flatten, state_bytes, unflatten
+from ..errors import Problems
+from ..training import SplitResult, evaluate, local_fit
+from ..aggregation.update import ServerUpdate
+from ..aggregation.mean import aggregation_weights, flatten, state_bytes, unflatten
 from ..model.adapter import AttentionAdapter
 from ..optim import AdamStateArena
 
@@ -369,7 +370,7 @@ class AdapterAlgorithm(Algorithm):
     def _evaluate_together(self, client: CLIPClient, jobs: list[tuple[Participant, str]]) -> list[SplitResult]:
         """Each split through the client's ``validation_step``/``test_step`` in the batches ``evaluate``
         uses (the same products, bitwise), without its per-split set-up."""
-        from ..evaluate import batches, evaluate_batches, place
+        from ..training import batches, evaluate_batches, place
 
         client = place(self.ctx.fabric, client)
         client.eval()
@@ -398,3 +399,22 @@ class AdapterAlgorithm(Algorithm):
                 # Into the client's row, like a live one.
                 self.adam_states[p.name] = self.arena.stash(st, self.arena_row[p.index]) \
                     if self.arena.rows is not None else st
+
+
+def check_config(a: AlgorithmConfig, p: Problems) -> None:
+    """``algorithm.*``: the keys every algorithm shares, then the chosen algorithm's own (its ``check``)."""
+    from . import registry
+
+    bad = p.bad
+    p.choice("algorithm.loss", a.loss, LOSSES)
+    p.choice("algorithm.optimizer_state", a.optimizer_state, OPTIMIZER_STATES)
+    if not (a.lr > 0 and math.isfinite(a.lr)):
+        bad("algorithm.lr", a.lr, "the learning rate must be a positive number", "e.g. algorithm.lr=5e-5")
+    if len(a.betas) != 2 or not all(0 <= b < 1 for b in a.betas):
+        bad("algorithm.betas", a.betas, "Adam needs two betas in [0, 1)", "e.g. algorithm.betas=[0.9,0.98]")
+    if not a.eps > 0:
+        bad("algorithm.eps", a.eps, "must be > 0", "e.g. algorithm.eps=1e-6")
+    if a.weight_decay < 0:
+        bad("algorithm.weight_decay", a.weight_decay, "must be >= 0", "e.g. algorithm.weight_decay=0.2")
+    p.positive_int("algorithm.local_epochs", a.local_epochs)
+    registry.get(a.name).check(a, bad)

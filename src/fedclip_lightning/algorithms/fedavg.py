@@ -17,7 +17,7 @@ import torch
 
 from ..client import CLIPClient, FullCLIPClient, make_working_copy
 from ..config import AlgorithmConfig
-from ..federation.strategy import flatten
+from ..aggregation.mean import flatten
 from .base import AdapterAlgorithm, Participant
 from .registry import register
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..evaluate import SplitResult, local_fit
+from ..training import SplitResult, local_fit
 from ..optim import make_adam
 from .base import AdapterConfig, Participant, State, check_adapter_hidden
 from .fedclip import FedCLIP

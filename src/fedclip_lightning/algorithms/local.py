@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from ..evaluate import SplitResult
-from ..federation.distributed import gather_rows
-from ..federation.strategy import flatten, unflatten
+from ..training import SplitResult
+from ..aggregation.rows import gather_rows
+from ..aggregation.mean import flatten, unflatten
 from .base import AdapterAlgorithm, AdapterConfig, ClientResult, Participant, State, check_adapter_hidden
 from .registry import register
 

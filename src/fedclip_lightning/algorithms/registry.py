@@ -64,3 +64,13 @@ def names() -> list[str]:
     """Every registered algorithm, in registration order (the built-ins first, in the tables' order)."""
     _load_plugins()
     return list(_REGISTRY)
+
+
+def encoder_frozen(cfg) -> bool:
+    """Does the image encoder stay frozen for ``cfg``'s algorithm (so its features never change)?"""
+    return get(cfg.algorithm.name).encoder_frozen(cfg.algorithm)
+
+
+def uses_feature_cache(cfg) -> bool:
+    """Train on cached frozen features? (Only where that is exact.)"""
+    return cfg.features.cache != "off" and encoder_frozen(cfg)

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from ..config import Config
-from ..errors import DataError
+from ..config import CLASS_NAME_STYLES, ON_CORRUPT, SPLIT_MODES, Config, DataConfig
+from ..errors import DataError, Problems
 from .domains import DomainSet, Sample, scan_domains, verify_images
 from .partition import Task, official_split, partitioned_task, stable_seed
 from .synthetic import default_cache_dir, ensure_synthetic_dataset
@@ -126,3 +126,44 @@ def _batched(batch):
 
 def feature_dataset(features: torch.Tensor, samples: list[Sample]) -> FeatureDataset:
     return FeatureDataset(features, torch.tensor([s.label for s in samples], dtype=torch.long))
+
+
+def check_config(d: DataConfig, p: Problems) -> None:
+    """The ``data.*`` keys' own problems (whether the folder holds what they say is checked when it is scanned)."""
+    bad, positive_int = p.bad, p.positive_int
+    if d.dataset != "synthetic" and not d.root:
+        bad("data.root", d.root, "no data folder given", "pass data.root=/path/to/dataset (folders domain/class/image)")
+    p.choice("data.split.mode", d.split.mode, SPLIT_MODES)
+    r = d.split.ratios
+    if len(r) != 3 or any(x < 0 for x in r) or abs(sum(r) - 1.0) > 1e-6:
+        bad(
+            "data.split.ratios", list(r),
+            f"need three non-negative train/val/test fractions summing to 1 (they sum to {sum(r):g})",
+            "e.g. data.split.ratios=[0.6,0.2,0.2]",
+        )
+    elif r[0] == 0 or r[1] == 0:
+        bad("data.split.ratios", list(r), "the train and validation fractions must be positive (model selection "
+            "needs validation accuracy)", "e.g. data.split.ratios=[0.6,0.2,0.2]")
+    if d.split.mode == "official" and not d.split.official_dir:
+        bad("data.split.official_dir", None, "split.mode=official needs the folder of the official lists",
+            "pass data.split.official_dir=/path/to/PACS_splits")
+    positive_int("data.batch_size", d.batch_size, 2)
+    positive_int("data.eval_batch_size", d.eval_batch_size)
+    positive_int("data.num_workers", d.num_workers, 0)
+    if d.max_per_domain is not None:
+        positive_int("data.max_per_domain", d.max_per_domain, 5)
+    p.choice("data.on_corrupt", d.on_corrupt, ON_CORRUPT)
+    p.choice("data.class_names", d.class_names, CLASS_NAME_STYLES)
+    if "{}" not in d.prompt:
+        bad("data.prompt", d.prompt, "the prompt has no '{}' for the class name", "e.g. data.prompt='a picture of a {}'")
+    if d.domains is not None and len(set(d.domains)) != len(d.domains):
+        bad("data.domains", d.domains, "a domain is listed twice", "list each domain once")
+    if len(set(d.unseen)) != len(d.unseen):
+        bad("data.unseen", d.unseen, "a domain is listed twice", "list each unseen domain once")
+    if d.domains is not None:
+        missing = [u for u in d.unseen if u not in d.domains]
+        if missing:
+            bad("data.unseen", d.unseen, f"{missing} not among data.domains={d.domains}",
+                "name unseen domains from data.domains")
+    positive_int("data.synthetic_per_class", d.synthetic_per_class, 5)
+    positive_int("data.synthetic_image_size", d.synthetic_image_size, 16)

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, uses_feature_cache
+from ..algorithms.registry import uses_feature_cache
+from ..config import Config
 from ..data.domains import ImageDataset
 from ..data.pipeline import feature_dataset
 from ..data.synthetic import default_cache_dir
 from ..model.features import FeatureCache, default_workers, model_identity
-from .distributed import gather_rows
+from ..aggregation.rows import gather_rows
 
 
 def build_datasets(cfg: Config, fabric, backbone, task, mine) -> tuple[dict, dict]:

@@ -10,9 +10,9 @@ import torch
 import math
 
 from ..errors import DivergedError
-from ..evaluate import SplitResult
+from ..training import SplitResult
 from ..report import RoundMetrics
-from .distributed import gather_rows
+from ..aggregation.rows import gather_rows
 
 # Result slots of a participant (accuracy, loss, n each): train (the local fit of this round), val, test
 # (with the model the client holds), val_global / test_global (a personalising algorithm: the global

@@ -21,13 +21,16 @@ from lightning.fabric import Fabric
 from ..algorithms import Participant, RunContext, registry
 from ..checkpoint import (COMPLETE, MANIFEST, check_data, check_resumable, checkpoint_root, complete_checkpoints,
                           config_mismatch, data_manifest, latest, load_clients, load_meta, manifest_digest, verify)
-from ..config import Config, to_dict, uses_feature_cache, validate
+from ..algorithms.registry import uses_feature_cache
+from ..config import Config, to_dict
+from ..configure import check
 from ..data.pipeline import build_task, class_prompt_names, make_loader
 from ..errors import ConfigError
 from .. import numerics
 from ..loggers import build_loggers, finish_loggers
 from ..model.backbone import load_backbone, resolve_weights
-from ..report import Summary, atomic_write_text
+from ..files import atomic_write_text
+from ..report import Summary
 from .datasets import build_datasets
 from .outputs import RunOutputs
 from .placement import assign
@@ -154,7 +157,7 @@ def set_aside_replaced_wandb_runs(run_dir: Path, keep_id: str) -> list[Path]:
 
 def run(cfg: Config) -> dict:
     """Run one federated experiment; returns summary.json's content (on every rank)."""
-    validate(cfg)
+    check(cfg)
     started = time.perf_counter()
     # Before the slow start-up (scanning and checking images, loading weights): a SIGUSR1/SIGTERM that
     # arrives then is kept, and the run checkpoints and stops (requeued under SLURM) after its first round.

@@ -19,8 +19,8 @@ from .. import numerics
 from ..config import Config
 from ..loggers import wandb_mode
 from .tracking import WandbTracking, wandb_logger
-from ..report import MetricsCSV, RoundMetrics, RoundsCSV, Summary, atomic_save, atomic_write_text, format_table, \
-    keep_rows_up_to
+from ..files import atomic_save, atomic_write_text
+from ..report import MetricsCSV, RoundMetrics, RoundsCSV, Summary, format_table, keep_rows_up_to
 
 log = logging.getLogger(__name__)
 

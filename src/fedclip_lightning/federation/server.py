@@ -22,10 +22,10 @@ import torch
 
 from ..algorithms import registry
 from ..checkpoint import CheckpointWriter, write_checkpoint
-from ..config import algorithm_config
+from ..configure import algorithm_config
 from ..errors import DivergedError
 from ..data.partition import sample_clients, stable_seed
-from ..evaluate import SplitResult
+from ..training import SplitResult
 from ..report import ModelSelection, RoundMetrics, Summary
 from .evaluation import RoundEvaluator
 from .outputs import RunOutputs

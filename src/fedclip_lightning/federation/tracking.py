@@ -26,7 +26,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..report import Summary, atomic_write_text
+from ..files import atomic_write_text
+from ..report import Summary
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..config import BackboneConfig
-from ..errors import BackboneError
+from ..config import PRECISIONS, BackboneConfig
+from ..errors import BackboneError, Problems
 
 log = logging.getLogger(__name__)
 
@@ -485,3 +485,12 @@ def _quiet_open_clip():
         yield
     finally:
         root.setLevel(level)
+
+
+def check_config(b: BackboneConfig, p: Problems) -> None:
+    """The ``backbone.*`` keys' own problems (whether the weights exist is found when they load)."""
+    p.choice("backbone.precision", b.precision, PRECISIONS)
+    if not b.name:
+        p.bad("backbone.name", b.name, "empty model name", "e.g. backbone.name=ViT-B-32")
+    elif problem := model_name_problem(b.name):
+        p.add(problem)

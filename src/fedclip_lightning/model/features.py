@@ -33,8 +33,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.domains import ImageDataset, Sample
-from ..errors import ConfigError
-from ..report import atomic_save
+from ..config import FEATURE_CACHE_MODES, FeaturesConfig
+from ..errors import ConfigError, Problems
+from ..files import atomic_save
 from .backbone import Backbone, image_size, tokens_per_image
 
 log = logging.getLogger(__name__)
@@ -346,3 +347,13 @@ class FeatureCache:
 def _digest(feats: torch.Tensor) -> str:
     """SHA-256 of a feature table's bytes (about 50 ms for all of PACS at d=512)."""
     return hashlib.sha256(feats.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def check_config(fc: FeaturesConfig, p: Problems) -> None:
+    """The ``features.*`` keys' own problems (whether caching is exact for the algorithm: ``configure``)."""
+    p.choice("features.cache", fc.cache, FEATURE_CACHE_MODES)
+    p.positive_int("features.batch_size", fc.batch_size)
+    if fc.num_workers is not None:
+        p.positive_int("features.num_workers", fc.num_workers, 0)
+    if fc.encoder_batch_size is not None:
+        p.positive_int("features.encoder_batch_size", fc.encoder_batch_size)

@@ -90,7 +90,7 @@ AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
 
 def make_rule(fed):
     """The rule ``federation.aggregator`` names (``mean``: the streamed weighted mean)."""
-    from .strategy import WeightedMean
+    from .mean import WeightedMean
 
     name = fed.aggregator
     if name == "mean":

@@ -21,11 +21,10 @@ import torch
 from ..data.partition import stable_seed
 from ..errors import ConfigError
 from .attacks import attackers, corrupt
-from .distributed import gather_rows, stream_rows
 from .privacy import Privacy, clip
 from .robust import make_rule
 from .server_opt import ServerOptimizer
-from .strategy import aggregate_rows
+from .mean import aggregate_rows
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +73,8 @@ class ServerUpdate:
         w = w_of()
         if self.privacy is not None:
             weights = [1.0 / len(order)] * len(order)  # DP-FedAvg: uniform, over the clients that sent
-        if getattr(self.rule, "linear", False):
-            delta = self.rule.start(width)
-            for k, row in stream_rows(fabric, row_of, order, width):
-                self.rule.add(delta, self._update(rnd, order[k], row, w), weights[k])
-        else:
-            table = gather_rows(fabric, {k: r for k, i in enumerate(order) if (r := row_of(i)) is not None},
-                                len(order), width)
-            updates = torch.stack([self._update(rnd, i, table[k], w) for k, i in enumerate(order)])
-            delta = self.rule(updates, weights)
+        delta = aggregate_rows(fabric, self.rule, row_of, order, weights, width,
+                               transform=lambda i, row: self._update(rnd, i, row, w))
         if self.privacy is not None and self.privacy.mode == "server":
             g = torch.Generator().manual_seed(stable_seed(self.seed, "dp-server", rnd))
             delta = delta + self.privacy.noise(delta, g) / len(order)

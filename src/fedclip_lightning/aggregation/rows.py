@@ -3,7 +3,7 @@
 Every rank fills the rows of the clients it owns in a zero ``[n, width]``
 buffer and one ``all_reduce(sum)`` assembles the full table on every rank.
 Adding zeros is exact, so every rank then holds bit-for-bit the values each
-client produced, and the aggregation rule that follows (``strategy.py``: a
+client produced, and the aggregation rule that follows (``mean.py``: a
 weighted sum in fixed client order, say) is the same arithmetic whether 1 or N
 processes ran.
 """

@@ -12,7 +12,7 @@ not depend on how many processes computed the client updates.
 A rule is linear (``WeightedMean``: a row at a time streams into the sum, so
 memory stays one row however many clients) or needs every row at once (a
 coordinate-wise median, say: ``linear = False``, and ``aggregate_rows`` gathers
-the whole table first). ``distributed.py`` only moves the rows.
+the whole table first). ``rows.py`` only moves the rows.
 """
 
 from __future__ import annotations
@@ -94,15 +94,22 @@ class WeightedMean:
 
 
 def aggregate_rows(fabric, rule, row_of: Callable[[int], torch.Tensor | None], order: list[int],
-                   weights: Sequence[float], width: int) -> torch.Tensor:
+                   weights: Sequence[float], width: int,
+                   transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Apply ``rule`` to the rows of the clients in ``order`` (``row_of(i)`` on the rank owning client
-    ``i``, None elsewhere); every rank gets the same result."""
-    from .distributed import gather_rows, stream_rows
+    ``i``, None elsewhere); every rank gets the same result. ``transform(i, row)``, if given, turns client
+    ``i``'s row into what the rule sees (the server update's ``w_k - w``, clipped, attacked, noised), in
+    client order, after the row has travelled. A linear rule streams the rows (memory: one row); any other
+    rule gathers the whole table first."""
+    from .rows import gather_rows, stream_rows
 
     if getattr(rule, "linear", False):
         acc = rule.start(width)
         for k, row in stream_rows(fabric, row_of, order, width):
-            rule.add(acc, row, weights[k])
+            rule.add(acc, row if transform is None else transform(order[k], row), weights[k])
         return acc
     rows = {k: r for k, i in enumerate(order) if (r := row_of(i)) is not None}
-    return rule(gather_rows(fabric, rows, len(order), width), weights)
+    table = gather_rows(fabric, rows, len(order), width)
+    if transform is not None:
+        table = torch.stack([transform(i, table[k]) for k, i in enumerate(order)])
+    return rule(table, weights)

@@ -1,0 +1,238 @@
+"""Loading a config: compose conf/ with Hydra, type it against the schema (``config.py``), check it.
+
+Each component checks its own keys (``algorithms``, ``data``, ``model``, ``aggregation``); this module
+adds the run's own keys (rounds, checkpoints, fabric, logger) and the few that depend on two components,
+and reports every problem at once in one :class:`ConfigError` that names each bad value, the key that
+set it and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
+
+from .aggregation.checks import check_config as check_server_side, server_options_set
+from .algorithms import registry
+from .algorithms.base import check_config as check_algorithm
+from .config import ACCELERATORS, LOGGERS, WANDB_MODES, AlgorithmConfig, Config
+from .data.pipeline import check_config as check_data
+from .errors import ConfigError, Problems
+from .model.backbone import check_config as check_backbone
+from .model.features import check_config as check_features
+
+
+def _shipped_weights(name: str) -> str:
+    from .weights import path
+
+    return path(name)
+
+
+# ${fedclip_weights:<name>}: the path of weights shipped in the package (the demo's small CLIP).
+OmegaConf.register_new_resolver("fedclip_weights", _shipped_weights, replace=True)
+
+
+def to_config(cfg: DictConfig | dict) -> Config:
+    """Merge composed YAML into the typed schema; type mistakes become ConfigError.
+
+    ``algorithm`` is checked against the class its ``name`` picks from the
+    algorithm registry: a key that algorithm does not have is a mistake too.
+    """
+    schema = OmegaConf.structured(Config)
+    raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    unknown = _unknown_keys(OmegaConf.to_container(raw, resolve=False), Config)
+    if unknown:
+        raise ConfigError([f"{k}: unknown key{hint}. Fix: correct or drop it (`fedclip-lightning --print-config` "
+                           "lists every key)." for k, hint in unknown])
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        algo_node = merged.algorithm
+        merged.algorithm = {}
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}. Fix the value of '{key}' (see conf/ for the expected type).") from None
+    assert isinstance(obj, Config)
+    obj.algorithm = algorithm_config(algo_node)
+    return obj
+
+
+def _unknown_keys(data: Any, cls: type, prefix: str = "") -> list[tuple[str, str]]:
+    """Keys of ``data`` that the dataclass ``cls`` (recursively) does not have, with a spelling hint.
+    (``+section.key=...`` on the command line would otherwise be dropped without a word.)"""
+    import difflib
+
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return []
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = []
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            out.append((f"{prefix}{key}", f" (did you mean {prefix}{close[0]}?)" if close else ""))
+        elif key != "algorithm":  # the algorithm's own class checks its keys (algorithm_config)
+            sub_cls = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+            if isinstance(sub_cls, type):
+                out += _unknown_keys(value, sub_cls, f"{prefix}{key}.")
+    return out
+
+
+def algorithm_config(node: Any) -> AlgorithmConfig:
+    """The ``algorithm`` mapping as the config class of the algorithm its ``name`` picks."""
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    name = data.get("name", "fedclip")
+    cls = registry.get(str(name)).config_class
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(cls), data)
+        out = OmegaConf.to_object(typed)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "key", None) or getattr(exc, "full_key", None) or "?"
+        known = ", ".join(f.name for f in dataclasses.fields(cls))
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"algorithm.{key}: {msg} (algorithm={name} has the keys {known}). Fix: drop or correct "
+                          f"algorithm.{key}; `fedclip-lightning algorithm={name} --print-config` lists them.") from None
+    return out
+
+
+def check(cfg: Config) -> Config:
+    """Every component checks its keys; one ConfigError lists all the problems."""
+    p = Problems()
+    check_algorithm(cfg.algorithm, p)
+    _check_run(cfg, p)
+    check_server_side(cfg.federation, p)
+    check_data(cfg.data, p)
+    check_features(cfg.features, p)
+    check_backbone(cfg.backbone, p)
+    _check_across(cfg, p)
+    p.raise_any()
+    return cfg
+
+
+def _check_run(cfg: Config, p: Problems) -> None:
+    """The run's own keys: rounds, evaluation, checkpoints, resume, processes, logging."""
+    f, bad = cfg.federation, p.bad
+    p.positive_int("federation.rounds", f.rounds)
+    p.positive_int("federation.eval_interval", f.eval_interval)
+    p.positive_int("federation.checkpoint_interval", f.checkpoint_interval, 0)
+    p.positive_int("federation.keep_checkpoints", f.keep_checkpoints, 1)
+    if not f.checkpoint_min_seconds >= 0:
+        bad("federation.checkpoint_min_seconds", f.checkpoint_min_seconds, "must be >= 0",
+            "e.g. federation.checkpoint_min_seconds=10 (0: every checkpoint_interval rounds, however fast)")
+    if not 0 < f.client_fraction <= 1:
+        bad("federation.client_fraction", f.client_fraction, "must be in (0, 1]", "e.g. federation.client_fraction=0.5")
+    if cfg.resume not in ("never", "auto") and not Path(cfg.resume).expanduser().is_dir():
+        bad("resume", cfg.resume, "neither never, auto nor an existing checkpoint folder",
+            "use resume=auto (the newest checkpoint of the run directory) or a path to outputs/<run>/checkpoints/round-N")
+
+    fb = cfg.fabric
+    p.choice("fabric.accelerator", fb.accelerator, ACCELERATORS)
+    p.choice("fabric.strategy", fb.strategy, ("auto", "ddp"))
+    p.positive_int("fabric.timeout_minutes", fb.timeout_minutes)
+    if fb.accelerator == "cpu" and isinstance(fb.devices, (list, tuple)):
+        bad("fabric.devices", list(fb.devices), "CPU processes are counted, not indexed",
+            "give a count, e.g. fabric.devices=2")
+    p.positive_int("fabric.num_nodes", fb.num_nodes)
+    dev = fb.devices
+    if not (dev == "auto" or (isinstance(dev, int) and dev >= 1) or
+            (isinstance(dev, (list, tuple)) and len(dev) > 0 and all(isinstance(i, int) for i in dev))):
+        bad("fabric.devices", dev, "must be a positive count, 'auto' or a list of device indices",
+            "e.g. fabric.devices=2")
+
+    p.choice("logger.name", cfg.logger.name, LOGGERS)
+    p.choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
+
+
+def _check_across(cfg: Config, p: Problems) -> None:
+    """Settings that are fine alone and wrong together (two components' keys)."""
+    algo = registry.get(cfg.algorithm.name)
+    if cfg.features.cache == "on" and not registry.encoder_frozen(cfg):
+        p.bad("features.cache", cfg.features.cache, f"cached features are not exact for algorithm={cfg.algorithm.name} "
+              f"as configured ({algo.what_trains(cfg.algorithm)}: it trains the image encoder)",
+              "set features.cache=off (or auto)")
+    changed = server_options_set(cfg.federation)
+    if changed and not algo.communicates:
+        p.bad(f"federation.{changed[0]}", getattr(cfg.federation, changed[0]), f"algorithm={cfg.algorithm.name} "
+              "sends nothing to a server", "drop the federation.* server options, or choose an algorithm that aggregates")
+
+
+def conf_dir() -> Path:
+    """The Hydra config folder: $FEDCLIP_CONF_DIR, else the repository's conf/."""
+
+    env = os.environ.get("FEDCLIP_CONF_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "conf")
+    for c in candidates:
+        if (c / "config.yaml").is_file():
+            return c
+    raise ConfigError(
+        f"no config folder found (looked in {', '.join(map(str, candidates))}). "
+        "Fix: install from the repository with `pip install -e .`, or set FEDCLIP_CONF_DIR=/path/to/conf."
+    )
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> Config:
+    """Compose ``conf/<config_name>.yaml`` with Hydra overrides, type it and check it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from hydra.core.config_store import ConfigStore
+
+    # The typed schema underlies conf/config.yaml, so every key exists (with its
+    # default) whatever a preset spells out, and types are checked as Hydra composes.
+    ConfigStore.instance().store(name="fedclip_schema", node=Config)
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            composed = compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_hydra_message(exc, overrides)) from None
+    try:
+        missing = sorted(OmegaConf.missing_keys(composed))
+    except InterpolationResolutionError as exc:  # a resolver's own message (say, shipped weights not found)
+        # OmegaConf keeps the resolver's message only in its own text: "<Error> raised while resolving ...: msg".
+        first = re.sub(r"^\w+ raised while resolving interpolation: ", "", str(exc).splitlines()[0])
+        raise ConfigError(f"{getattr(exc, 'full_key', None) or '?'}: {first}") from None
+    if missing:
+        raise ConfigError([f"{k} is required and has no value. Fix: pass {k}=..." for k in missing])
+    return check(to_config(composed))
+
+
+def _algorithm_key_message(msg: str, overrides) -> str | None:
+    """``algorithm.<key>=...`` for an algorithm without that key: which algorithms have it."""
+    m = re.search(r"Could not override 'algorithm\.(\w+)'", msg)
+    if not m or "not in struct" not in msg:
+        return None
+    key = m.group(1)
+    chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith("algorithm=")), "fedclip")
+    try:
+        keys = [f.name for f in dataclasses.fields(registry.get(chosen).config_class)]
+    except ConfigError:
+        return None
+    having = [n for n in registry.names()
+              if key in {f.name for f in dataclasses.fields(registry.get(n).config_class)}]
+    where = (f"it belongs to algorithm={'|'.join(having)}" if having else "no algorithm has it")
+    return (f"algorithm.{key}: algorithm={chosen} has no key {key!r} ({where}; algorithm={chosen} has "
+            f"{', '.join(keys)}). Fix: drop algorithm.{key}, or choose an algorithm that has it.")
+
+
+def _hydra_message(exc: Exception, overrides) -> str:
+    msg = str(exc).strip()
+    special = _algorithm_key_message(f"{msg} {exc.__cause__ or exc.__context__ or ''}", overrides)
+    if special:
+        return special
+    # Hydra chains the interesting cause; keep the first lines, never a traceback.
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause).strip() and str(cause).strip() not in msg:
+        msg = f"{msg} ({str(cause).strip().splitlines()[0]})"
+    msg = msg.split("Config search path")[0]
+    first = " ".join(line.strip() for line in msg.splitlines()[:12] if line.strip()).rstrip(".")
+    hint = "Fix: check the spelling of the key (`fedclip-lightning --print-config` shows every key) or the value."
+    if "Could not find" in msg or "not found in the defaults list" in msg or "Could not load" in msg:
+        hint = "Fix: pick one of the presets listed by `fedclip-lightning --help`."
+    return f"{first}. {hint}"
