@@ -17,7 +17,7 @@ Prints, for one image set and backbone, in one run, side by side:
    encoder's rate in the same units (its FLOPs per image, counted by torch's FlopCounterMode on the
    path it runs, times its images/s) as a share of it; and the class-token path against the tower's
    own forward, timed in alternation. A change of precision can give the encoder at most the ratio of the
-   bare products: 2.1-2.4x on a Zen 4 EPYC, about 4x on the earlier machine of the README;
+   bare products: 2.1-2.4x on a Zen 4 EPYC, about 4x on another 2-core machine;
 6. accuracy against fp32 on the same run: the embedded demo (the project's pretrained small CLIP,
    FedCLIP, 200 rounds) with backbone.precision=fp32 and =bf16, zero-shot and FedCLIP accuracies side
    by side (``--accuracy``; the only place here where the weights mean something).
@@ -27,7 +27,7 @@ seeded subset of PACS (250 images per domain), batches of 256 (features.batch_si
 the pass's own size (features.encoder_batch_size=auto: 16 images for ViT-B/32 on a CPU), on the CPU (and
 the GPU where there is one). First, as the baseline of the ratios, the fp32 pass as issue 15 measured it.
 
-    python benchmarks/encoder_pass.py                         # the README figures
+    python benchmarks/encoder_pass.py                         # the figures of benchmarks/README.md
     python benchmarks/encoder_pass.py --per-domain 0          # all 9,991 PACS images (minutes per row)
     python benchmarks/encoder_pass.py --precisions fp32,bf16 --workers 0,1,2
 """

@@ -18,7 +18,7 @@ init has the same cost), fp32 on the CPU. Rows 1-3 use all 9,991 PACS images
 (about 15 minutes on a 2-core CPU); rows 4-5, which run the encoder several
 times over, use a seeded subset of 250 images per domain (1,000 images).
 
-    python benchmarks/feature_cache.py                       # the README figures
+    python benchmarks/feature_cache.py                       # the figures of benchmarks/README.md
     python benchmarks/feature_cache.py --per-domain 250      # rows 1-3 on the subset too (minutes)
 """
 

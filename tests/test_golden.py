@@ -103,8 +103,8 @@ def test_tolerance_fails_on_aggregation_weights_one_percent_off(golden, tmp_path
         compare_within(planted, golden["one_process"]["fedclip"], "fedclip")
 
 
-def test_tolerance_is_what_the_readme_states():
+def test_tolerance_is_what_the_docs_state():
     from conftest import REPO
 
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "reproducibility.md").read_text()
     assert f"{TOLERANCE['loss_abs']:g}" in readme and f"{TOLERANCE['value_rel']:g}" in readme

@@ -30,7 +30,7 @@ def test_pretraining_is_deterministic_and_loads_like_any_checkpoint(tmp_path):
 
 
 def test_shipped_weights_have_the_documented_zero_shot_accuracy():
-    """The README's figures (and the pretraining script's report) for the file in the package."""
+    """The figures of docs/small-clip.md (and the pretraining script's report) for the file in the package."""
     backbone = load_backbone(load_config([]).backbone)
     assert backbone.weights_file == str(WEIGHTS)
     import open_clip

@@ -183,7 +183,7 @@ def test_wandb_after_sigkill_and_resume_is_one_run_with_each_round_once(tmp_path
     assert "resumed from" in resumed.stdout and read_summary(run_dir)["resumed_from"] in (3, 6)
     sessions = _one_run_each_round_once(run_dir, 12, 2)
     assert {r["round"] for r in sessions[0]["history"] if "round" in r} == before
-    # the README's upload command, as far as it runs offline: both sessions, in order
+    # docs/wandb.md's upload command, as far as it runs offline: both sessions, in order
     sync = subprocess.run(["wandb", "sync", "--dry-run", *map(str, find_offline_runs(run_dir / "wandb"))],
                           cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert sync.returncode == 0 and "Would sync 2 run(s)" in sync.stdout + sync.stderr, sync.stdout + sync.stderr

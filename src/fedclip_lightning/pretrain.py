@@ -43,7 +43,7 @@ WEIGHTS = Path(__file__).parent / "weights" / f"{MODEL}-synthetic.pt"
 # chalk drawings and neon signs are rare (2 of each shape at --per-pair 300), so the model knows them a
 # little; sketches and paintings it never sees. On the demo's clients (sketch, chalk, neon) zero-shot is
 # then well above chance but far from perfect, while the features still tell the shapes apart: an adapter
-# has something to learn (benchmarks and numbers: README, "The demo's small CLIP").
+# has something to learn (benchmarks and numbers: docs/small-clip.md).
 MIX = {"photo": 1.0, "cartoon": 1.0, "painting": 0.0, "sketch": 0.0, "chalk": 0.007, "neon": 0.007}
 # Caption templates over an image's attributes; a template names the shape and any of colour, size
 # and style. A caption is a positive for every image whose attributes it matches (soft targets).

@@ -56,7 +56,7 @@ def get(name: str) -> type:
         _load_plugins()
     if name not in _REGISTRY:
         raise ConfigError(f"algorithm.name={name!r}: unknown algorithm. Fix: use one of {', '.join(names())} "
-                          "(or register your own: see 'Adding an algorithm' in the README).")
+                          "(or register your own: see 'Adding an algorithm' in docs/algorithms.md).")
     return _REGISTRY[name]
 
 
