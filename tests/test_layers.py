@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("data",)),
     ("model", ("model",)),
     ("server maths", ("aggregation",)),
-    ("client", ("client", "optim", "training")),
+    ("client", ("fit_plan", "client", "optim", "training")),
     ("algorithms", ("algorithms",)),
     ("outputs", ("report", "tables", "plots", "loggers")),
     ("loading", ("configure",)),

@@ -20,6 +20,7 @@ from fedclip_lightning.config import AlgorithmConfig, BackboneConfig
 from fedclip_lightning.data.domains import ImageDataset, scan_domains
 from fedclip_lightning.data.pipeline import make_loader
 from fedclip_lightning.errors import BackboneError
+from fedclip_lightning.fit_plan import FitPlan
 from fedclip_lightning.training import local_fit
 from lightning.fabric import Fabric
 from fedclip_lightning.model import backbone as backbone_mod
@@ -211,7 +212,7 @@ def test_training_leaves_backbone_untouched(name, mini):
                          shuffle_seed=(0, 0, "photo"))
     bb.clip.train()  # what the reference release does before training: must be a no-op
     client.train()
-    result, _ = local_fit(Fabric(accelerator="cpu", devices=1), client, loader, epochs=2)
+    result, _ = local_fit(Fabric(accelerator="cpu", devices=1), client, loader, FitPlan(epochs=2))
     assert result.n > 0 and torch.isfinite(torch.tensor(result.loss))
 
     after = snapshot(bb.clip)

@@ -6,7 +6,9 @@ what trains (an adapter, or the shared working copy of CLIP for fine-tuning),
 and ``state_dict()`` holds nothing else. A client knows nothing of rounds or of
 other clients: its algorithm (``fedclip_lightning.algorithms``) decides what it
 starts from and what becomes of its result, and ``local_fit`` (Fabric) runs
-its hooks.
+its hooks with that fit's ``FitPlan`` (epochs, lr factor, FedProx's anchor,
+Adam's block or kept state): per-round settings are arguments, never
+attributes of the client.
 
 Losses (``I*`` adapted, normalised image features; ``T`` normalised prompt
 features; ``s = exp(logit_scale)`` of the frozen model), from
@@ -22,6 +24,8 @@ Prediction is ``argmax_c I* @ T_c`` in both cases.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -30,7 +34,10 @@ from .config import AlgorithmConfig
 from .model.adapter import AttentionAdapter
 from .model.backbone import Backbone
 from .model.losses import clip_loss, proximal_term
-from .optim import make_optimizer
+from .optim import build_optimizer
+
+if TYPE_CHECKING:
+    from .fit_plan import FitPlan
 
 
 class CLIPClient(L.LightningModule):
@@ -39,9 +46,8 @@ class CLIPClient(L.LightningModule):
     A subclass says how it makes features (``features``), what it compares them
     with (``class_features``: one normalised prompt feature per class), its
     ``scale`` (``exp(logit_scale)``) and which tensors train (``trainable``).
-    ``adam_buffer`` is the block Adam's moments live in (the client's row of
-    the process's ``AdamStateArena`` or its shared scratch row), and
-    ``anchor`` FedProx's global weights for the proximal term (None: none).
+    What a local fit is run with (Adam's block or kept state, the lr factor,
+    FedProx's anchor) comes with that fit's ``FitPlan``, not as attributes.
     """
 
     def __init__(self, name: str, algorithm: AlgorithmConfig, num_classes: int):
@@ -49,24 +55,23 @@ class CLIPClient(L.LightningModule):
         self.client_name = name
         self.algorithm = algorithm
         self.num_classes = num_classes
-        self.adam_buffer: torch.Tensor | None = None
-        self.anchor: dict[str, torch.Tensor] | None = None
-        self.mu = 0.0
-        self.lr_factor = 1.0  # this round's share of algorithm.lr (a schedule over rounds)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``exp(logit_scale) * I* @ T^T``."""
         return self.scale * self.features(x) @ self.class_features().T
 
     # -- Lightning hooks -----------------------------------------------------
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor] | None:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int,
+                      plan: FitPlan | None = None) -> dict[str, torch.Tensor] | None:
+        """The loss of a batch (plus FedProx's proximal term where ``plan`` has an anchor) and its
+        number of correct predictions; None for a batch of one."""
         x, y = batch
         if y.numel() < 2:  # the reference skips batches of one
             return None
         feats, text = self.features(x), self.class_features()
         loss = clip_loss(self.algorithm.loss, self.scale, feats, text, y)
-        if self.anchor is not None:
-            loss = loss + proximal_term(self.mu, self.trainable(), self.anchor)
+        if plan is not None and plan.anchor is not None:
+            loss = loss + proximal_term(plan.mu, self.trainable(), plan.anchor)
         with torch.no_grad():
             correct = ((feats @ text.T).argmax(dim=-1) == y).sum()
         return {"loss": loss, "correct": correct}
@@ -83,15 +88,15 @@ class CLIPClient(L.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return self.validation_step(batch, batch_idx)
 
-    def configure_optimizers(self, state: dict | None = None) -> torch.optim.Optimizer:
-        """Adam over ``trainable()`` (SGD where the algorithm says so) at ``lr_factor`` times its lr: a new
-        state laid out in ``adam_buffer``, or ``state`` (a kept ``optimizer.state_dict()``) continued
-        where its moments already live."""
+    def configure_optimizers(self, plan: FitPlan) -> torch.optim.Optimizer:
+        """``optim.build_optimizer`` over ``trainable()``: Adam (SGD where the algorithm says so) at
+        ``plan.lr_factor`` times its lr, a new state laid out in ``plan.adam_buffer`` or
+        ``plan.optimizer_state`` (a kept ``optimizer.state_dict()``) continued where its moments
+        already live."""
         params = self.trainable()
         if not params:
             raise RuntimeError(f"client {self.client_name!r} has nothing to optimise")
-        return make_optimizer(params.values(), self.algorithm, buffer=self.adam_buffer, state=state,
-                              lr_factor=self.lr_factor)
+        return build_optimizer(params.values(), self.algorithm, plan)
 
     # -- federation interface ------------------------------------------------
     def get_state(self) -> dict[str, torch.Tensor]:

@@ -1,5 +1,9 @@
-"""Adam for the clients: the optimiser of the reference release, made cheap to keep.
+"""The clients' optimisers: Adam of the reference release, made cheap to keep, and CoOp's SGD.
 
+* ``build_optimizer``: the one place a client's optimiser is made, for a local fit or a
+  personalisation alike: what ``algorithm.optimizer`` names at ``algorithm.lr`` times the
+  fit's ``FitPlan.lr_factor``, Adam's state from the plan (a kept one, or a new one laid out
+  in its block).
 * ``make_adam``: ``torch.optim.Adam`` with the reference hyperparameters, fused
   where the parameters' device and dtype have the fused kernel; a new state can
   be laid out in a caller's block (``buffer``), or a kept one loaded (``state``).
@@ -18,6 +22,7 @@ import torch
 
 if TYPE_CHECKING:
     from .config import AlgorithmConfig
+    from .fit_plan import FitPlan
 
 _FUSED_SUPPORTED: dict[tuple[str, torch.dtype], bool] = {}
 
@@ -42,8 +47,9 @@ def _fused_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def make_adam(params, a: AlgorithmConfig, buffer: torch.Tensor | None = None,
-              state: dict[str, Any] | None = None) -> torch.optim.Adam:
-    """``torch.optim.Adam`` with coupled L2 weight decay and ``a``'s lr, betas, eps and weight_decay.
+              state: dict[str, Any] | None = None, lr: float | None = None) -> torch.optim.Adam:
+    """``torch.optim.Adam`` with coupled L2 weight decay and ``a``'s betas, eps and weight_decay, at
+    ``lr`` (None: ``a.lr``).
 
     Fused (one kernel over all parameters) where every parameter's device and
     dtype has the fused kernel, ``foreach`` otherwise.
@@ -64,7 +70,7 @@ def make_adam(params, a: AlgorithmConfig, buffer: torch.Tensor | None = None,
     the block would wipe it.
     """
     params = list(params)
-    kwargs = dict(lr=a.lr, betas=tuple(a.betas), eps=a.eps, weight_decay=a.weight_decay)
+    kwargs = dict(lr=a.lr if lr is None else lr, betas=tuple(a.betas), eps=a.eps, weight_decay=a.weight_decay)
     fused = bool(params) and all(_fused_supported(p.device, p.dtype) for p in params)
     optimizer = torch.optim.Adam(params, fused=True, **kwargs) if fused else torch.optim.Adam(params, foreach=True, **kwargs)
     if state is not None:
@@ -74,19 +80,18 @@ def make_adam(params, a: AlgorithmConfig, buffer: torch.Tensor | None = None,
     return optimizer
 
 
-def make_optimizer(params, a: AlgorithmConfig, buffer: torch.Tensor | None = None,
-                   state: dict[str, Any] | None = None, lr_factor: float = 1.0) -> torch.optim.Optimizer:
-    """What ``a`` trains with, at ``lr_factor`` times its lr (a schedule over rounds): ``make_adam``, or
-    for ``optimizer: sgd`` (CoOp / PromptFL) SGD with ``a.momentum`` and ``a.weight_decay`` (``buffer``
-    and ``state`` are Adam's)."""
-    lr = a.lr * lr_factor
+def build_optimizer(params, a: AlgorithmConfig, plan: FitPlan) -> torch.optim.Optimizer:
+    """The optimiser of one local fit (or personalisation) as ``plan`` says, at ``lr * plan.lr_factor``.
+
+    ``make_adam`` (its state continued from ``plan.optimizer_state``, or new in ``plan.adam_buffer``),
+    or for ``algorithm.optimizer: sgd`` (CoOp / PromptFL) SGD with ``a.momentum`` and ``a.weight_decay``
+    (the buffer and the kept state are Adam's). ``lr`` is ``algorithm.lr``, scaled here and nowhere
+    else (``a.lr`` is a float: a factor of 1 leaves it bitwise as it is).
+    """
+    lr = a.lr * plan.lr_factor
     if getattr(a, "optimizer", "adam") == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=a.momentum, weight_decay=a.weight_decay)
-    if lr_factor != 1.0:
-        import dataclasses
-
-        a = dataclasses.replace(a, lr=lr)
-    return make_adam(params, a, buffer=buffer, state=state)
+    return make_adam(params, a, buffer=plan.adam_buffer, state=plan.optimizer_state, lr=lr)
 
 
 def adam_buffer_size(params) -> int:
@@ -144,7 +149,7 @@ class AdamStateArena:
     (``optimizer_state=keep``), plus one scratch row on the training device that
     the clients use in turn when the state is reset each round (the reference),
     or while training on an accelerator. ``buffer_for`` gives the block a
-    client's new state goes into (``make_adam(..., buffer=...)``); ``stash``
+    client's new state goes into (``FitPlan.adam_buffer``); ``stash``
     makes a kept state live in the client's row (no copy when it is already
     there: the CPU case).
     """

@@ -7,12 +7,15 @@ the client's ``training_step`` computes the loss, ``fabric.backward`` runs
 autograd, and the optimiser is the client's ``configure_optimizers``. Metrics
 are computed on the rank that owns the data and never synced by torchmetrics
 itself: the server assembles them across ranks.
+
+Everything one local fit needs besides the client and its data comes in one
+``FitPlan``, made by the client's algorithm for that fit: a client keeps no
+per-round settings of its own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from lightning.fabric import Fabric
@@ -20,6 +23,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from .client import CLIPClient
+from .fit_plan import FitPlan
 from .data.pipeline import FeatureDataset
 
 
@@ -61,23 +65,21 @@ def place(fabric: Fabric, client: CLIPClient) -> CLIPClient:
     return client
 
 
-def local_fit(fabric: Fabric, client: CLIPClient, loader: DataLoader, epochs: int,
-              optimizer_state: dict[str, Any] | None = None,
-              optimizer: torch.optim.Optimizer | None = None,
-              max_steps: int | None = None) -> tuple[SplitResult, torch.optim.Optimizer]:
-    """``epochs`` passes of ``training_step`` + ``fabric.backward`` + ``optimizer.step()``.
+def local_fit(fabric: Fabric, client: CLIPClient, loader: DataLoader,
+              plan: FitPlan) -> tuple[SplitResult, torch.optim.Optimizer]:
+    """``plan.epochs`` passes of ``training_step`` + ``fabric.backward`` + ``optimizer.step()``.
 
-    The optimiser is the client's ``configure_optimizers()``, continuing a kept
-    Adam state (``optimizer_state``) if there is one, unless an ``optimizer`` is
-    given. Returns the mean loss and running
-    accuracy of the fit, and the optimiser (its state is the caller's to keep). ``max_steps``: stop
-    after that many optimiser steps (a straggler).
+    The optimiser is the client's ``configure_optimizers(plan)``: a kept Adam state
+    (``plan.optimizer_state``) continued if there is one, else a new one in ``plan.adam_buffer``, at
+    ``plan.lr_factor`` times the algorithm's lr. Returns the mean loss and running accuracy of the
+    fit, and the optimiser (its state is the caller's to keep). ``plan.max_steps``: stop after that
+    many optimiser steps (a straggler).
     Kept lean (no per-batch metric objects, no host syncs): with cached
     features this loop is most of a FedCLIP round.
     """
     client = place(fabric, client)
-    if optimizer is None:
-        optimizer = client.configure_optimizers(state=optimizer_state)
+    optimizer = client.configure_optimizers(plan)
+    epochs, max_steps = plan.epochs, plan.max_steps
     client.train()
     params = list(client.trainable().values())
     device = fabric.device
@@ -92,7 +94,7 @@ def local_fit(fabric: Fabric, client: CLIPClient, loader: DataLoader, epochs: in
                 break
             if x.device != device:
                 x, y = fabric.to_device((x, y))
-            out = client.training_step((x, y), i)
+            out = client.training_step((x, y), i, plan)
             if out is None:
                 continue
             for p in params:

@@ -8,8 +8,9 @@ An algorithm says, in one class:
 * **how its clients are made** (``setup``, once per process, then
   ``make_client`` per participant);
 * **what each client starts a round from** (``start_state``) and its local fit
-  (``fit_client``), whose ``ClientResult`` carries **what travels** (a flat
-  row; ``communicates = False`` sends nothing);
+  (``fit_client``; the adapter algorithms say what the fit is run with in a
+  ``FitPlan``, ``fit_plan``), whose ``ClientResult`` carries **what travels**
+  (a flat row; ``communicates = False`` sends nothing);
 * **how the server turns the clients' results into its new state**
   (``aggregate``) and the state it keeps (``server_state``/``load_server_state``,
   written into checkpoints), and the per-client state that persists between
@@ -35,6 +36,7 @@ from ..client import AdapterClient, CLIPClient
 from ..config import LOSSES, OPTIMIZER_STATES, AlgorithmConfig, Config
 from ..data.partition import stable_seed
 from ..errors import Problems
+from ..fit_plan import FitPlan
 from ..training import SplitResult, evaluate, local_fit
 from ..aggregation.update import ServerUpdate
 from ..aggregation.mean import aggregation_weights, flatten, state_bytes, unflatten
@@ -281,20 +283,29 @@ class AdapterAlgorithm(Algorithm):
         self.arena_row = {i: j for j, i in enumerate(own)}
 
     def make_client(self, p: Participant) -> CLIPClient:
-        client = AdapterClient(p.name, self.ctx.backbone, self.text, self.config, head=self.make_head())
-        if self.trains_head:
-            client.adam_buffer = self.arena.buffer_for(self.arena_row.get(p.index) if self.keep_adam else None)
-        return client
+        return AdapterClient(p.name, self.ctx.backbone, self.text, self.config, head=self.make_head())
+
+    def adam_buffer(self, p: Participant) -> torch.Tensor | None:
+        """The block client ``p``'s new Adam state is laid out in: its row of the arena when the state is
+        kept, else the shared scratch row (None: nothing trains)."""
+        if not self.trains_head:
+            return None
+        return self.arena.buffer_for(self.arena_row.get(p.index) if self.keep_adam else None)
 
     # -- a round --------------------------------------------------------------------
-    def fit_client(self, client: CLIPClient, p: Participant, rnd: int) -> ClientResult:
-        client.set_state(self.start_state(p))
-        saved = self.adam_states.get(p.name) if self.keep_adam else None
-        loader = self.ctx.train_loader(p, "train", rnd)
+    def fit_plan(self, p: Participant, rnd: int, loader) -> FitPlan:
+        """What client ``p``'s local fit in round ``rnd`` runs with: its epochs and a straggler's step
+        budget (``RunContext.local_plan``), Adam's block and kept state. An algorithm adds its own
+        settings (``dataclasses.replace``: FedProx's anchor, PromptFL's lr schedule)."""
         epochs, work = self.ctx.local_plan(p, rnd, self.config.local_epochs)
         max_steps = None if work >= 1 else max(1, math.floor(work * epochs * len(loader)))
-        res, optimizer = local_fit(self.ctx.fabric, client, loader, epochs, optimizer_state=saved,
-                                   max_steps=max_steps)
+        return FitPlan(epochs=epochs, max_steps=max_steps, adam_buffer=self.adam_buffer(p),
+                       optimizer_state=self.adam_states.get(p.name) if self.keep_adam else None)
+
+    def fit_client(self, client: CLIPClient, p: Participant, rnd: int) -> ClientResult:
+        client.set_state(self.start_state(p))
+        loader = self.ctx.train_loader(p, "train", rnd)
+        res, optimizer = local_fit(self.ctx.fabric, client, loader, self.fit_plan(p, rnd, loader))
         if self.keep_adam:
             self.adam_states[p.name] = self.arena.stash(optimizer.state_dict(), self.arena_row[p.index])
         return ClientResult(res, self.upload(client))

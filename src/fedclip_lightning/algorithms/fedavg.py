@@ -84,6 +84,10 @@ class FedAvg(AdapterAlgorithm):
             return super().make_client(p)
         return FullCLIPClient(p.name, self.work, self.tokens, self.config)
 
+    def adam_buffer(self, p: Participant) -> torch.Tensor | None:
+        """Fine-tuning CLIP: Adam allocates its own moments (None); the adapter: as FedCLIP."""
+        return None if self.full_model else super().adam_buffer(p)
+
     def upload(self, client: CLIPClient) -> Callable[[], torch.Tensor]:
         if not self.full_model:
             return super().upload(client)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..fit_plan import FitPlan
 from ..training import SplitResult, local_fit
-from ..optim import make_adam
 from .base import AdapterConfig, Participant, State, check_adapter_hidden
 from .fedclip import FedCLIP
 from .registry import register
@@ -23,22 +23,23 @@ class Personalized:
     """On each evaluated round every client of this rank fine-tunes its own copy of the global state for
     ``algorithm.personal_epochs`` on its training data and is evaluated with it; its accuracy with the
     global state is reported too (``val_global`` / ``test_global``). Mixed into an algorithm that has
-    ``personal_epochs`` in its config; ``personal_optimizer`` says what fine-tunes."""
+    ``personal_epochs`` in its config; ``personal_plan`` says what the fine-tuning runs with."""
 
     def setup(self, ctx) -> None:
         super().setup(ctx)
         self.personal: dict[str, State] = {}
 
-    def personal_optimizer(self, client):
-        raise NotImplementedError
+    def personal_plan(self, p: Participant) -> FitPlan:
+        """A fresh optimiser (the algorithm's, at its full lr) for ``personal_epochs``, Adam's moments in
+        the shared scratch block: a kept training state (optimizer_state=keep) stays untouched."""
+        return FitPlan(epochs=self.config.personal_epochs, adam_buffer=self.arena.scratch)
 
     def personalize(self, rnd: int, clients: dict) -> None:
         self.personal = {}
         for p in self.ctx.my_clients:
             client = clients[p.index]
             client.set_state(self.global_state)
-            local_fit(self.ctx.fabric, client, self.ctx.train_loader(p, "personal", rnd),
-                      self.config.personal_epochs, optimizer=self.personal_optimizer(client))
+            local_fit(self.ctx.fabric, client, self.ctx.train_loader(p, "personal", rnd), self.personal_plan(p))
             self.personal[p.name] = {k: v.cpu() for k, v in client.get_state().items()}
 
     def evaluate_client(self, client, p: Participant) -> dict[str, SplitResult]:
@@ -63,8 +64,3 @@ class FedCLIPFT(Personalized, FedCLIP):
     def check(cls, config: FedCLIPFTConfig, bad) -> None:
         check_adapter_hidden(config, bad)
         check_personal_epochs(config, bad)
-
-    def personal_optimizer(self, client):
-        """A fresh Adam in the shared scratch block: a kept training state (optimizer_state=keep) stays
-        untouched."""
-        return make_adam(client.trainable().values(), self.config, buffer=self.arena.scratch)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .base import ClientResult, Participant
+from ..fit_plan import FitPlan
+from .base import Participant
 from .fedavg import FedAvg, FedAvgConfig
 from .registry import register
 
@@ -29,12 +30,10 @@ class FedProx(FedAvg):
     def warnings(self) -> list[str]:
         return ["algorithm.mu=0: FedProx without its proximal term is FedAvg"] if self.config.mu == 0 else []
 
-    def fit_client(self, client, p: Participant, rnd: int) -> ClientResult:
+    def fit_plan(self, p: Participant, rnd: int, loader) -> FitPlan:
+        plan = super().fit_plan(p, rnd, loader)
         if self.config.mu > 0:
             # This round's global weights, on the training device, anchor the proximal term.
-            client.anchor = {k: v.to(self.ctx.device) for k, v in self.global_state.items()}
-            client.mu = self.config.mu
-        try:
-            return super().fit_client(client, p, rnd)
-        finally:
-            client.anchor = None
+            plan = replace(plan, anchor={k: v.to(self.ctx.device) for k, v in self.global_state.items()},
+                           mu=self.config.mu)
+        return plan

@@ -11,15 +11,15 @@ context initialised at random (normal, std 0.02) or from a phrase (``ctx_init='a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..config import AlgorithmConfig
 from ..data.partition import stable_seed
 from ..model.heads import PromptLearner
-from ..optim import make_optimizer
-from .base import AdapterAlgorithm, ClientResult, Participant
+from ..fit_plan import FitPlan
+from .base import AdapterAlgorithm, Participant
 from .fedclip_ft import Personalized, check_personal_epochs
 from .registry import register
 
@@ -74,10 +74,13 @@ class PromptFL(AdapterAlgorithm):
             return PromptLearner(model, backbone.tokenizer, self.ctx.prompts, self.config.n_ctx,
                                  self.config.ctx_init)
 
-    def fit_client(self, client, p: Participant, rnd: int) -> ClientResult:
+    def fit_plan(self, p: Participant, rnd: int, loader) -> FitPlan:
+        plan = super().fit_plan(p, rnd, loader)
         if self.config.lr_schedule == "cosine":
-            client.lr_factor = 0.5 * (1 + math.cos(math.pi * (rnd - 1) / max(1, self.cfg.federation.rounds)))
-        return super().fit_client(client, p, rnd)
+            # This round's share of algorithm.lr: cosine decay over the rounds.
+            lr_factor = 0.5 * (1 + math.cos(math.pi * (rnd - 1) / max(1, self.cfg.federation.rounds)))
+            plan = replace(plan, lr_factor=lr_factor)
+        return plan
 
 
 @dataclass
@@ -99,8 +102,3 @@ class PromptFLFT(Personalized, PromptFL):
     def check(cls, config: PromptFLFTConfig, bad) -> None:
         super().check(config, bad)
         check_personal_epochs(config, bad)
-
-    def personal_optimizer(self, client):
-        """The algorithm's optimiser at its full lr; Adam's moments in the shared scratch block (a kept
-        training state stays untouched)."""
-        return make_optimizer(client.trainable().values(), self.config, buffer=self.arena.scratch)
