@@ -35,10 +35,10 @@ def test_a_diverged_run_stops_naming_round_and_clients(tmp_path, lr):
 def test_a_non_finite_aggregate_stops_the_run(tmp_path, monkeypatch):
     """A server update that makes the global model NaN (a broken server step, an absurd attack scale) is
     caught in the round it happens, before evaluation."""
-    from fedclip_lightning.federation import server_opt
+    from fedclip_lightning.aggregation import server_opt
 
-    step = server_opt.ServerOptimizer.step
-    monkeypatch.setattr(server_opt.ServerOptimizer, "step", lambda self, w, d: step(self, w, d) * float("nan"))
+    step = server_opt.Momentum.step
+    monkeypatch.setattr(server_opt.Momentum, "step", lambda self, w, d: step(self, w, d) * float("nan"))
     with pytest.raises(DivergedError, match="round 1: the aggregated model is not finite .*, from finite client"):
         _run(tmp_path, "federation.server_optimizer=momentum", "federation.rounds=2")
 

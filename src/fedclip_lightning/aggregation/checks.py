@@ -10,7 +10,7 @@ from ..errors import Problems
 from .attacks import ATTACKS
 from .privacy import DP_MODES
 from .robust import AGGREGATORS
-from .server_opt import SERVER_OPTIMIZERS
+from .server_opt import server_optimizer_names
 
 # Settings that act only where another setting turns them on: key -> (that setting, whether a value of it turns
 # the key on, the fix). Set to anything but its default elsewhere, the key is refused; a sweep whose axis turns the
@@ -35,7 +35,7 @@ ONLY_WITH: dict[str, tuple[str, Any, str]] = {
 def check_config(f: FederationConfig, p: Problems) -> None:
     bad = p.bad
     p.choice("federation.aggregation", f.aggregation, AGGREGATIONS)
-    p.choice("federation.server_optimizer", f.server_optimizer, SERVER_OPTIMIZERS)
+    p.choice("federation.server_optimizer", f.server_optimizer, server_optimizer_names())  # plugins loaded
     p.choice("federation.aggregator", f.aggregator, AGGREGATORS)
     p.choice("federation.attack", f.attack, ATTACKS)
     p.choice("federation.dp", f.dp, DP_MODES)

@@ -7,8 +7,9 @@ works on updates ``u_k = w_k - w``: a simulated attacker corrupts its own
 (``attacks.py``), DP clips each (and a client adds its noise: ``privacy.py``),
 the rule (``robust.py``, or the weighted mean) makes one update of them (DP on
 the server adds its noise to the sum), and the server optimiser
-(``server_opt.py``) takes its step from ``w``. Every rank computes the same,
-from the same rows and the same seeded noise.
+(``server_opt.py``: a built-in or a registered plugin, by name) takes its step
+from ``w``. Every rank computes the same, from the same rows and the same
+seeded noise.
 """
 
 from __future__ import annotations
@@ -23,20 +24,18 @@ from ..errors import ConfigError
 from .attacks import attackers, corrupt
 from .privacy import Privacy, clip
 from .robust import make_rule
-from .server_opt import ServerOptimizer
+from .server_opt import make_server_optimizer
 from .mean import aggregate_rows
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SERVER_LR = {"none": 1.0, "momentum": 1.0, "adam": 1e-2, "yogi": 1e-2, "adagrad": 1e-2}
 
 
 class ServerUpdate:
     def __init__(self, fed, seed: int, num_clients: int, rounds: int):
         self.fed, self.seed = fed, seed
         self.rule = make_rule(fed)
-        lr = fed.server_lr if fed.server_lr is not None else DEFAULT_SERVER_LR[fed.server_optimizer]
-        self.optimizer = ServerOptimizer(fed.server_optimizer, lr, fed.server_beta1, fed.server_beta2, fed.server_tau)
+        self.optimizer = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_beta1,
+                                               fed.server_beta2, fed.server_tau)
         self.privacy = Privacy(fed, rounds) if fed.dp != "none" else None
         self.attackers = attackers(num_clients, fed.attack_fraction, seed) if fed.attack != "none" else set()
         if fed.attack != "none" and not self.attackers:
@@ -47,7 +46,7 @@ class ServerUpdate:
             raise ConfigError(f"federation.multi_krum_m={fed.multi_krum_m}: more rows than the {num_clients} clients, "
                               "so multi-Krum would average every row (the plain mean). "
                               f"Fix: set federation.multi_krum_m to at most {num_clients} (null: K - krum_f).")
-        self.plain = fed.server_optimizer == "none" and self.privacy is None and not self.attackers
+        self.plain = self.optimizer.plain and self.privacy is None and not self.attackers
 
     def warnings(self) -> list[str]:
         out = []

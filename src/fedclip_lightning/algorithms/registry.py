@@ -6,18 +6,16 @@
 in ``$FEDCLIP_PLUGINS`` (comma-separated, imported on the first lookup) or
 from the ``fedclip_lightning.algorithms`` entry-point group of an installed
 package, so a new algorithm is one module and one YAML file, outside this
-package if you like.
+package if you like. The loader is ``aggregation.server_opt.load_plugins``,
+shared with the server optimisers (a plugin module may register both).
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-
+from ..aggregation.server_opt import load_plugins
 from ..errors import ConfigError
 
 _REGISTRY: dict[str, type] = {}
-_plugins_loaded = False
 
 
 def register(cls: type) -> type:
@@ -33,27 +31,10 @@ def register(cls: type) -> type:
     return cls
 
 
-def _load_plugins() -> None:
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for mod in filter(None, (m.strip() for m in os.environ.get("FEDCLIP_PLUGINS", "").split(","))):
-        try:
-            importlib.import_module(mod)
-        except ImportError as exc:
-            raise ConfigError(f"FEDCLIP_PLUGINS={os.environ['FEDCLIP_PLUGINS']!r}: cannot import {mod!r} ({exc}). "
-                              "Fix: name importable modules (on PYTHONPATH), comma-separated.") from None
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group="fedclip_lightning.algorithms"):
-        ep.load()
-
-
 def get(name: str) -> type:
     """The algorithm class registered as ``name``; a ConfigError naming the known ones otherwise."""
     if name not in _REGISTRY:
-        _load_plugins()
+        load_plugins()
     if name not in _REGISTRY:
         raise ConfigError(f"algorithm.name={name!r}: unknown algorithm. Fix: use one of {', '.join(names())} "
                           "(or register your own: see 'Adding an algorithm' in docs/algorithms.md).")
@@ -62,7 +43,7 @@ def get(name: str) -> type:
 
 def names() -> list[str]:
     """Every registered algorithm, in registration order (the built-ins first, in the tables' order)."""
-    _load_plugins()
+    load_plugins()
     return list(_REGISTRY)
 
 
