@@ -126,9 +126,11 @@ class MetricsCSV:
         self._f.flush()  # on disk as far as a crash of this process goes
 
     def close(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        finally:  # closed even when the disk is full (a run called from Python must not leak the file)
+            self._f.close()
 
 
 def keep_rows_up_to(path: Path, last_round: int) -> None:
@@ -168,9 +170,11 @@ class RoundsCSV:
         self._f.flush()
 
     def close(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        finally:  # closed even when the disk is full (a run called from Python must not leak the file)
+            self._f.close()
 
 
 def _fmt(x: float) -> str:

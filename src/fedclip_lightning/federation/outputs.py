@@ -158,13 +158,20 @@ class RunOutputs:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.rank0:
-            self.summary.write(self.run_dir / "summary.json")
-            if self.wandb is not None:
-                self.wandb.close()
-            for f in (self.metrics_csv, self.rounds_csv):
-                if f is not None:
-                    f.close()
+        if not self.rank0:
+            return
+        # Each step runs whatever the one before met (a full disk, say); the first error is the one raised.
+        steps = [lambda: self.summary.write(self.run_dir / "summary.json")]
+        steps += [self.wandb.close] if self.wandb is not None else []
+        steps += [f.close for f in (self.metrics_csv, self.rounds_csv) if f is not None]
+        first: BaseException | None = None
+        for step in steps:
+            try:
+                step()
+            except BaseException as exc:  # noqa: BLE001 - raised below, after the other files are closed
+                first = first or exc
+        if first is not None:
+            raise first
 
     def finish(self, saved: list[str]) -> None:
         """The plot, the W&B summary table, and the end-of-run table and file list on the console."""
