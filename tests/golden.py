@@ -89,9 +89,10 @@ CASES: dict[str, list[str]] = {
     "promptfl_ft": ["algorithm=promptfl_ft", "algorithm.n_ctx=4", "algorithm.personal_epochs=2"],
 }
 
-# Cases also run on two processes (each spawn costs seconds): one of each code path across ranks.
+# Cases also run on two processes (in one launch of two ranks): one of each code path across ranks.
 TWO_PROCESS = ("fedclip_keep", "fedclip_half", "fedavg", "fedprox_adapter", "local_keep", "fedclip_ft", "zeroshot",
-               "server_adam_unreliable", "krum_sign_flip", "dp_server_momentum")
+               "server_adam_unreliable", "krum_sign_flip", "dp_server_momentum", "promptfl", "clip_adapter",
+               "linear_probe", "promptfl_ft", "fedclip_hidden8")
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -125,29 +126,52 @@ def record_of(run_dir: Path) -> dict:
     }
 
 
-def run_one_process(name: str, out: Path, extra: tuple[str, ...] = ()) -> dict:
-    """One case in this interpreter, with the kernels this process was started with."""
+def run_one_process(name: str, out: Path, extra: tuple[str, ...] = ()) -> dict | None:
+    """One case in this interpreter, with the kernels this process was started with (its record; None on a
+    rank other than 0 of several)."""
     from fedclip_lightning.configure import load_config
     from fedclip_lightning.federation.orchestrator import run
 
     cfg = load_config([*COMMON, *CASES[name], *extra, f"output_dir={out}", f"run_name={name}",
                        f"features.dir={out / 'features'}"])
     run(cfg)
-    return record_of(out / name)
+    return record_of(out / name) if os.environ.get("LOCAL_RANK", "0") == "0" else None
 
 
-def run_two_processes(name: str, out: Path) -> dict:
-    """One case on two processes through the real command line, under the portable profile."""
-    from helpers import run_cli
+def run_two_processes(names: list[str], out: Path, timeout: int = 900) -> dict[str, dict]:
+    """The cases on two processes under the portable profile, started as a cluster launcher (srun, torchrun)
+    starts a job: two interpreters with LOCAL_RANK 0 and 1 and one MASTER_PORT, which join one process group
+    and run the cases one after another, each as ``fabric.devices=2`` runs it on every rank. One start-up for
+    all of them (a case of its own through the command line pays about 20 s of it; tests/test_e2e.py keeps
+    Fabric's own launcher under test). ``{name: record}``, from rank 0."""
+    import socket
+    import subprocess
 
-    from fedclip_lightning.numerics import PORTABLE
+    from helpers import cli_env
+
+    from fedclip_lightning.numerics import portable_env
 
     out.mkdir(parents=True, exist_ok=True)
-    proc = run_cli([*COMMON, *CASES[name], f"output_dir={out}", f"run_name={name}", "fabric.devices=2"], out,
-                   env={**PORTABLE, "FEDCLIP_NUMERICS": "portable"})
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} on 2 processes failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return record_of(out / name)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = out / "records.json"
+    env = portable_env(cli_env(out))
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", WORLD_SIZE="2")
+    procs = [subprocess.Popen([sys.executable, __file__, "--run", *names, "--two", "--json", str(result)], cwd=out,
+                              env={**env, "LOCAL_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for rank in (0, 1)]
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    if any(p.returncode != 0 for p in procs):
+        raise RuntimeError("the two-process golden run failed:\n" + "\n".join(
+            f"-- rank {r} (exit {p.returncode}):\n{log[-3000:]}" for r, (p, log) in enumerate(zip(procs, logs))))
+    records = json.loads(result.read_text())
+    assert records["numerics"]["profile"] == "portable", records["numerics"]
+    return records["records"]
 
 
 def run_portable(names: list[str], out: Path) -> dict:
@@ -260,11 +284,14 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", choices=list(CASES), help="re-record these cases only, keep the rest")
     ap.add_argument("--run", nargs="+", choices=list(CASES), help=argparse.SUPPRESS)  # the test's portable run
     ap.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--two", action="store_true", help=argparse.SUPPRESS)  # this process is a rank of two
     args = ap.parse_args()
     if args.run:
-        with tempfile.TemporaryDirectory() as tmp:
-            records = {n: run_one_process(n, Path(tmp) / "one") for n in args.run}
-        args.json.write_text(json.dumps({"numerics": describe(), "records": records}))
+        out = args.json.parent / ("two" if args.two else "one")
+        extra = ("fabric.devices=2",) if args.two else ()
+        records = {n: run_one_process(n, out, extra) for n in args.run}
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            args.json.write_text(json.dumps({"numerics": describe(), "records": records}))
         return
     if not args.record:
         ap.print_help()
@@ -278,8 +305,8 @@ def main() -> None:
         for name in cases:
             golden["one_process"][name] = run_one_process(name, Path(tmp) / "one")
             print(f"recorded {name} (1 process)", flush=True)
-        for name in (n for n in TWO_PROCESS if n in cases):
-            two = run_two_processes(name, Path(tmp) / "two")
+        twos = run_two_processes([n for n in TWO_PROCESS if n in cases], Path(tmp) / "two")
+        for name, two in twos.items():
             golden.setdefault("two_processes", {}).pop(name, None)
             if two != golden["one_process"][name]:
                 golden["two_processes"][name] = two

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from conftest import PACS_MINI
@@ -44,6 +46,86 @@ def run_cli(args: list[str], tmp_path: Path, timeout: int = 300,
         [sys.executable, "-m", "fedclip_lightning", *args],
         cwd=tmp_path, env={**cli_env(tmp_path), **(env or {})}, capture_output=True, text=True, timeout=timeout,
     )
+
+
+@dataclass
+class Result:
+    """What a command left: as ``subprocess.CompletedProcess`` has it."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@contextmanager
+def isolated(env: dict[str, str], cwd: Path):
+    """This process as a fresh one would be for a command: exactly ``env`` as its variables, ``cwd`` as its
+    folder; on the way out everything a command changes in a process (variables, folder, log handlers,
+    signal handlers) is put back."""
+    import logging
+    import signal
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    root = logging.getLogger()
+    saved_log = (root.handlers[:], root.level)
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        root.handlers[:], level = saved_log
+        root.setLevel(level)
+        for s, h in saved_signals.items():
+            signal.signal(s, h)
+
+
+def exit_status(main, args: list[str]) -> int:
+    """``main(args)``'s exit status as the interpreter would give it: an exception main lets through (a bug,
+    never a user's mistake) is status 1 with its traceback on stderr."""
+    import traceback
+
+    try:
+        return main(list(args))
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - as the interpreter would: the traceback, status 1
+        traceback.print_exc()
+        return 1
+
+
+def run_main(args: list[str], tmp_path: Path, env: dict[str, str] | None = None, main=None) -> Result:
+    """The command line's ``main(args)`` (``fedclip_lightning.cli.main``, or the ``main`` given) in this
+    interpreter, as ``run_cli`` runs it in a fresh one: the same variables (``cli_env``), the same working
+    folder, its output captured, its exit status returned. For tests where the separate process is not itself
+    what is tested: a fresh interpreter pays 6-8 s of imports here."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    if main is None:
+        from fedclip_lightning.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with isolated({**cli_env(tmp_path), **(env or {})}, tmp_path), redirect_stdout(out), redirect_stderr(err):
+        code = exit_status(main, args)
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def runs_in_process(monkeypatch) -> None:
+    """A local sweep's runs in this interpreter (``sweep.launch_run``), each with the variables and folder the
+    sweep gives its child process, its output where the sweep's goes. One run through a real child process
+    stays under test (tests/test_sweep.py)."""
+    from fedclip_lightning import sweep
+    from fedclip_lightning.cli import main
+
+    def launch(args: list[str], env: dict[str, str]) -> int:
+        with isolated(env, Path.cwd()):
+            return exit_status(main, args)
+
+    monkeypatch.setattr(sweep, "launch_run", launch)
 
 
 def read_summary(run_dir: Path) -> dict:

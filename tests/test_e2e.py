@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from helpers import PACS_MINI_ARGS, read_summary, run_cli
+from helpers import PACS_MINI_ARGS, read_summary, run_cli, run_main
 from fedclip_lightning.wandb_files import find_offline_runs, read_offline_run
 
 CLIENTS = ["art_painting", "cartoon", "photo"]
@@ -45,7 +45,7 @@ def _read_metrics(path) -> list[dict]:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("one")
-    proc = run_cli([*PACS_MINI_ARGS, "run_name=r", "logger=wandb"], tmp)
+    proc = run_main([*PACS_MINI_ARGS, "run_name=r", "logger=wandb"], tmp)
     assert proc.returncode == 0, proc.stderr
     return tmp, proc
 
@@ -119,7 +119,7 @@ def test_two_processes_equal_one(one_process, tmp_path):
 
 
 def test_zeroshot_trains_nothing(tmp_path):
-    proc = run_cli([*PACS_MINI_ARGS, "algorithm=zeroshot", "run_name=z", "logger=none"], tmp_path)
+    proc = run_main([*PACS_MINI_ARGS, "algorithm=zeroshot", "run_name=z", "logger=none"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     s = read_summary(tmp_path / "outputs" / "z")
     assert s["algorithm"] == "zeroshot" and s["rounds_run"] == 0 and s["selected_round"] == 0
@@ -132,7 +132,7 @@ def test_options_sample_weighting_kept_optimizer_prototype_loss(tmp_path):
     args = [*PACS_MINI_ARGS, "run_name=o", "logger=csv", "federation.aggregation=samples",
             "algorithm.optimizer_state=keep", "algorithm.loss=prototype", "federation.rounds=2",
             "federation.eval_interval=2"]
-    proc = run_cli(args, tmp_path)
+    proc = run_main(args, tmp_path)
     assert proc.returncode == 0, proc.stderr
     s = read_summary(tmp_path / "outputs" / "o")
     assert s["config"]["federation"]["aggregation"] == "samples"
@@ -144,7 +144,7 @@ def test_options_sample_weighting_kept_optimizer_prototype_loss(tmp_path):
 def test_zero_shot_baseline_column(tmp_path):
     """After training, zero-shot CLIP on the same splits: summary.json's zero_shot block (the numbers of an
     algorithm=zeroshot run) and the table's first column group; federation.zero_shot_baseline=false skips it."""
-    runs = {name: run_cli([*PACS_MINI_ARGS, f"run_name={name}", "logger=none", *more], tmp_path)
+    runs = {name: run_main([*PACS_MINI_ARGS, f"run_name={name}", "logger=none", *more], tmp_path)
             for name, more in {"with": [], "without": ["federation.zero_shot_baseline=false"],
                                "zs": ["algorithm=zeroshot"]}.items()}
     for proc in runs.values():
@@ -161,7 +161,7 @@ def test_zero_shot_baseline_column(tmp_path):
 def test_embedded_demo_runs_with_no_arguments(tmp_path):
     """The newcomer's command, as the README gives it: the pretrained small CLIP, FedCLIP for 200 rounds,
     and a table that ends with zero-shot beside FedCLIP."""
-    proc = run_cli([], tmp_path)
+    proc = run_main([], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "synthetic" in proc.stdout and "fedclip-mini" in proc.stdout
     assert "RANDOMLY initialised" not in proc.stdout

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import PACS_MINI
-from helpers import cli_env, read_summary, run_cli
+from helpers import cli_env, read_summary, run_main
 
 BASE = ["experiment=pacs_mini_debug", "progress=false", "logger=none"]
 
@@ -39,17 +39,17 @@ def _flat(run_dir: Path, name: str = "adapter_final.pt") -> torch.Tensor:
 # 1. resume checks its data ------------------------------------------------------------------------------
 
 def test_resume_refuses_changed_data(mini, tmp_path):
-    assert run_cli(_args(mini, "run_name=r", "federation.rounds=2"), tmp_path).returncode == 0
+    assert run_main(_args(mini, "run_name=r", "federation.rounds=2"), tmp_path).returncode == 0
     extra = mini / "photo" / "dog" / "extra.jpg"
     shutil.copy(next((mini / "photo" / "dog").glob("*.jpg")), extra)  # one more image in a participating domain
-    proc = run_cli(_args(mini, "run_name=r", "federation.rounds=4", "resume=auto"), tmp_path)
+    proc = run_main(_args(mini, "run_name=r", "federation.rounds=4", "resume=auto"), tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "the images differ" in proc.stderr and f"added {extra.resolve()}" in proc.stderr
     assert "resume=never" in proc.stderr
     extra.unlink()
     victim = next((mini / "cartoon" / "dog").glob("*.jpg"))
     victim.write_bytes(victim.read_bytes() + b"\0")  # the same file, changed
-    proc = run_cli(_args(mini, "run_name=r", "federation.rounds=4", "resume=auto"), tmp_path)
+    proc = run_main(_args(mini, "run_name=r", "federation.rounds=4", "resume=auto"), tmp_path)
     assert proc.returncode == 2 and f"modified {victim.resolve()}" in proc.stderr
 
 
@@ -65,12 +65,12 @@ def test_a_second_run_into_the_same_directory_is_refused_and_a_stale_lock_recove
         assert first.poll() is None and time.monotonic() < end, first.stderr.read() if first.poll() is not None else ""
         time.sleep(0.05)
     assert json.loads(lock.read_text())["pid"] == first.pid
-    second = run_cli(_args(mini, "run_name=dup", "algorithm.lr=1e-3"), tmp_path)
+    second = run_main(_args(mini, "run_name=dup", "algorithm.lr=1e-3"), tmp_path)
     assert second.returncode == 2 and "is in use by another run" in second.stderr and str(first.pid) in second.stderr
     first.send_signal(signal.SIGKILL)  # leaves its lock behind
     first.wait()
     assert lock.exists()
-    third = run_cli([*slow[:-1], "federation.rounds=2"], tmp_path)
+    third = run_main([*slow[:-1], "federation.rounds=2"], tmp_path)
     assert third.returncode == 0, third.stderr[-2000:]
     assert "taking over the stale lock" in third.stdout and not lock.exists()
 
@@ -79,11 +79,11 @@ def test_a_second_run_into_the_same_directory_is_refused_and_a_stale_lock_recove
 
 def test_a_damaged_checkpoint_is_passed_over_for_the_one_before(mini, tmp_path):
     args = _args(mini, "algorithm=local", "algorithm.optimizer_state=keep", "federation.checkpoint_min_seconds=0")
-    assert run_cli([*args, "run_name=ref", "federation.rounds=6"], tmp_path).returncode == 0
-    assert run_cli([*args, "run_name=r", "federation.rounds=5"], tmp_path).returncode == 0
+    assert run_main([*args, "run_name=ref", "federation.rounds=6"], tmp_path).returncode == 0
+    assert run_main([*args, "run_name=r", "federation.rounds=5"], tmp_path).returncode == 0
     ckpts = tmp_path / "outputs" / "r" / "checkpoints"
     (ckpts / "round-000005" / "clients-rank0.pt").unlink()  # a missing shard
-    proc = run_cli([*args, "run_name=r", "federation.rounds=6", "resume=auto"], tmp_path)
+    proc = run_main([*args, "run_name=r", "federation.rounds=6", "resume=auto"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "round-000005 is damaged (clients-rank0.pt is missing)" in proc.stdout
     s = read_summary(tmp_path / "outputs" / "r")
@@ -94,7 +94,7 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_one_before(mini, tmp_path):
     # A shard whose bytes changed after sealing never reaches torch.load: named and refused when asked for.
     shard = ckpts / "round-000006" / "clients-rank0.pt"
     shard.write_bytes(b"not a checkpoint")
-    proc = run_cli([*args, "run_name=r", "federation.rounds=7", f"resume={ckpts / 'round-000006'}"], tmp_path)
+    proc = run_main([*args, "run_name=r", "federation.rounds=7", f"resume={ckpts / 'round-000006'}"], tmp_path)
     assert proc.returncode == 2 and "is damaged" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -104,16 +104,16 @@ def test_a_truncated_jpeg_is_skipped_and_listed(mini, tmp_path):
     cut = mini / "photo" / "dog" / "cut.jpg"
     data = next((mini / "photo" / "dog").glob("*.jpg")).read_bytes()
     cut.write_bytes(data[: len(data) // 2])
-    proc = run_cli(_args(mini, "run_name=e", "federation.rounds=1"), tmp_path)
+    proc = run_main(_args(mini, "run_name=e", "federation.rounds=1"), tmp_path)
     assert proc.returncode == 2 and "cut.jpg" in proc.stderr and "data.on_corrupt=skip" in proc.stderr
-    proc = run_cli(_args(mini, "run_name=s", "federation.rounds=1", "data.on_corrupt=skip"), tmp_path)
+    proc = run_main(_args(mini, "run_name=s", "federation.rounds=1", "data.on_corrupt=skip"), tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert read_summary(tmp_path / "outputs" / "s")["skipped_images"] == [str(cut.resolve())]
 
 
 def test_a_failure_after_the_start_leaves_summary_failed(mini, tmp_path):
     (tmp_path / "afile").write_text("x")
-    proc = run_cli(_args(mini, "run_name=f", "federation.rounds=1", f"features.dir={tmp_path / 'afile'}"), tmp_path)
+    proc = run_main(_args(mini, "run_name=f", "federation.rounds=1", f"features.dir={tmp_path / 'afile'}"), tmp_path)
     assert proc.returncode != 0
     s = read_summary(tmp_path / "outputs" / "f")
     assert s["status"] == "failed" and s["error"]
@@ -129,26 +129,29 @@ def test_disk_full_is_one_message_and_leaves_nothing_behind(mini, tmp_path):
     try:
         free = shutil.disk_usage(mnt).free
         (mnt / "ballast").write_bytes(b"\0" * (free - 120 * 1024))
-        proc = run_cli(_args(mini, "run_name=d", f"output_dir={mnt / 'out'}", "federation.rounds=50",
+        proc = run_main(_args(mini, "run_name=d", f"output_dir={mnt / 'out'}", "federation.rounds=50",
                              "federation.checkpoint_min_seconds=0"), tmp_path)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert "no space left on the device" in proc.stderr and str(mnt / "out" / "d") in proc.stderr
         assert read_summary(mnt / "out" / "d")["status"] == "failed"
         assert not [p for p in mnt.rglob("*") if ".tmp" in p.name]
+        # The run (here in this process, as a notebook would call it) left no file open on that disk.
+        umount = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
+        assert umount.returncode == 0, f"a file of the failed run is still open: {umount.stderr}"
     finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 # 7. the feature cache proves its files ---------------------------------------------------------------------
 
 def test_a_bit_flipped_cache_file_is_rebuilt(mini, tmp_path):
     args = _args(mini, "federation.rounds=1", f"features.dir={tmp_path / 'features'}")
-    assert run_cli([*args, "run_name=a"], tmp_path).returncode == 0
+    assert run_main([*args, "run_name=a"], tmp_path).returncode == 0
     files = sorted((tmp_path / "features").glob("*.pt"))
     blob = torch.load(files[0], weights_only=True)
     blob["features"][0, 0] += 1.0  # one value changed, the file otherwise valid
     torch.save(blob, files[0])
-    proc = run_cli([*args, "run_name=b"], tmp_path)
+    proc = run_main([*args, "run_name=b"], tmp_path)
     assert proc.returncode == 0
     s = read_summary(tmp_path / "outputs" / "b")
     assert s["features"]["rebuilt_files"] == 1
@@ -177,7 +180,7 @@ def test_a_symlink_loop_and_look_alike_class_names(mini, caplog):
 # 9. smaller ones ------------------------------------------------------------------------------------------------
 
 def test_an_unknown_added_key_is_refused(tmp_path):
-    proc = run_cli(["+federation.roundz=3", "--print-config"], tmp_path)
+    proc = run_main(["+federation.roundz=3", "--print-config"], tmp_path)
     assert proc.returncode == 2 and "federation.roundz: unknown key (did you mean federation.rounds?)" in proc.stderr
 
 

@@ -59,9 +59,15 @@ def test_portable_one_process_matches_golden_bitwise(golden, portable, name):
     compare_bitwise(portable[name], golden["one_process"][name], name)
 
 
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """The two-process cases, under the portable profile, in one launch of two ranks."""
+    return run_two_processes(list(TWO_PROCESS), tmp_path_factory.mktemp("two"))
+
+
 @pytest.mark.parametrize("name", TWO_PROCESS)
-def test_portable_two_processes_match_golden_bitwise(golden, name, tmp_path):
-    compare_bitwise(run_two_processes(name, tmp_path), expected_two_processes(golden, name), name)
+def test_portable_two_processes_match_golden_bitwise(golden, two_processes, name):
+    compare_bitwise(two_processes[name], expected_two_processes(golden, name), name)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fedclip_lightning.wandb_files import find_offline_runs, read_offline_run
-from helpers import PACS_MINI_ARGS, cli_env, read_summary, run_cli
+from helpers import PACS_MINI_ARGS, cli_env, read_summary, run_cli, run_main
 
 # features=reference runs the encoder every batch: rounds slow enough to interrupt.
 BASE = [*PACS_MINI_ARGS, "logger=none", "features=reference", "federation.rounds=12",
@@ -49,7 +49,7 @@ def reference_runs(tmp_path_factory):
     out = {}
     for name, extra in (("keep", ["algorithm.optimizer_state=keep"]), ("local", ["algorithm=local"])):
         tmp = tmp_path_factory.mktemp(f"ref-{name}")
-        proc = run_cli([*BASE, "run_name=r", *extra], tmp)
+        proc = run_main([*BASE, "run_name=r", *extra], tmp)
         assert proc.returncode == 0, proc.stderr
         out[name] = (tmp / "outputs" / "r", extra)
     return out
@@ -64,7 +64,7 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(reference_runs, tmp_pa
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert read_summary(tmp_path / "outputs" / "r")["status"] == "running"  # it never got to finish
-    resumed = run_cli([*args, "resume=auto"], tmp_path)
+    resumed = run_main([*args, "resume=auto"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
     _same_results(ref, tmp_path / "outputs" / "r", state_file)
@@ -84,14 +84,14 @@ def test_sigusr1_checkpoints_stops_and_resumes(reference_runs, tmp_path):
     assert s["status"] == "preempted" and s["rounds_run"] < 12
     ckpts = list((tmp_path / "outputs" / "r" / "checkpoints").glob("round-*/COMPLETE"))
     assert len(ckpts) == 1  # interval 0: only the preemption checkpoint
-    resumed = run_cli([*args, "resume=auto"], tmp_path)
+    resumed = run_main([*args, "resume=auto"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     _same_results(ref, tmp_path / "outputs" / "r", "adapter_final.pt")
 
 
 def test_resume_with_another_config_is_refused(reference_runs, tmp_path):
     ref, extra = reference_runs["keep"]
-    proc = run_cli([*BASE, f"output_dir={ref.parent}", "run_name=r", *extra, "resume=auto", "algorithm.lr=1e-3"],
+    proc = run_main([*BASE, f"output_dir={ref.parent}", "run_name=r", *extra, "resume=auto", "algorithm.lr=1e-3"],
                    tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "algorithm.lr" in proc.stderr and "resume=never" in proc.stderr
@@ -102,7 +102,7 @@ def test_a_fresh_start_replaces_the_old_run(reference_runs, tmp_path):
     old = tmp_path / "outputs" / "r"
     shutil.copytree(ref, old)
     rows_before = (old / "metrics.csv").read_text().count("\n")
-    proc = run_cli([*BASE, "run_name=r", *extra, "federation.rounds=2"], tmp_path)
+    proc = run_main([*BASE, "run_name=r", *extra, "federation.rounds=2"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     text = (old / "metrics.csv").read_text()
     assert text.count("\n") < rows_before and {line.split(",")[0] for line in text.splitlines()[1:]} == {"1", "2"}
@@ -163,6 +163,9 @@ def _one_run_each_round_once(run_dir: Path, rounds: int, sessions_expected: int)
     assert steps == sorted(set(steps)) and steps == [r["round"] for r in rows]  # W&B's step is the round
     return sessions
 
+
+# The W&B tests resume in a fresh interpreter, as a requeued job does: W&B keeps process-wide state (its
+# settings, its service) from the first run it saw in a process.
 
 def test_wandb_after_sigkill_and_resume_is_one_run_with_each_round_once(tmp_path):
     # Checkpoints every 3 rounds, the kill after round 5: W&B's offline writer buffers, so the killed

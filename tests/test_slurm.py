@@ -10,7 +10,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 
 from conftest import REPO
 from fedclip_lightning.wandb_files import find_offline_runs, read_offline_run
-from helpers import PACS_MINI_ARGS, cli_env, read_summary, run_cli
+from helpers import PACS_MINI_ARGS, cli_env, read_summary, run_main
 
 
 def _slurm_up() -> bool:
@@ -37,7 +36,7 @@ SBATCH = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-pe
 
 
 def _local_reference(tmp: Path, extra: list[str]) -> dict:
-    proc = run_cli([*PACS_MINI_ARGS, "logger=none", "run_name=local", *extra], tmp)
+    proc = run_main([*PACS_MINI_ARGS, "logger=none", "run_name=local", *extra], tmp)
     assert proc.returncode == 0, proc.stderr
     return read_summary(tmp / "outputs" / "local")
 
@@ -47,21 +46,9 @@ def _same_metrics(a: dict, b: dict) -> None:
         assert a[key] == b[key], key
 
 
-def test_sbatch_two_tasks_matches_one_local_process(tmp_path):
-    ref = _local_reference(tmp_path, [])
-    out = tmp_path / "slurm"
-    args = [*PACS_MINI_ARGS, "logger=none", f"output_dir={out}"]
-    proc = subprocess.run([*SBATCH, "--wait", f"--output={tmp_path}/slurm-%j.out", "launch.sh", *args], cwd=REPO,
-                          env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
-    job = proc.stdout.strip().split(";")[0]
-    log = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
-    assert proc.returncode == 0, proc.stderr + log
-    s = read_summary(out / f"fedclip-pacs_mini-slurm{job}")  # one run directory per job
-    assert s["world_size"] == 2 and s["status"] == "finished"
-    _same_metrics(ref, s)
-
-
-def test_usr1_requeues_and_the_job_resumes_with_the_same_metrics(tmp_path):
+def test_sbatch_two_tasks_requeued_by_usr1_resume_with_the_metrics_of_one_local_process(tmp_path):
+    """launch.sh under sbatch: 2 tasks (one run directory per job), USR1 mid-run (it checkpoints, requeues and
+    resumes), and the metrics of the same run in one local process."""
     # Rounds slow enough to interrupt, a checkpoint after each.
     extra = ["features=reference", "federation.rounds=12", "federation.checkpoint_min_seconds=0"]
     ref = _local_reference(tmp_path, extra)
@@ -97,11 +84,13 @@ def test_sweep_array_gets_launch_sh_resources_resumes_a_preempted_task_and_write
     (it checkpoints, requeues and resumes), and the job after the array writes the tables."""
     out = tmp_path / "outputs"
     # rounds of about 0.4 s (8 local epochs, encoder every batch): time to signal the run mid-way
-    cmd = [sys.executable, "-m", "fedclip_lightning.sweep", "--slurm", "--algorithms", "fedclip,local", "--heldout",
-           "sketch", "--name", "s", "--cpus-per-task", "1", "--gpus-per-node", "0", "--time", "15:00",
-           *PACS_MINI_ARGS, "logger=wandb", "features=reference", "federation.rounds=12", "algorithm.local_epochs=8",
-           "federation.checkpoint_min_seconds=0", f"output_dir={out}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    from fedclip_lightning.sweep import main
+
+    cmd = ["--slurm", "--algorithms", "fedclip,local", "--heldout", "sketch", "--name", "s", "--cpus-per-task", "1",
+           "--gpus-per-node", "0", "--time", "15:00", *PACS_MINI_ARGS, "logger=wandb", "features=reference",
+           "federation.rounds=12", "algorithm.local_epochs=8", "federation.checkpoint_min_seconds=0",
+           f"output_dir={out}"]
+    proc = run_main(cmd, tmp_path, main=main)  # the submission in this interpreter; the jobs are SLURM's
     assert proc.returncode == 0, proc.stderr
     array = re.search(r"submitted job array (\d+)", proc.stdout).group(1)
     tables = re.search(r"table job (\d+)", proc.stdout).group(1)

@@ -1,21 +1,29 @@
-"""One command, every held-out domain x algorithm: tables, plots, one W&B group."""
+"""One command, every held-out domain x algorithm: tables, plots, one W&B group.
+
+The sweep runs in this interpreter, and so do its runs (``runs_in_process``), but for one test whose runs go
+through real child processes, as a user's sweep runs them."""
 
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 
 from conftest import REPO
+from fedclip_lightning import sweep as sweep_cli
 from fedclip_lightning.slurm import minutes
-from helpers import PACS_MINI_ARGS, cli_env, read_summary
 from fedclip_lightning.wandb_files import find_offline_runs, read_offline_run
+from helpers import PACS_MINI_ARGS, read_summary, run_main, runs_in_process
 
 
-def test_sweep_writes_tables_plots_and_a_wandb_group(tmp_path):
-    cmd = [sys.executable, "-m", "fedclip_lightning.sweep", "--algorithms", "fedclip,fedavg", "--heldout",
-           "sketch,photo", "--name", "s", *PACS_MINI_ARGS, "logger=wandb", "federation.rounds=1"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+def _sweep(args, tmp_path):
+    """``fedclip-lightning-sweep <args>`` in this interpreter (its output captured)."""
+    return run_main(args, tmp_path, main=sweep_cli.main)
+
+
+def test_sweep_writes_tables_plots_and_a_wandb_group(tmp_path, monkeypatch):
+    runs_in_process(monkeypatch)
+    cmd = ["--algorithms", "fedclip,fedavg", "--heldout", "sketch,photo", "--name", "s", *PACS_MINI_ARGS,
+           "logger=wandb", "federation.rounds=1"]
+    proc = _sweep(cmd, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = tmp_path / "outputs" / "s"
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
@@ -53,7 +61,7 @@ def test_sweep_writes_tables_plots_and_a_wandb_group(tmp_path):
     results = arts["s-tables"]["sweep-results"]
     assert {"table_selected.csv", "table_final.md", "accuracy_vs_bytes.png"} <= set(results["files"])
     # a rerun skips what finished
-    again = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    again = _sweep(cmd, tmp_path)
     assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 4
 
 
@@ -65,12 +73,13 @@ def test_sweep_rejects_unknown_algorithm_and_domain(tmp_path):
     assert main(["--algorithms", "fedclip", "--dry-run", *PACS_MINI_ARGS]) == 0
 
 
-def test_sweep_axes_become_columns_and_lines(tmp_path):
+def test_sweep_axes_become_columns_and_lines(tmp_path, monkeypatch):
     """--set axes multiply; each combination is a labelled column of the table and a line of the plots."""
-    cmd = [sys.executable, "-m", "fedclip_lightning.sweep", "--algorithms", "fedclip", "--heldout", "sketch",
-           "--name", "axes", "--set", "federation.aggregator=mean,median", "--set", "federation.attack=none,scaled",
-           *PACS_MINI_ARGS, "logger=none", "federation.rounds=1", "federation.attack_fraction=0.34"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    runs_in_process(monkeypatch)
+    cmd = ["--algorithms", "fedclip", "--heldout", "sketch", "--name", "axes", "--set",
+           "federation.aggregator=mean,median", "--set", "federation.attack=none,scaled", *PACS_MINI_ARGS,
+           "logger=none", "federation.rounds=1", "federation.attack_fraction=0.34"]
+    proc = _sweep(cmd, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = tmp_path / "outputs" / "axes"
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
@@ -98,25 +107,25 @@ def test_sweep_refuses_an_axis_that_clashes_before_running(tmp_path, capsys):
 
 
 def test_sweep_rerun_with_other_settings_runs_again_and_odd_names_work(tmp_path):
+    """Its runs are real child processes, as a user's local sweep runs them."""
     name = "odd (name), v=1"
-    base = [sys.executable, "-m", "fedclip_lightning.sweep", "--algorithms", "fedclip", "--heldout", "sketch",
-            "--name", name, *PACS_MINI_ARGS, "logger=none", "federation.rounds=1"]
-    first = subprocess.run(base, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    base = ["--algorithms", "fedclip", "--heldout", "sketch", "--name", name, *PACS_MINI_ARGS, "logger=none",
+            "federation.rounds=1"]
+    first = _sweep(base, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "outputs" / name / "fedclip-sketch"
     assert read_summary(run_dir)["config"]["logger"]["wandb"]["group"] == name
-    same = subprocess.run(base, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    same = _sweep(base, tmp_path)
     assert "finished earlier, skipped" in same.stdout
-    other = subprocess.run([*base, "algorithm.lr=1e-3"], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
-                           text=True, timeout=600)
+    other = _sweep([*base, "algorithm.lr=1e-3"], tmp_path)
     assert other.returncode == 0 and "finished earlier with other settings (algorithm.lr" in other.stdout
     assert read_summary(run_dir)["config"]["algorithm"]["lr"] == 1e-3  # the table is over the new settings
 
 
 def test_sweep_dry_run_prints_the_job_scripts_with_launch_sh_resources(tmp_path):
-    cmd = [sys.executable, "-m", "fedclip_lightning.sweep", "--slurm", "--dry-run", "--algorithms", "fedclip,zeroshot",
-           "--heldout", "sketch", "--name", "d", "--partition", "gpu", "--max-parallel", "1", *PACS_MINI_ARGS]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+    cmd = ["--slurm", "--dry-run", "--algorithms", "fedclip,zeroshot", "--heldout", "sketch", "--name", "d",
+           "--partition", "gpu", "--max-parallel", "1", *PACS_MINI_ARGS]
+    proc = _sweep(cmd, tmp_path)
     assert proc.returncode == 0, proc.stderr
     header = [line for line in (REPO / "launch.sh").read_text().splitlines() if line.startswith("#SBATCH")]
     array = proc.stdout.split("# the table job")[0]
@@ -144,12 +153,12 @@ def test_slurm_options_are_checked_before_anything_is_submitted(tmp_path, capsys
                                                                                                 2880, 1]
 
 
-def test_sweep_of_parameter_efficient_methods_writes_the_pareto_table_and_plot(tmp_path):
+def test_sweep_of_parameter_efficient_methods_writes_the_pareto_table_and_plot(tmp_path, monkeypatch):
     """An algorithm.<key> axis sizes only the methods that have the key; one point per method."""
-    cmd = [sys.executable, "-m", "fedclip_lightning.sweep", "--algorithms", "fedclip,promptfl,linear_probe,zeroshot",
-           "--heldout", "sketch", "--name", "p", "--set", "algorithm.adapter_hidden=8,4", *PACS_MINI_ARGS,
-           "logger=none", "federation.rounds=1"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    runs_in_process(monkeypatch)
+    cmd = ["--algorithms", "fedclip,promptfl,linear_probe,zeroshot", "--heldout", "sketch", "--name", "p", "--set",
+           "algorithm.adapter_hidden=8,4", *PACS_MINI_ARGS, "logger=none", "federation.rounds=1"]
+    proc = _sweep(cmd, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = tmp_path / "outputs" / "p"
     with open(sweep / "pareto.csv") as f:

@@ -261,13 +261,19 @@ def run_local(sweep_dir: Path, runs) -> list[str]:
             continue
         print(f"[{i}/{len(runs)}] {a}, held out {h}" + (f": {why}" if why else ""), flush=True)
         args = [*ov, "resume=auto"] if action == "resume" else ov
-        proc = subprocess.run([sys.executable, "-m", "fedclip_lightning", *args], env=env,
-                              preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-        if proc.returncode != 0:
-            failed.append(f"{a}-{h} (exit {proc.returncode})")
-            print(f"[{i}/{len(runs)}] {a}, held out {h}: FAILED (exit {proc.returncode}); going on with the others",
+        code = launch_run(args, env)
+        if code != 0:
+            failed.append(f"{a}-{h} (exit {code})")
+            print(f"[{i}/{len(runs)}] {a}, held out {h}: FAILED (exit {code}); going on with the others",
                   file=sys.stderr, flush=True)
     return failed
+
+
+def launch_run(args: list[str], env: dict[str, str]) -> int:
+    """One run of a local sweep in a process of its own (a crash or a leak of one run stays its own); its exit
+    status."""
+    return subprocess.run([sys.executable, "-m", "fedclip_lightning", *args], env=env,
+                          preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None).returncode
 
 
 def submit_slurm(args: argparse.Namespace, sweep_dir: Path, runs) -> None:
