@@ -138,12 +138,39 @@ def run_one_process(name: str, out: Path, extra: tuple[str, ...] = ()) -> dict |
     return record_of(out / name) if os.environ.get("LOCAL_RANK", "0") == "0" else None
 
 
-def run_two_processes(names: list[str], out: Path, timeout: int = 900) -> dict[str, dict]:
-    """The cases on two processes under the portable profile, started as a cluster launcher (srun, torchrun)
-    starts a job: two interpreters with LOCAL_RANK 0 and 1 and one MASTER_PORT, which join one process group
-    and run the cases one after another, each as ``fabric.devices=2`` runs it on every rank. One start-up for
-    all of them (a case of its own through the command line pays about 20 s of it; tests/test_e2e.py keeps
-    Fabric's own launcher under test). ``{name: record}``, from rank 0."""
+class Background:
+    """Child processes that run golden cases while this interpreter does other work; ``result()`` waits for
+    them and returns ``{name: record}`` (rank 0's, for two ranks)."""
+
+    def __init__(self, what: str, procs: list, result: Path, timeout: int):
+        import time
+
+        self.what, self.procs, self.path, self.deadline = what, procs, result, time.monotonic() + timeout
+        self._records: dict | None = None
+
+    def result(self) -> dict[str, dict]:
+        import subprocess
+        import time
+
+        if self._records is None:
+            try:
+                logs = [p.communicate(timeout=max(1.0, self.deadline - time.monotonic()))[0] for p in self.procs]
+            except subprocess.TimeoutExpired:
+                for p in self.procs:
+                    p.kill()
+                raise
+            if any(p.returncode != 0 for p in self.procs):
+                raise RuntimeError(f"the {self.what} golden run failed:\n" + "\n".join(
+                    f"-- process {r} (exit {p.returncode}):\n{log[-3000:]}"
+                    for r, (p, log) in enumerate(zip(self.procs, logs))))
+            records = json.loads(self.path.read_text())
+            assert records["numerics"]["profile"] == "portable" and records["numerics"]["threads"] == 1, \
+                records["numerics"]
+            self._records = records["records"]
+        return self._records
+
+
+def _start(names: list[str], out: Path, ranks: int, timeout: int) -> Background:
     import socket
     import subprocess
 
@@ -152,44 +179,33 @@ def run_two_processes(names: list[str], out: Path, timeout: int = 900) -> dict[s
     from fedclip_lightning.numerics import portable_env
 
     out.mkdir(parents=True, exist_ok=True)
+    result = out / "records.json"
+    env = portable_env(cli_env(out))
+    cmd = [sys.executable, __file__, "--run", *names, "--json", str(result)]
+    if ranks == 1:
+        procs = [subprocess.Popen(cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+        return Background("portable one-process", procs, result, timeout)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    result = out / "records.json"
-    env = portable_env(cli_env(out))
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", WORLD_SIZE="2")
-    procs = [subprocess.Popen([sys.executable, __file__, "--run", *names, "--two", "--json", str(result)], cwd=out,
-                              env={**env, "LOCAL_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for rank in (0, 1)]
-    try:
-        logs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    if any(p.returncode != 0 for p in procs):
-        raise RuntimeError("the two-process golden run failed:\n" + "\n".join(
-            f"-- rank {r} (exit {p.returncode}):\n{log[-3000:]}" for r, (p, log) in enumerate(zip(procs, logs))))
-    records = json.loads(result.read_text())
-    assert records["numerics"]["profile"] == "portable", records["numerics"]
-    return records["records"]
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", WORLD_SIZE=str(ranks))
+    procs = [subprocess.Popen([*cmd, "--two"], cwd=out, env={**env, "LOCAL_RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(ranks)]
+    return Background("two-process", procs, result, timeout)
 
 
-def run_portable(names: list[str], out: Path) -> dict:
-    """The cases in one fresh interpreter under the portable profile (its kernels are chosen at import):
-    ``{"numerics": ..., "records": {name: record}}``."""
-    import subprocess
+def start_portable(names: list[str], out: Path, timeout: int = 1200) -> Background:
+    """The cases in one fresh interpreter under the portable profile (its kernels are chosen at import)."""
+    return _start(names, out, 1, timeout)
 
-    from helpers import cli_env
 
-    from fedclip_lightning.numerics import portable_env
-
-    out.mkdir(parents=True, exist_ok=True)
-    result = out / "records.json"
-    proc = subprocess.run([sys.executable, __file__, "--run", *names, "--json", str(result)], cwd=out,
-                          env=portable_env(cli_env(out)), capture_output=True, text=True, timeout=1200)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the portable golden run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(result.read_text())
+def start_two_processes(names: list[str], out: Path, timeout: int = 1200) -> Background:
+    """The cases on two processes under the portable profile, started as a cluster launcher (srun, torchrun)
+    starts a job: two interpreters with LOCAL_RANK 0 and 1 and one MASTER_PORT, which join one process group
+    and run the cases one after another, each as ``fabric.devices=2`` runs it on every rank. One start-up for
+    all of them (a case of its own through the command line pays about 20 s of it; tests/test_e2e.py keeps
+    Fabric's own launcher under test)."""
+    return _start(names, out, 2, timeout)
 
 
 def load_golden() -> dict:
@@ -305,7 +321,7 @@ def main() -> None:
         for name in cases:
             golden["one_process"][name] = run_one_process(name, Path(tmp) / "one")
             print(f"recorded {name} (1 process)", flush=True)
-        twos = run_two_processes([n for n in TWO_PROCESS if n in cases], Path(tmp) / "two")
+        twos = start_two_processes([n for n in TWO_PROCESS if n in cases], Path(tmp) / "two").result()
         for name, two in twos.items():
             golden.setdefault("two_processes", {}).pop(name, None)
             if two != golden["one_process"][name]:

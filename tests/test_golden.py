@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 
 from golden import (CASES, TOLERANCE, TWO_PROCESS, compare_bitwise, compare_within, expected_two_processes,
-                    load_golden, run_one_process, run_portable, run_two_processes)
+                    load_golden, run_one_process, start_portable, start_two_processes)
 
 from fedclip_lightning.numerics import is_portable
 
@@ -27,6 +27,18 @@ from fedclip_lightning.numerics import is_portable
 @pytest.fixture(scope="module")
 def golden():
     return load_golden()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def background(tmp_path_factory):
+    """The portable cases start in child processes as the module starts (one interpreter for the 25 cases,
+    one launch of two ranks for the two-process ones) and run while this interpreter runs its own cases."""
+    two = start_two_processes(list(TWO_PROCESS), tmp_path_factory.mktemp("two"))
+    one = None if is_portable() else start_portable(list(CASES), tmp_path_factory.mktemp("portable"))
+    yield {"one": one, "two": two}
+    for handle in (one, two):
+        for proc in (handle.procs if handle else []):
+            proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -42,34 +54,6 @@ def native(tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="module")
-def portable(native, tmp_path_factory):
-    """Every case under the portable profile: in a fresh interpreter (kernels are chosen at import), or in
-    this one where the suite itself runs under the profile."""
-    if is_portable():
-        return {name: native(name) for name in CASES}
-    result = run_portable(list(CASES), tmp_path_factory.mktemp("portable"))
-    numerics = result["numerics"]
-    assert numerics["profile"] == "portable" and numerics["threads"] == 1, numerics
-    return result["records"]
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_portable_one_process_matches_golden_bitwise(golden, portable, name):
-    compare_bitwise(portable[name], golden["one_process"][name], name)
-
-
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-    """The two-process cases, under the portable profile, in one launch of two ranks."""
-    return run_two_processes(list(TWO_PROCESS), tmp_path_factory.mktemp("two"))
-
-
-@pytest.mark.parametrize("name", TWO_PROCESS)
-def test_portable_two_processes_match_golden_bitwise(golden, two_processes, name):
-    compare_bitwise(two_processes[name], expected_two_processes(golden, name), name)
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_own_kernels_match_golden(golden, native, name):
     """This machine's own kernels: bit for bit under the portable profile, else within the tolerance."""
@@ -77,6 +61,18 @@ def test_own_kernels_match_golden(golden, native, name):
         compare_bitwise(native(name), golden["one_process"][name], name)
     else:
         compare_within(native(name), golden["one_process"][name], name)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_portable_one_process_matches_golden_bitwise(golden, background, native, name):
+    """Under the portable profile: in a fresh interpreter, or in this one where the suite itself runs under it."""
+    got = native(name) if background["one"] is None else background["one"].result()[name]
+    compare_bitwise(got, golden["one_process"][name], name)
+
+
+@pytest.mark.parametrize("name", TWO_PROCESS)
+def test_portable_two_processes_match_golden_bitwise(golden, background, name):
+    compare_bitwise(background["two"].result()[name], expected_two_processes(golden, name), name)
 
 
 def test_golden_file_says_how_it_was_recorded(golden):
