@@ -94,8 +94,8 @@ def _first_client_only(monkeypatch):
     """Aggregation that returns the first client's adapter and ignores the rest."""
     aggregate = AdapterAlgorithm.aggregate
 
-    def first_only(self, rnd, active, results):
-        return aggregate(self, rnd, active[:1], {i: r for i, r in results.items() if i == active[0]})
+    def first_only(self, server_round, active, results):
+        return aggregate(self, server_round, active[:1], {i: r for i, r in results.items() if i == active[0]})
 
     monkeypatch.setattr(AdapterAlgorithm, "aggregate", first_only)
 

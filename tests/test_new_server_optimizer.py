@@ -116,12 +116,12 @@ def test_the_plugins_first_rounds_by_hand(plugin):
                                            aggregator=aggregator), 0, 3, 2)
         assert type(su.optimizer).__module__ == plugin and not su.plain
         w, buf = w0.clone(), None
-        for rnd, rows in enumerate(clients, start=1):
-            got = su(fabric, rnd, [0, 1, 2], lambda i: rows[i], [1 / 3] * 3, lambda: w, 3)
+        for server_round, rows in enumerate(clients, start=1):
+            got = su(fabric, server_round, [0, 1, 2], lambda i: rows[i], [1 / 3] * 3, lambda: w, 3)
             delta = agg(rows) - w
             buf = delta if buf is None else b1 * buf + delta
             want = w + lr * (delta + b1 * buf)
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=f"{aggregator} round {rnd}")
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=f"{aggregator} round {server_round}")
             w = got
         torch.testing.assert_close(su.state()["optimizer"]["buf"], buf, rtol=1e-6, atol=1e-7)
         # The state round-trips: a server that loads it takes the same next step, bitwise.
@@ -165,10 +165,10 @@ def test_the_plugin_runs_end_to_end_by_hand_and_resumes_bitwise(plugin, tmp_path
     # Each round's step by hand from the round's pseudo-gradient; each round starts from the last one's model.
     assert len(calls) == 4
     want = _nesterov_by_hand(calls[0][0], [d for _, d, _ in calls], lr=0.5, b1=0.8)
-    for rnd, ((w, delta, got), expect) in enumerate(zip(calls, want), start=1):
-        torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-7, msg=f"round {rnd}")
-        if rnd > 1:
-            assert torch.equal(w, calls[rnd - 2][2])
+    for server_round, ((w, delta, got), expect) in enumerate(zip(calls, want), start=1):
+        torch.testing.assert_close(got, expect, rtol=1e-6, atol=1e-7, msg=f"round {server_round}")
+        if server_round > 1:
+            assert torch.equal(w, calls[server_round - 2][2])
         assert float(delta.abs().max()) > 0
     assert torch.equal(_flat(tmp_path / "out" / "whole"), calls[-1][2])  # the saved model is the last step's
 

@@ -28,10 +28,11 @@ def fed(**kw) -> FederationConfig:
     return FederationConfig(**kw)
 
 
-def step(fabric, su: ServerUpdate, rows: torch.Tensor, w: torch.Tensor, weights=None, rnd: int = 1) -> torch.Tensor:
+def step(fabric, su: ServerUpdate, rows: torch.Tensor, w: torch.Tensor, weights=None,
+         server_round: int = 1) -> torch.Tensor:
     k = rows.shape[0]
     weights = weights or [1.0 / k] * k
-    return su(fabric, rnd, list(range(k)), lambda i: rows[i], weights, lambda: w, w.numel())
+    return su(fabric, server_round, list(range(k)), lambda i: rows[i], weights, lambda: w, w.numel())
 
 
 # -- server optimisers: the first rounds by hand (Reddi et al. 2021, Algorithm 2) -----------------------
@@ -45,8 +46,8 @@ def test_server_optimizers_first_rounds_by_hand(fabric):
         assert su.plain == (kind == "none")
         w, m, v = w0.clone(), torch.zeros(3), torch.full((3,), tau ** 2)
         mom = None
-        for rnd, rows in enumerate(clients, start=1):
-            got = step(fabric, su, rows, w, rnd=rnd)
+        for server_round, rows in enumerate(clients, start=1):
+            got = step(fabric, su, rows, w, server_round=server_round)
             delta = rows.mean(0) - w  # the pseudo-gradient: the clients' mean change
             if kind == "none":
                 want = rows.mean(0)
@@ -62,7 +63,7 @@ def test_server_optimizers_first_rounds_by_hand(fabric):
                 else:
                     v = v + delta ** 2
                 want = w + lr * m / (v.sqrt() + tau)
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=f"{kind} round {rnd}")
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=f"{kind} round {server_round}")
             w = got
         state = su.state()
         if kind in ("adam", "yogi", "adagrad"):
@@ -75,7 +76,7 @@ def test_server_optimizer_state_round_trips(fabric):
     step(fabric, a, rows, w)
     b = ServerUpdate(fed(server_optimizer="yogi"), 0, 2, 3)
     b.load(a.state())
-    assert torch.equal(step(fabric, a, rows, w, rnd=2), step(fabric, b, rows, w, rnd=2))
+    assert torch.equal(step(fabric, a, rows, w, server_round=2), step(fabric, b, rows, w, server_round=2))
 
 
 # -- robust rules: hand examples and breakdown points ------------------------------------------------
@@ -191,13 +192,13 @@ def test_unreliable_clients_are_seeded_counted_and_honest_about_bytes(tmp_path):
     assert a["server"] == b["server"] and torch.equal(_flat(dir_a), _flat(dir_b))  # seeded
     # The same draws by hand: who drops, who straggles.
     dropped = arrived = straggled = 0
-    for rnd in range(1, 5):
-        for i in sample_clients(3, 1.0, rnd, 0):
-            if random.Random(stable_seed(0, "dropout", rnd, i)).random() < 0.4:
+    for server_round in range(1, 5):
+        for i in sample_clients(3, 1.0, server_round, 0):
+            if random.Random(stable_seed(0, "dropout", server_round, i)).random() < 0.4:
                 dropped += 1
                 continue
             arrived += 1
-            rng = random.Random(stable_seed(0, "local-plan", rnd, a["clients"][i]))
+            rng = random.Random(stable_seed(0, "local-plan", server_round, a["clients"][i]))
             rng.randint(1, 3)
             straggled += rng.random() < 0.5
     assert a["server"] == {"clients/dropped_total": dropped, "clients/straggled_total": straggled}

@@ -51,20 +51,20 @@ def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def round_dir(run_dir: Path, rnd: int) -> Path:
-    return checkpoint_root(run_dir) / f"round-{rnd:06d}"
+def round_dir(run_dir: Path, server_round: int) -> Path:
+    return checkpoint_root(run_dir) / f"round-{server_round:06d}"
 
 
-def save_client_shard(run_dir: Path, rnd: int, rank: int, clients: dict[str, dict[str, Any]]) -> None:
-    d = round_dir(run_dir, rnd)
+def save_client_shard(run_dir: Path, server_round: int, rank: int, clients: dict[str, dict[str, Any]]) -> None:
+    d = round_dir(run_dir, server_round)
     d.mkdir(parents=True, exist_ok=True)
-    atomic_save({"format": FORMAT, "round": rnd, "clients": clients}, d / f"clients-rank{rank}.pt")
+    atomic_save({"format": FORMAT, "round": server_round, "clients": clients}, d / f"clients-rank{rank}.pt")
 
 
-def save_meta(run_dir: Path, rnd: int, meta: dict[str, Any]) -> None:
-    d = round_dir(run_dir, rnd)
+def save_meta(run_dir: Path, server_round: int, meta: dict[str, Any]) -> None:
+    d = round_dir(run_dir, server_round)
     d.mkdir(parents=True, exist_ok=True)
-    atomic_save({"format": FORMAT, "round": rnd, **meta}, d / "meta.pt")
+    atomic_save({"format": FORMAT, "round": server_round, **meta}, d / "meta.pt")
 
 
 def _sha256(path: Path) -> str:
@@ -75,19 +75,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def mark_complete(run_dir: Path, rnd: int, keep: int) -> None:
+def mark_complete(run_dir: Path, server_round: int, keep: int) -> None:
     """Seal a checkpoint (after every rank wrote its shard): ``COMPLETE`` lists every file of the folder
     with its size and SHA-256, so a resume can prove the folder whole; then drop the oldest beyond ``keep``."""
-    d = round_dir(run_dir, rnd)
+    d = round_dir(run_dir, server_round)
     files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(d.iterdir()) if p.is_file() and p.suffix == ".pt"}
     from .files import atomic_write_text
 
-    atomic_write_text(d / COMPLETE, json.dumps({"format": FORMAT, "round": rnd, "files": files}, indent=1))
+    atomic_write_text(d / COMPLETE, json.dumps({"format": FORMAT, "round": server_round, "files": files}, indent=1))
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for partial in checkpoint_root(run_dir).glob("round-*"):
-        if not (partial / COMPLETE).exists() and partial != d and _round_of(partial) < rnd:
+        if not (partial / COMPLETE).exists() and partial != d and _round_of(partial) < server_round:
             shutil.rmtree(partial, ignore_errors=True)
 
 
@@ -274,7 +274,7 @@ def check_resumable(ckpt: Path, meta: dict[str, Any], current_config: dict[str, 
                           "Fix: resume with the same settings, or start a new run (another run_name, or resume=never).")
 
 
-def write_checkpoint(fabric, run_dir: Path, rnd: int, keep: int, meta: dict[str, Any] | None,
+def write_checkpoint(fabric, run_dir: Path, server_round: int, keep: int, meta: dict[str, Any] | None,
                      clients: dict[str, dict[str, Any]], writer: "CheckpointWriter | None" = None,
                      wait: bool = True) -> None:
     """Every rank writes its clients' persistent state; rank 0 the ``meta``; then the folder is sealed.
@@ -288,18 +288,18 @@ def write_checkpoint(fabric, run_dir: Path, rnd: int, keep: int, meta: dict[str,
         in_place = any(c.get("optimizer_state") is not None for c in clients.values())
         if fabric.world_size == 1 and not wait and not in_place:
             def write() -> None:
-                save_client_shard(run_dir, rnd, 0, clients)
-                save_meta(run_dir, rnd, meta)
-                mark_complete(run_dir, rnd, keep)
+                save_client_shard(run_dir, server_round, 0, clients)
+                save_meta(run_dir, server_round, meta)
+                mark_complete(run_dir, server_round, keep)
 
             writer.submit(write)
             return
-    save_client_shard(run_dir, rnd, fabric.global_rank, clients)
+    save_client_shard(run_dir, server_round, fabric.global_rank, clients)
     if meta is not None:
-        save_meta(run_dir, rnd, meta)
+        save_meta(run_dir, server_round, meta)
     fabric.barrier()
     if fabric.is_global_zero:
-        mark_complete(run_dir, rnd, keep)
+        mark_complete(run_dir, server_round, keep)
 
 
 class CheckpointWriter:

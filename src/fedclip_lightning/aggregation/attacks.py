@@ -27,13 +27,13 @@ def attackers(num_clients: int, fraction: float, seed: int) -> set[int]:
     return set(random.Random(stable_seed(seed, "attackers")).sample(range(num_clients), n))
 
 
-def corrupt(kind: str, u: torch.Tensor, scale: float, seed: int, rnd: int, client: int) -> torch.Tensor:
+def corrupt(kind: str, u: torch.Tensor, scale: float, seed: int, server_round: int, client: int) -> torch.Tensor:
     if kind == "sign_flip":
         return -scale * u
     if kind == "scaled":
         return scale * u
     if kind == "gaussian":
-        g = torch.Generator().manual_seed(stable_seed(seed, "attack", rnd, client))
+        g = torch.Generator().manual_seed(stable_seed(seed, "attack", server_round, client))
         rms = float(u.double().pow(2).mean().sqrt())
         return torch.randn(u.shape, generator=g, dtype=u.dtype) * (scale * rms)
     return u

@@ -64,7 +64,7 @@ class ServerUpdate:
                         "config (federation.dp_secure=true draws it from the OS's entropy)"))
         return out
 
-    def __call__(self, fabric, rnd: int, order: list[int], row_of: Callable[[int], torch.Tensor | None],
+    def __call__(self, fabric, server_round: int, order: list[int], row_of: Callable[[int], torch.Tensor | None],
                  weights: Sequence[float], w_of: Callable[[], torch.Tensor], width: int) -> torch.Tensor:
         """The new flat global weights from the old ones (``w_of()``) and the rows of the clients in ``order``."""
         if self.plain:
@@ -73,20 +73,20 @@ class ServerUpdate:
         if self.privacy is not None:
             weights = [1.0 / len(order)] * len(order)  # DP-FedAvg: uniform, over the clients that sent
         delta = aggregate_rows(fabric, self.rule, row_of, order, weights, width,
-                               transform=lambda i, row: self._update(rnd, i, row, w))
+                               transform=lambda i, row: self._update(server_round, i, row, w))
         if self.privacy is not None and self.privacy.mode == "server":
-            g = torch.Generator().manual_seed(stable_seed(self.seed, "dp-server", rnd))
+            g = torch.Generator().manual_seed(stable_seed(self.seed, "dp-server", server_round))
             delta = delta + self.privacy.noise(delta, g) / len(order)
         return self.optimizer.step(w, delta)
 
-    def _update(self, rnd: int, client: int, row: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _update(self, server_round: int, client: int, row: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         u = row - w
         if client in self.attackers:
-            u = corrupt(self.fed.attack, u, self.fed.attack_scale, self.seed, rnd, client)
+            u = corrupt(self.fed.attack, u, self.fed.attack_scale, self.seed, server_round, client)
         if self.privacy is not None:
             u = clip(u, self.privacy.c)
             if self.privacy.mode == "client":
-                g = torch.Generator().manual_seed(stable_seed(self.seed, "dp-client", rnd, client))
+                g = torch.Generator().manual_seed(stable_seed(self.seed, "dp-client", server_round, client))
                 u = u + self.privacy.noise(u, g)
         return u
 

@@ -87,21 +87,21 @@ class RunContext:
     def device(self) -> torch.device:
         return self.fabric.device
 
-    def local_plan(self, p: Participant, rnd: int, epochs: int) -> tuple[int, float]:
-        """``(local epochs, share of the local steps done)`` of client ``p`` in round ``rnd``: heterogeneous
+    def local_plan(self, p: Participant, server_round: int, epochs: int) -> tuple[int, float]:
+        """``(local epochs, share of the local steps done)`` of client ``p`` in round ``server_round``: heterogeneous
         epochs (``federation.local_epochs_range``) and stragglers, seeded by (round, client) alone."""
         fed = self.cfg.federation
         if fed.local_epochs_range is None and fed.straggler_fraction == 0:
             return epochs, 1.0
-        rng = random.Random(stable_seed(self.cfg.seed, "local-plan", rnd, p.name))
+        rng = random.Random(stable_seed(self.cfg.seed, "local-plan", server_round, p.name))
         if fed.local_epochs_range is not None:
             epochs = rng.randint(*fed.local_epochs_range)
         return epochs, (fed.straggler_work if rng.random() < fed.straggler_fraction else 1.0)
 
-    def train_loader(self, p: Participant, tag: str, rnd: int):
+    def train_loader(self, p: Participant, tag: str, server_round: int):
         """Client ``p``'s training split, shuffled by (seed, tag, round, client) alone."""
         return self.loader(self.datasets[(p.index, "train")], self.cfg.data.batch_size,
-                           shuffle_seed=(self.cfg.seed, tag, rnd, p.name))
+                           shuffle_seed=(self.cfg.seed, tag, server_round, p.name))
 
     def evaluate(self, client: CLIPClient, p: Participant, split: str) -> SplitResult:
         stage = "validation" if split == "val" else "test"
@@ -179,13 +179,13 @@ class Algorithm:
         """What client ``p`` starts its local fit from."""
         return self.global_state
 
-    def fit_client(self, client: CLIPClient, p: Participant, rnd: int) -> ClientResult:
+    def fit_client(self, client: CLIPClient, p: Participant, server_round: int) -> ClientResult:
         raise NotImplementedError
 
-    def aggregate(self, rnd: int, active: list[int], results: dict[int, ClientResult]) -> None:
+    def aggregate(self, server_round: int, active: list[int], results: dict[int, ClientResult]) -> None:
         """Turn the clients' results into the server's new state (every rank computes the same)."""
 
-    def personalize(self, rnd: int, clients: dict[int, CLIPClient]) -> None:
+    def personalize(self, server_round: int, clients: dict[int, CLIPClient]) -> None:
         """Runs on evaluated rounds, after aggregation and before evaluation."""
 
     def evaluate_client(self, client: CLIPClient, p: Participant) -> dict[str, SplitResult]:
@@ -293,19 +293,19 @@ class AdapterAlgorithm(Algorithm):
         return self.arena.buffer_for(self.arena_row.get(p.index) if self.keep_adam else None)
 
     # -- a round --------------------------------------------------------------------
-    def fit_plan(self, p: Participant, rnd: int, loader) -> FitPlan:
-        """What client ``p``'s local fit in round ``rnd`` runs with: its epochs and a straggler's step
+    def fit_plan(self, p: Participant, server_round: int, loader) -> FitPlan:
+        """What client ``p``'s local fit in round ``server_round`` runs with: its epochs and a straggler's step
         budget (``RunContext.local_plan``), Adam's block and kept state. An algorithm adds its own
         settings (``dataclasses.replace``: FedProx's anchor, PromptFL's lr schedule)."""
-        epochs, work = self.ctx.local_plan(p, rnd, self.config.local_epochs)
+        epochs, work = self.ctx.local_plan(p, server_round, self.config.local_epochs)
         max_steps = None if work >= 1 else max(1, math.floor(work * epochs * len(loader)))
         return FitPlan(epochs=epochs, max_steps=max_steps, adam_buffer=self.adam_buffer(p),
                        optimizer_state=self.adam_states.get(p.name) if self.keep_adam else None)
 
-    def fit_client(self, client: CLIPClient, p: Participant, rnd: int) -> ClientResult:
+    def fit_client(self, client: CLIPClient, p: Participant, server_round: int) -> ClientResult:
         client.set_state(self.start_state(p))
-        loader = self.ctx.train_loader(p, "train", rnd)
-        res, optimizer = local_fit(self.ctx.fabric, client, loader, self.fit_plan(p, rnd, loader))
+        loader = self.ctx.train_loader(p, "train", server_round)
+        res, optimizer = local_fit(self.ctx.fabric, client, loader, self.fit_plan(p, server_round, loader))
         if self.keep_adam:
             self.adam_states[p.name] = self.arena.stash(optimizer.state_dict(), self.arena_row[p.index])
         return ClientResult(res, self.upload(client))
@@ -314,7 +314,7 @@ class AdapterAlgorithm(Algorithm):
         """What travels: read from the client when the server asks (no copy kept in between)."""
         return lambda: flatten(client.trainable())
 
-    def aggregate(self, rnd: int, active: list[int], results: dict[int, ClientResult]) -> None:
+    def aggregate(self, server_round: int, active: list[int], results: dict[int, ClientResult]) -> None:
         """The server's update (``federation.*``: by default the clients' weighted mean, streamed)."""
         if not active:  # every client dropped: the model stays
             return
@@ -327,7 +327,7 @@ class AdapterAlgorithm(Algorithm):
         def row_of(i: int) -> torch.Tensor | None:
             return results[i].update() if i in results else None
 
-        row = self.server_update(self.ctx.fabric, rnd, list(active), row_of, self._weights[key],
+        row = self.server_update(self.ctx.fabric, server_round, list(active), row_of, self._weights[key],
                                  lambda: flatten(self.global_state), self.num_params)
         self.global_state = unflatten(row, self.template)
 

@@ -34,12 +34,13 @@ class Personalized:
         the shared scratch block: a kept training state (optimizer_state=keep) stays untouched."""
         return FitPlan(epochs=self.config.personal_epochs, adam_buffer=self.arena.scratch)
 
-    def personalize(self, rnd: int, clients: dict) -> None:
+    def personalize(self, server_round: int, clients: dict) -> None:
         self.personal = {}
         for p in self.ctx.my_clients:
             client = clients[p.index]
             client.set_state(self.global_state)
-            local_fit(self.ctx.fabric, client, self.ctx.train_loader(p, "personal", rnd), self.personal_plan(p))
+            local_fit(self.ctx.fabric, client, self.ctx.train_loader(p, "personal", server_round),
+                      self.personal_plan(p))
             self.personal[p.name] = {k: v.cpu() for k, v in client.get_state().items()}
 
     def evaluate_client(self, client, p: Participant) -> dict[str, SplitResult]:

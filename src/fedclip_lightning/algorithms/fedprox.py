@@ -30,8 +30,8 @@ class FedProx(FedAvg):
     def warnings(self) -> list[str]:
         return ["algorithm.mu=0: FedProx without its proximal term is FedAvg"] if self.config.mu == 0 else []
 
-    def fit_plan(self, p: Participant, rnd: int, loader) -> FitPlan:
-        plan = super().fit_plan(p, rnd, loader)
+    def fit_plan(self, p: Participant, server_round: int, loader) -> FitPlan:
+        plan = super().fit_plan(p, server_round, loader)
         if self.config.mu > 0:
             # This round's global weights, on the training device, anchor the proximal term.
             plan = replace(plan, anchor={k: v.to(self.ctx.device) for k, v in self.global_state.items()},

@@ -32,12 +32,12 @@ class Local(AdapterAlgorithm):
     def start_state(self, p: Participant) -> State:
         return self.own.get(p.name, self.global_state)
 
-    def fit_client(self, client, p: Participant, rnd: int) -> ClientResult:
-        result = super().fit_client(client, p, rnd)
+    def fit_client(self, client, p: Participant, server_round: int) -> ClientResult:
+        result = super().fit_client(client, p, server_round)
         self.own[p.name] = {k: v.cpu() for k, v in client.get_state().items()}
         return ClientResult(result.train, None)
 
-    def aggregate(self, rnd: int, active: list[int], results: dict[int, ClientResult]) -> None:
+    def aggregate(self, server_round: int, active: list[int], results: dict[int, ClientResult]) -> None:
         # Nothing travels to a server; every rank assembles all clients' own adapters (no bytes
         # counted) because an unseen domain is scored with each of them.
         rows = {p.index: flatten(self.own.get(p.name, self.global_state)) for p in self.ctx.my_clients}

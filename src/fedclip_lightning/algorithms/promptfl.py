@@ -74,11 +74,11 @@ class PromptFL(AdapterAlgorithm):
             return PromptLearner(model, backbone.tokenizer, self.ctx.prompts, self.config.n_ctx,
                                  self.config.ctx_init)
 
-    def fit_plan(self, p: Participant, rnd: int, loader) -> FitPlan:
-        plan = super().fit_plan(p, rnd, loader)
+    def fit_plan(self, p: Participant, server_round: int, loader) -> FitPlan:
+        plan = super().fit_plan(p, server_round, loader)
         if self.config.lr_schedule == "cosine":
             # This round's share of algorithm.lr: cosine decay over the rounds.
-            lr_factor = 0.5 * (1 + math.cos(math.pi * (rnd - 1) / max(1, self.cfg.federation.rounds)))
+            lr_factor = 0.5 * (1 + math.cos(math.pi * (server_round - 1) / max(1, self.cfg.federation.rounds)))
             plan = replace(plan, lr_factor=lr_factor)
         return plan
 

@@ -41,7 +41,7 @@ class RoundEvaluator:
                 out[SLOTS.index(slot) * n + p.index] = res.as_row()
         return out
 
-    def evaluate(self, rnd: int, train: dict[int, SplitResult]) -> tuple[RoundMetrics, list[tuple], dict]:
+    def evaluate(self, server_round: int, train: dict[int, SplitResult]) -> tuple[RoundMetrics, list[tuple], dict]:
         """``(metrics, metrics.csv rows, per-participant values to log)``, the same on every rank."""
         n = len(self.parts)
         # A fourth column marks rows that some rank filled (a train row is absent in round 0, say).
@@ -65,7 +65,7 @@ class RoundEvaluator:
                     if res.n > 0 and not math.isfinite(res.loss):
                         bad.append(f"{p.name} {s}")
                     acc[s][p.name] = res.accuracy
-                    csv_rows.append((rnd, p.name, s, res.accuracy, res.loss))
+                    csv_rows.append((server_round, p.name, s, res.accuracy, res.loss))
                     logd[f"client/{p.name}/{s}_acc"] = res.accuracy
                     logd[f"client/{p.name}/{s}_loss"] = res.loss
             else:
@@ -73,13 +73,14 @@ class RoundEvaluator:
                 if te.n > 0 and not math.isfinite(te.loss):
                     bad.append(f"{p.name} unseen")
                 unseen[p.name] = te.accuracy
-                csv_rows.append((rnd, p.name, "unseen", te.accuracy, te.loss))
+                csv_rows.append((server_round, p.name, "unseen", te.accuracy, te.loss))
                 logd[f"unseen/{p.name}/acc"] = te.accuracy
                 logd[f"unseen/{p.name}/loss"] = te.loss
         if bad:
-            raise DivergedError(f"round {rnd}: the loss is not finite (NaN or inf) for {', '.join(bad)}: the model "
+            raise DivergedError(f"round {server_round}: the loss is not finite (NaN or inf) for {', '.join(bad)}: "
+                                "the model "
                                 "diverged, and its accuracies are not results. The run stopped (summary.json: "
                                 "failed). Fix: lower algorithm.lr, or the server-side settings that scale the "
                                 "update (federation.server_lr, federation.attack_scale).")
-        metrics = RoundMetrics(rnd, acc["val"], acc["test"], unseen, acc["val_global"], acc["test_global"])
+        metrics = RoundMetrics(server_round, acc["val"], acc["test"], unseen, acc["val_global"], acc["test_global"])
         return metrics, csv_rows, logd

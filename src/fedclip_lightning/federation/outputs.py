@@ -127,10 +127,10 @@ class RunOutputs:
     def round_done(self) -> None:
         self.bar.update(1)
 
-    def save_state(self, name: str, state: dict, rnd: int) -> None:
+    def save_state(self, name: str, state: dict, server_round: int) -> None:
         """Trained tensors as a plain state dict: ``torch.load(path, weights_only=True)["state"]``."""
         if self.rank0:
-            atomic_save({"round": rnd, "state": {k: v.detach().cpu() for k, v in state.items()}},
+            atomic_save({"round": server_round, "state": {k: v.detach().cpu() for k, v in state.items()}},
                         self.run_dir / name, durable=False)
 
     # -- end -----------------------------------------------------------------------------

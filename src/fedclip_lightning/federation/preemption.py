@@ -20,13 +20,13 @@ log = logging.getLogger(__name__)
 class Preempted(Exception):
     """Stopped at a safe point on SIGUSR1/SIGTERM, after writing a checkpoint."""
 
-    def __init__(self, rnd: int, requeued: bool, terminated: bool = False):
-        self.round, self.requeued = rnd, requeued
+    def __init__(self, server_round: int, requeued: bool, terminated: bool = False):
+        self.round, self.requeued = server_round, requeued
         if terminated:  # SIGTERM: scancel, or the end of the time limit's grace; requeueing would undo a cancel
             tail = "; stopped on SIGTERM, so the job is not requeued: continue with resume=auto"
         else:
             tail = "; the job was requeued and will resume by itself" if requeued else "; continue with resume=auto"
-        super().__init__(f"preempted after round {rnd}: checkpoint written{tail}")
+        super().__init__(f"preempted after round {server_round}: checkpoint written{tail}")
 
 
 class Preemption:

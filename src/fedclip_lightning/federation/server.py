@@ -53,52 +53,53 @@ class Server:
         if not self.algorithm.trains:  # evaluated once, as it is
             self.evaluate_round(0, {})
             self.outputs.round_done()
-        for rnd in range(self.start_round + 1, self.rounds + 1):
+        for server_round in range(self.start_round + 1, self.rounds + 1):
             started = time.perf_counter()
-            active = self.configure_round(rnd)
-            train = self.fit_clients(rnd, active)
-            self.aggregate(rnd, active, train)
-            if rnd % self.cfg.federation.eval_interval == 0 or rnd == self.rounds:
-                self.algorithm.personalize(rnd, self.clients)
-                self.evaluate_round(rnd, {i: r.train for i, r in train.items()})
-            stop = self.end_round(rnd)
+            active = self.configure_round(server_round)
+            train = self.fit_clients(server_round, active)
+            self.aggregate(server_round, active, train)
+            if server_round % self.cfg.federation.eval_interval == 0 or server_round == self.rounds:
+                self.algorithm.personalize(server_round, self.clients)
+                self.evaluate_round(server_round, {i: r.train for i, r in train.items()})
+            stop = self.end_round(server_round)
             self.summary.round_seconds.append(time.perf_counter() - started)
             self.outputs.round_done()
             if stop:
                 self.summary.status = "preempted"
                 again = any_rank(self.fabric, self.preemption.requeue)
-                raise Preempted(rnd, requeue() if again and self.fabric.is_global_zero else False,
+                raise Preempted(server_round, requeue() if again and self.fabric.is_global_zero else False,
                                 terminated=not again)
 
-    def configure_round(self, rnd: int) -> list[int]:
+    def configure_round(self, server_round: int) -> list[int]:
         """The clients that train and report this round: a seeded draw of ``federation.client_fraction``,
         less those that drop out (``federation.dropout``, seeded by (round, client): they send nothing).
         Stragglers (``federation.straggler_fraction``) are counted here and slowed in their local fit."""
         fed, seed = self.cfg.federation, self.cfg.seed
-        active = sample_clients(self.ctx.num_clients, fed.client_fraction, rnd, seed)
+        active = sample_clients(self.ctx.num_clients, fed.client_fraction, server_round, seed)
         if fed.dropout > 0:
-            arrived = [i for i in active if random.Random(stable_seed(seed, "dropout", rnd, i)).random() >= fed.dropout]
+            arrived = [i for i in active
+                       if random.Random(stable_seed(seed, "dropout", server_round, i)).random() >= fed.dropout]
             self.unreliable["dropped_total"] += len(active) - len(arrived)
             active = arrived
         if fed.straggler_fraction > 0:
             parts = self.ctx.parts
             self.unreliable["straggled_total"] += sum(
-                self.ctx.local_plan(parts[i], rnd, 1)[1] < 1 for i in active)
+                self.ctx.local_plan(parts[i], server_round, 1)[1] < 1 for i in active)
         return active
 
-    def fit_clients(self, rnd: int, active: list[int]) -> dict:
+    def fit_clients(self, server_round: int, active: list[int]) -> dict:
         """Each of this rank's active clients fits locally, one after another."""
         t = time.perf_counter()
         results = {}
         for p in self.ctx.my_clients:
             if p.index in active:
-                results[p.index] = self.algorithm.fit_client(self.clients[p.index], p, rnd)
+                results[p.index] = self.algorithm.fit_client(self.clients[p.index], p, server_round)
                 self._park(self.clients[p.index])
-        self._stop_if_diverged(rnd, [i for i, r in results.items() if not math.isfinite(r.train.loss)], "loss")
+        self._stop_if_diverged(server_round, [i for i, r in results.items() if not math.isfinite(r.train.loss)], "loss")
         self.phase_seconds["fit"] += time.perf_counter() - t
         return results
 
-    def _stop_if_diverged(self, rnd: int, mine: list[int], what: str) -> None:
+    def _stop_if_diverged(self, server_round: int, mine: list[int], what: str) -> None:
         """Every rank stops, naming the clients (of any rank) whose local fit ended in a non-finite ``what``."""
         flags = torch.zeros(len(self.ctx.parts), dtype=torch.float64)
         flags[mine] = 1.0
@@ -107,32 +108,33 @@ class Server:
         if flags.any():
             names = [self.ctx.parts[i].name for i in flags.nonzero().flatten().tolist()]
             raise DivergedError(
-                f"round {rnd}: the local training {what} of client(s) {', '.join(names)} is not finite (NaN or inf): "
+                f"round {server_round}: the local training {what} of client(s) {', '.join(names)} is not finite "
+                f"(NaN or inf): "
                 f"training diverged, and its accuracies would not be results. The run stopped (summary.json: "
                 f"failed). Fix: lower algorithm.lr (now {self.cfg.algorithm.lr:g}).")
 
-    def aggregate(self, rnd: int, active: list[int], results: dict) -> None:
+    def aggregate(self, server_round: int, active: list[int], results: dict) -> None:
         t = time.perf_counter()
-        self.algorithm.aggregate(rnd, active, results)
+        self.algorithm.aggregate(server_round, active, results)
         state = getattr(self.algorithm, "global_state", None)
         if state is not None and not all(bool(torch.isfinite(v).all()) for v in state.values()):
             # The same on every rank (each computed the same server update), so all take this branch together:
             # first the clients whose uploads were not finite, else the server's own step is named.
-            self._stop_if_diverged(rnd, [i for i, r in results.items() if not bool(torch.isfinite(r.update()).all())],
-                                   "model")
-            raise DivergedError(f"round {rnd}: the aggregated model is not finite (NaN or inf), from finite client "
-                                "models. The run stopped (summary.json: failed). Fix: lower federation.server_lr, "
+            bad = [i for i, r in results.items() if not bool(torch.isfinite(r.update()).all())]
+            self._stop_if_diverged(server_round, bad, "model")
+            raise DivergedError(f"round {server_round}: the aggregated model is not finite (NaN or inf), from "
+                                "finite client models. The run stopped (summary.json: failed). Fix: lower federation.server_lr, "
                                 "or check the server-side settings (federation.server_optimizer, dp, attack).")
         if self.algorithm.communicates:
             per_copy = self.algorithm.bytes_per_copy
             self.summary.bytes_up_total += len(active) * per_copy
             self.summary.bytes_down_total += self.ctx.num_clients * per_copy
-        self.summary.rounds_run = rnd
+        self.summary.rounds_run = server_round
         self.phase_seconds["aggregate"] += time.perf_counter() - t
 
-    def evaluate_round(self, rnd: int, train: dict[int, SplitResult]) -> RoundMetrics:
+    def evaluate_round(self, server_round: int, train: dict[int, SplitResult]) -> RoundMetrics:
         t = time.perf_counter()
-        metrics, csv_rows, logd = self.evaluator.evaluate(rnd, train)
+        metrics, csv_rows, logd = self.evaluator.evaluate(server_round, train)
         for client in self.clients.values():
             self._park(client)
         t2 = time.perf_counter()
@@ -164,23 +166,23 @@ class Server:
         self.phase_seconds["evaluate"] += time.perf_counter() - t
         return metrics
 
-    def end_round(self, rnd: int) -> bool:
+    def end_round(self, server_round: int) -> bool:
         """Checkpoint on the interval, at the end, and whenever a preemption signal arrived (any rank);
         True when the run is to stop here."""
         t = time.perf_counter()
         stop = any_rank(self.fabric, self.preemption.requested)
         fed = self.cfg.federation
-        due = bool(fed.checkpoint_interval) and rnd % fed.checkpoint_interval == 0 and \
+        due = bool(fed.checkpoint_interval) and server_round % fed.checkpoint_interval == 0 and \
             t - self._last_checkpoint >= fed.checkpoint_min_seconds
-        if stop or rnd == self.rounds or any_rank(self.fabric, due):
+        if stop or server_round == self.rounds or any_rank(self.fabric, due):
             # The last one, and a preemption's, are on disk before the loop goes on.
-            self.checkpoint(rnd, wait=stop or rnd == self.rounds)
+            self.checkpoint(server_round, wait=stop or server_round == self.rounds)
             self._last_checkpoint = time.perf_counter()
         self.phase_seconds["checkpoint"] += time.perf_counter() - t
         return stop
 
     # -- state ----------------------------------------------------------------------------------
-    def checkpoint(self, rnd: int, wait: bool) -> None:
+    def checkpoint(self, server_round: int, wait: bool) -> None:
         meta = None
         s = self.summary
         if self.fabric.is_global_zero:
@@ -197,7 +199,7 @@ class Server:
                 "data_digest": self.ctx.data_digest,
                 "wandb_id": self.wandb_id,
             }
-        write_checkpoint(self.fabric, self.run_dir, rnd, self.cfg.federation.keep_checkpoints, meta,
+        write_checkpoint(self.fabric, self.run_dir, server_round, self.cfg.federation.keep_checkpoints, meta,
                          self.algorithm.client_states(), self.writer, wait=wait)
 
     def restore(self, meta: dict, clients_state: dict) -> None:

@@ -89,16 +89,16 @@ class WandbTracking:
             pass
         return int(last) if isinstance(last, (int, float)) and not math.isnan(last) else 0
 
-    def log_round(self, rnd: int, values: dict[str, float]) -> None:
+    def log_round(self, server_round: int, values: dict[str, float]) -> None:
         if self.exp is None:
             return
-        self.journal.write(json.dumps({"round": rnd, "values": values}) + "\n")
+        self.journal.write(json.dumps({"round": server_round, "values": values}) + "\n")
         self.journal.flush()
-        if rnd > self.logged_upto:
-            self._log(rnd, values)
+        if server_round > self.logged_upto:
+            self._log(server_round, values)
 
-    def _log(self, rnd: int, values: dict[str, float]) -> None:
-        row = {"round": rnd, **values}
+    def _log(self, server_round: int, values: dict[str, float]) -> None:
+        row = {"round": server_round, **values}
         for key in VS_BYTES:
             if key in values:
                 row[f"vs_bytes/{key.split('/', 1)[1]}"] = values[key]
@@ -108,7 +108,7 @@ class WandbTracking:
                 kind = summary_kind(key)
                 self.exp.define_metric(key, step_metric=step, **({"summary": kind} if kind else {}))
                 self.defined.add(key)
-        self.exp.log(row, step=rnd)
+        self.exp.log(row, step=server_round)
 
     def close(self) -> None:
         if self.journal is not None:
