@@ -101,3 +101,38 @@ def test_type_errors_and_unknown_keys_name_the_key():
 def test_to_config_round_trip():
     cfg = check(to_config({"federation": {"rounds": 4}}))
     assert cfg.federation.rounds == 4 and cfg.algorithm.name == "fedclip"
+
+
+def test_every_config_file_ships_in_the_package():
+    """conf/ lives in the package (the top-level conf is a link to it) and pyproject's package data takes
+    every file of it, so an installed wheel composes configs without the source tree."""
+    import fnmatch
+    import tomllib
+
+    from conftest import REPO
+
+    root = REPO / "src" / "fedclip_lightning"
+    assert conf_dir() == root / "conf" and (REPO / "conf").resolve() == root / "conf"
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    files = [str(p.relative_to(root)) for p in (root / "conf").rglob("*") if p.is_file()]
+    assert files and all(any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs["fedclip_lightning"])
+                         for f in files)
+
+
+def test_algorithm_yamls_state_only_what_differs_from_their_class():
+    """Each algorithm's config class is its YAML's schema (Hydra's ConfigStore: algorithm/<name>_schema)."""
+    import dataclasses
+
+    import yaml
+
+    from fedclip_lightning.algorithms import registry
+
+    for f in sorted((conf_dir() / "algorithm").glob("*.yaml")):
+        data = yaml.safe_load(f.read_text())
+        name = f.stem
+        assert data["defaults"] == [f"{name}_schema", "_self_"], f.name
+        default = dataclasses.asdict(registry.get(name).config_class(name=name))
+        same = [k for k, v in data.items() if k != "defaults" and default[k] == v]
+        assert not same, f"{f.name} restates the defaults of {same}"
+        assert dataclasses.asdict(load_config([f"algorithm={name}"]).algorithm) == {**default, **{
+            k: v for k, v in data.items() if k != "defaults"}}

@@ -162,17 +162,18 @@ def _check_across(cfg: Config, p: Problems) -> None:
 
 
 def conf_dir() -> Path:
-    """The Hydra config folder: $FEDCLIP_CONF_DIR, else the repository's conf/."""
+    """The Hydra config folder: $FEDCLIP_CONF_DIR, else the one that ships in the package (the repository's
+    top-level conf/ is a link to it), so an installed wheel runs without the source tree."""
 
     env = os.environ.get("FEDCLIP_CONF_DIR")
     candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "conf")
+    candidates.append(Path(__file__).resolve().parent / "conf")
     for c in candidates:
         if (c / "config.yaml").is_file():
             return c
     raise ConfigError(
         f"no config folder found (looked in {', '.join(map(str, candidates))}). "
-        "Fix: install from the repository with `pip install -e .`, or set FEDCLIP_CONF_DIR=/path/to/conf."
+        "Fix: reinstall the package (`pip install -e .` from the repository), or set FEDCLIP_CONF_DIR=/path/to/conf."
     )
 
 
@@ -186,7 +187,11 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = 
 
     # The typed schema underlies conf/config.yaml, so every key exists (with its
     # default) whatever a preset spells out, and types are checked as Hydra composes.
-    ConfigStore.instance().store(name="fedclip_schema", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="fedclip_schema", node=Config)
+    # Each algorithm's config class as algorithm/<name>_schema: its YAML states only what differs from it.
+    for name in registry.names():
+        store.store(group="algorithm", name=f"{name}_schema", node=registry.get(name).config_class(name=name))
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
             composed = compose(config_name=config_name, overrides=list(overrides))
