@@ -387,3 +387,21 @@ def test_seeds_are_repeats_with_mean_and_standard_deviation(tmp_path):
     assert md.count("fedclip seed=") == 0  # the seeds are one column
     with pytest.raises(ConfigError, match="--seeds='0,x'"):
         _parse(["--seeds", "0,x"])
+
+
+def test_a_kept_adam_state_follows_the_learning_rate_schedule():
+    """PromptFL with Adam, a kept state and the cosine schedule: each round's optimiser trains at that round's
+    rate, not at the rate of the round its state was saved in (load_state_dict brings the old lr back)."""
+    from types import SimpleNamespace
+
+    from fedclip_lightning.fit_plan import FitPlan
+    from fedclip_lightning.optim import build_optimizer
+
+    a = SimpleNamespace(optimizer="adam", lr=0.002, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0)
+    w = torch.nn.Parameter(torch.ones(3))
+    first = build_optimizer([w], a, FitPlan(epochs=1, lr_factor=1.0))
+    w.grad = torch.ones(3)
+    first.step()
+    later = build_optimizer([w], a, FitPlan(epochs=1, lr_factor=0.25, optimizer_state=first.state_dict()))
+    assert later.param_groups[0]["lr"] == 0.002 * 0.25
+    assert int(later.state[w]["step"]) == 1  # the moments and step went on

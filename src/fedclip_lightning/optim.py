@@ -54,8 +54,9 @@ def make_adam(params, a: AlgorithmConfig, buffer: torch.Tensor | None = None,
     Fused (one kernel over all parameters) where every parameter's device and
     dtype has the fused kernel, ``foreach`` otherwise.
 
-    ``state``: an ``optimizer.state_dict()`` to continue from (a kept state), loaded
-    as is; its moments stay where they are (no copy when they already sit on the
+    ``state``: an ``optimizer.state_dict()`` to continue from (a kept state): its moments and step
+    counters, at this call's ``lr`` (``load_state_dict`` alone would bring back the lr of the round the
+    state was saved in, and a schedule over the rounds would stop after the first); its moments stay where they are (no copy when they already sit on the
     parameters' device, e.g. in the client's ``AdamStateArena`` row).
 
     ``buffer`` (without a ``state`` to load): a flat block of at least
@@ -75,6 +76,8 @@ def make_adam(params, a: AlgorithmConfig, buffer: torch.Tensor | None = None,
     optimizer = torch.optim.Adam(params, fused=True, **kwargs) if fused else torch.optim.Adam(params, foreach=True, **kwargs)
     if state is not None:
         optimizer.load_state_dict(state)
+        for group in optimizer.param_groups:  # the kept state is the moments: the lr is this fit's (a schedule)
+            group["lr"] = kwargs["lr"]
     if buffer is not None and not optimizer.state:
         init_adam_state(optimizer, buffer)
     return optimizer
