@@ -61,7 +61,7 @@ class Result:
 def isolated(env: dict[str, str], cwd: Path):
     """This process as a fresh one would be for a command: exactly ``env`` as its variables, ``cwd`` as its
     folder; on the way out everything a command changes in a process (variables, folder, log handlers,
-    signal handlers) is put back."""
+    signal handlers, W&B's process-wide state) is put back."""
     import logging
     import signal
 
@@ -75,6 +75,8 @@ def isolated(env: dict[str, str], cwd: Path):
     try:
         yield
     finally:
+        if "wandb" in sys.modules:  # W&B keeps process-wide settings (its folders, its service) from the first run
+            sys.modules["wandb"].teardown()
         os.environ.clear()
         os.environ.update(saved_env)
         os.chdir(saved_cwd)

@@ -158,15 +158,12 @@ def test_zero_shot_baseline_column(tmp_path):
     assert "zero-shot" in runs["with"].stdout and "zero-shot" not in runs["without"].stdout
 
 
-def test_embedded_demo_runs_with_no_arguments(tmp_path):
+def test_embedded_demo_runs_with_no_arguments(demo_command):
     """The newcomer's command, as the README gives it: the pretrained small CLIP, FedCLIP for 200 rounds,
     and a table that ends with zero-shot beside FedCLIP."""
-    proc = run_main([], tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    proc, s, _ = demo_command
     assert "synthetic" in proc.stdout and "fedclip-mini" in proc.stdout
     assert "RANDOMLY initialised" not in proc.stdout
-    (run_dir,) = (tmp_path / "outputs").iterdir()
-    s = read_summary(run_dir)
     assert s["clients"] == ["sketch", "chalk", "neon"] and s["unseen"] == ["photo"]
     assert s["status"] == "finished" and s["rounds_run"] == 200
     header = next(line for line in proc.stdout.splitlines() if "zero-shot" in line and "final round 200" in line)

@@ -31,19 +31,24 @@ LOCAL_MARGIN = 0.06
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """Run the demo's config in this interpreter, with overrides; returns summary.json as a dict."""
+def demo(tmp_path_factory, demo_command):
+    """Run the demo's config in this interpreter, with overrides; returns summary.json as a dict. With no
+    overrides, the newcomer's command itself (the session's ``demo_command``, whose images and features
+    every run here reuses)."""
     from fedclip_lightning.configure import load_config
     from fedclip_lightning.federation.orchestrator import run
 
+    _, command_summary, cache = demo_command
     tmp = tmp_path_factory.mktemp("learning")
     runs = iter(range(1000))
 
     def go(*overrides: str) -> dict:
+        if not overrides:
+            return command_summary
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("FEDCLIP_CACHE_DIR", str(tmp / "cache"))  # the synthetic images: drawn once per module
+            mp.setenv("FEDCLIP_CACHE_DIR", str(cache))
             cfg = load_config(["logger=none", "progress=false", f"output_dir={tmp / 'out'}",
-                               f"run_name=r{next(runs)}", f"features.dir={tmp / 'features'}", *overrides])
+                               f"run_name=r{next(runs)}", *overrides])
             return run(cfg)
 
     return go
@@ -59,7 +64,7 @@ def learned(summary: dict, margin: float = FEDCLIP_MARGIN) -> bool:
 
 
 def test_demo_is_the_pretrained_mini_clip_and_zero_shot_is_well_above_chance(demo):
-    s = demo("seed=0")
+    s = demo()
     assert s["backbone"]["name"] == "fedclip-mini" and not s["backbone"]["random_init"]
     assert s["backbone"]["weights_file"].endswith("fedclip-mini-synthetic.pt")
     assert s["clients"] == ["sketch", "chalk", "neon"] and s["unseen"] == ["photo"]
@@ -69,9 +74,9 @@ def test_demo_is_the_pretrained_mini_clip_and_zero_shot_is_well_above_chance(dem
     assert zs["unseen_acc"]["photo"] >= 0.9  # the style the model was pretrained on
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("seed", [0, 1, 2])  # seeds 3 and 4 too when measured (the table above): 9 s a run
 def test_fedclip_beats_zero_shot_on_the_clients(demo, seed):
-    s = demo(f"seed={seed}")
+    s = demo() if seed == 0 else demo(f"seed={seed}")  # the demo's own seed is 0
     assert s["algorithm"] == "fedclip" and s["rounds_run"] == 200
     assert learned(s), f"seed {seed}: FedCLIP {s['final']['mean_client_test_acc']:.4f} vs zero-shot " \
                        f"{s['zero_shot']['mean_client_test_acc']:.4f} (gain {gain(s):+.4f} < {FEDCLIP_MARGIN})"
