@@ -124,13 +124,11 @@ def test_subprocess_error_has_no_traceback(tmp_path):
 def test_logs_a_cluster_file_can_read(tmp_path):
     """Not on a terminal (a SLURM output file): no progress bars, a line per evaluated round; the SLURM job,
     its nodes and resources in the header; log records with a timestamp and the rank."""
-    from helpers import PACS_MINI_ARGS, cli_env
+    from helpers import cli_env, run_main
 
-    env = dict(cli_env(tmp_path), SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node1", SLURM_NTASKS="1",
-               SLURM_CPUS_PER_TASK="8")
+    env = dict(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node1", SLURM_NTASKS="1", SLURM_CPUS_PER_TASK="8")
     args = [a for a in PACS_MINI_ARGS if a != "progress=false"]
-    proc = subprocess.run([sys.executable, "-m", "fedclip_lightning", *args, "run_name=r", "logger=none",
-                           "progress=true"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_main([*args, "run_name=r", "logger=none", "progress=true"], tmp_path, env)  # output: not a tty
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "\r" not in proc.stdout and "\r" not in proc.stderr
     assert [line.split(":")[0].strip() for line in proc.stdout.splitlines() if line.startswith("  round ")] == \
@@ -139,7 +137,8 @@ def test_logs_a_cluster_file_can_read(tmp_path):
     code = ("import logging; from fedclip_lightning.cli import _log_format; _log_format(); "
             "logging.getLogger('fedclip_lightning.t').warning('hello')")
     for rank, level, shown in (("0", "", True), ("1", "", False), ("1", "DEBUG", True)):
-        out = subprocess.run([sys.executable, "-c", code], env=dict(env, RANK=rank, FEDCLIP_LOG_LEVEL=level),
+        out = subprocess.run([sys.executable, "-c", code],
+                             env=dict(cli_env(tmp_path), **env, RANK=rank, FEDCLIP_LOG_LEVEL=level),
                              capture_output=True, text=True).stderr
         assert (f"[rank {rank}] WARNING fedclip_lightning.t: hello" in out) == shown, (rank, level, out)
         if shown:

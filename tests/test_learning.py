@@ -74,7 +74,7 @@ def test_demo_is_the_pretrained_mini_clip_and_zero_shot_is_well_above_chance(dem
     assert zs["unseen_acc"]["photo"] >= 0.9  # the style the model was pretrained on
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])  # seeds 3 and 4 too when measured (the table above): 9 s a run
+@pytest.mark.parametrize("seed", [0, 1])  # seeds 2-4 too when measured (the table above): 25 s a seed here
 def test_fedclip_beats_zero_shot_on_the_clients(demo, seed):
     s = demo() if seed == 0 else demo(f"seed={seed}")  # the demo's own seed is 0
     assert s["algorithm"] == "fedclip" and s["rounds_run"] == 200

@@ -74,14 +74,12 @@ class FedPT(AdapterAlgorithm):
         return head
 
 
-# FedCLIP's keys (conf/algorithm/fedclip.yaml), then this algorithm's own.
+# Only what differs from FedPTConfig (every registered algorithm class is the schema algorithm/<name>_schema).
 YAML = """\
 defaults:
-  - fedclip
+  - test_fedpt_schema  # FedPTConfig, stored by the package for every registered algorithm
   - _self_
-name: test_fedpt
 lr: 1.0e-3
-frozen: fc1
 """
 
 

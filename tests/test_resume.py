@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fedclip_lightning.wandb_files import find_offline_runs, read_offline_run
-from helpers import PACS_MINI_ARGS, cli_env, read_summary, run_cli, run_main
+from helpers import PACS_MINI_ARGS, cli_env, read_summary, run_main
 
 # features=reference runs the encoder every batch: rounds slow enough to interrupt.
 BASE = [*PACS_MINI_ARGS, "logger=none", "features=reference", "federation.rounds=12",
@@ -164,9 +164,6 @@ def _one_run_each_round_once(run_dir: Path, rounds: int, sessions_expected: int)
     return sessions
 
 
-# The W&B tests resume in a fresh interpreter, as a requeued job does: W&B keeps process-wide state (its
-# settings, its service) from the first run it saw in a process.
-
 def test_wandb_after_sigkill_and_resume_is_one_run_with_each_round_once(tmp_path):
     # Checkpoints every 3 rounds, the kill after round 5: W&B's offline writer buffers, so the killed
     # session's file holds some prefix of rounds 1-5 (often none); the resumed session logs the rest.
@@ -181,7 +178,7 @@ def test_wandb_after_sigkill_and_resume_is_one_run_with_each_round_once(tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = _logged(run_dir)
-    resumed = run_cli([*args, "resume=auto"], tmp_path)
+    resumed = run_main([*args, "resume=auto"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and read_summary(run_dir)["resumed_from"] in (3, 6)
     sessions = _one_run_each_round_once(run_dir, 12, 2)
@@ -203,7 +200,7 @@ def test_wandb_after_sigusr1_and_resume_is_one_run_with_each_round_once(tmp_path
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err
-    resumed = run_cli([*args, "resume=auto"], tmp_path)
+    resumed = run_main([*args, "resume=auto"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     sessions = _one_run_each_round_once(run_dir, 12, 2)
     assert sessions[0]["exit_code"] == 0  # paused, not failed
@@ -219,11 +216,11 @@ def test_wandb_run_killed_before_its_first_checkpoint_restarts_as_the_same_run(t
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    again = run_cli([*args, "resume=auto"], tmp_path)
+    again = run_main([*args, "resume=auto"], tmp_path)
     assert again.returncode == 0, again.stderr
     _one_run_each_round_once(run_dir, 4, 2)
     # another config in the same directory is another W&B run
-    other = run_cli([*args, "resume=never", "algorithm.lr=1e-3"], tmp_path)
+    other = run_main([*args, "resume=never", "algorithm.lr=1e-3"], tmp_path)
     assert other.returncode == 0, other.stderr
     assert len({read_offline_run(d)["id"] for d in find_offline_runs(run_dir / "wandb")}) == 1  # the old one is
     assert len({read_offline_run(d)["id"] for d in find_offline_runs(run_dir / "replaced")}) == 1  # set aside

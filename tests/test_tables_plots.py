@@ -6,9 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -287,15 +284,10 @@ def test_plot_run_on_synthetic_runs(sweep: Path):
 
 
 def test_plot_run_on_a_real_run(tmp_path: Path, pacs_mini: Path):
-    env = dict(os.environ)
-    env["FEDCLIP_CACHE_DIR"] = str(tmp_path / "cache")
-    for var in ("FEDCLIP_RUN_DIR", "WANDB_API_KEY", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        env.pop(var, None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedclip_lightning", "experiment=pacs_mini_debug", f"data.root={pacs_mini}",
-         "logger=none", "progress=false", f"output_dir={tmp_path / 'runs'}", "run_name=demo"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+    from helpers import run_main
+
+    proc = run_main(["experiment=pacs_mini_debug", f"data.root={pacs_mini}", "logger=none", "progress=false",
+                     f"output_dir={tmp_path / 'runs'}", "run_name=demo"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     run = tmp_path / "runs" / "demo"
     path = plots.plot_run(run)

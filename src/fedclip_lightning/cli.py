@@ -38,7 +38,7 @@ options:
 
 
 def _presets() -> str:
-    from .configure import conf_dir
+    from .config import conf_dir  # not configure: --help needs no torch
 
     try:
         root = conf_dir()

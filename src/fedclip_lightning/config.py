@@ -1,4 +1,5 @@
-"""The configuration's schema: dataclasses, their defaults and the allowed values.
+"""The configuration's schema: dataclasses, their defaults and the allowed values, and where the presets
+that state what differs from them live (``conf_dir``).
 
 Nothing here loads or checks a config: ``configure.py`` composes the YAML with Hydra, types it against
 these classes and asks each component to check its own keys. Library code only ever sees these
@@ -8,8 +9,12 @@ frozen-in-spirit dataclasses, never a mutable DictConfig.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from .errors import ConfigError
 
 FEATURE_CACHE_MODES = ("auto", "on", "off")
 LOSSES = ("contrastive", "prototype")
@@ -230,3 +235,19 @@ class Config:
 def to_dict(cfg: Config) -> dict[str, Any]:
     """Plain nested dict of a config (for logging and summary.json)."""
     return dataclasses.asdict(cfg)
+
+
+def conf_dir() -> Path:
+    """The Hydra config folder: $FEDCLIP_CONF_DIR, else the one that ships in the package (the repository's
+    top-level conf/ is a link to it), so an installed wheel runs without the source tree."""
+
+    env = os.environ.get("FEDCLIP_CONF_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parent / "conf")
+    for c in candidates:
+        if (c / "config.yaml").is_file():
+            return c
+    raise ConfigError(
+        f"no config folder found (looked in {', '.join(map(str, candidates))}). "
+        "Fix: reinstall the package (`pip install -e .` from the repository), or set FEDCLIP_CONF_DIR=/path/to/conf."
+    )

@@ -9,7 +9,6 @@ set it and the fix.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseExceptio
 from .aggregation.checks import check_config as check_server_side, server_options_set
 from .algorithms import registry
 from .algorithms.base import check_config as check_algorithm
-from .config import ACCELERATORS, LOGGERS, WANDB_MODES, AlgorithmConfig, Config
+from .config import ACCELERATORS, LOGGERS, WANDB_MODES, AlgorithmConfig, Config, conf_dir
 from .data.pipeline import check_config as check_data
 from .errors import ConfigError, Problems
 from .model.backbone import check_config as check_backbone
@@ -161,22 +160,6 @@ def _check_across(cfg: Config, p: Problems) -> None:
               "sends nothing to a server", "drop the federation.* server options, or choose an algorithm that aggregates")
 
 
-def conf_dir() -> Path:
-    """The Hydra config folder: $FEDCLIP_CONF_DIR, else the one that ships in the package (the repository's
-    top-level conf/ is a link to it), so an installed wheel runs without the source tree."""
-
-    env = os.environ.get("FEDCLIP_CONF_DIR")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parent / "conf")
-    for c in candidates:
-        if (c / "config.yaml").is_file():
-            return c
-    raise ConfigError(
-        f"no config folder found (looked in {', '.join(map(str, candidates))}). "
-        "Fix: reinstall the package (`pip install -e .` from the repository), or set FEDCLIP_CONF_DIR=/path/to/conf."
-    )
-
-
 def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> Config:
     """Compose ``conf/<config_name>.yaml`` with Hydra overrides, type it and check it."""
     from hydra import compose, initialize_config_dir
@@ -211,7 +194,8 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = 
 def _algorithm_key_message(msg: str, overrides) -> str | None:
     """``algorithm.<key>=...`` for an algorithm without that key: which algorithms have it."""
     m = re.search(r"Could not override 'algorithm\.(\w+)'", msg)
-    if not m or "not in struct" not in msg:
+    # An untyped node says "not in struct"; an algorithm's schema (its config class) "Key 'x' not in 'Class'".
+    if not m or ("not in struct" not in msg and not re.search(r"Key '\w+' not in '\w+'", msg)):
         return None
     key = m.group(1)
     chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith("algorithm=")), "fedclip")
