@@ -75,10 +75,13 @@ def isolated(env: dict[str, str], cwd: Path):
     try:
         yield
     finally:
-        if "wandb" in sys.modules:  # W&B keeps process-wide settings (its folders, its service) from the first run
+        torn_down = "wandb" in sys.modules
+        if torn_down:  # W&B keeps process-wide settings (its folders, its service) from the first run
             sys.modules["wandb"].teardown()
         os.environ.clear()
         os.environ.update(saved_env)
+        if torn_down:  # the service that variable names is gone with the teardown
+            os.environ.pop("WANDB_SERVICE", None)
         os.chdir(saved_cwd)
         root.handlers[:], level = saved_log
         root.setLevel(level)
