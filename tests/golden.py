@@ -36,10 +36,10 @@ from pathlib import Path
 
 if __name__ == "__main__" and "--record" in sys.argv:
     # Record under the portable profile: its variables must be set before torch is imported.
-    from fedclip_lightning.numerics import is_portable, portable_env
+    from fedclip_lightning.numerics import PORTABLE, SWITCH, is_portable
 
     if not is_portable():
-        os.execve(sys.executable, [sys.executable, *sys.argv], portable_env())
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PORTABLE, SWITCH: "portable"})
 
 import torch  # noqa: E402
 
@@ -176,11 +176,11 @@ def _start(names: list[str], out: Path, ranks: int, timeout: int) -> Background:
 
     from helpers import cli_env
 
-    from fedclip_lightning.numerics import portable_env
+    from fedclip_lightning.numerics import PORTABLE, SWITCH
 
     out.mkdir(parents=True, exist_ok=True)
     result = out / "records.json"
-    env = portable_env(cli_env(out))
+    env = {**cli_env(out), **PORTABLE, SWITCH: "portable"}  # the profile, as FEDCLIP_NUMERICS=portable sets it
     cmd = [sys.executable, __file__, "--run", *names, "--json", str(result)]
     if ranks == 1:
         procs = [subprocess.Popen(cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]

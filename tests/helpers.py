@@ -135,3 +135,9 @@ def runs_in_process(monkeypatch) -> None:
 
 def read_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def num_adapter_params(dim: int, hidden: int | None = None) -> int:
+    """2 (d^2 + d): the count the paper reports (525,312 for d = 512); ``2 d h + h + d`` with a bottleneck."""
+    h = hidden or dim
+    return 2 * dim * h + h + dim

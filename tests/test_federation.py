@@ -15,9 +15,18 @@ from fedclip_lightning.aggregation.mean import (
     flatten,
     state_bytes,
     unflatten,
-    weighted_average,
     weighted_sum_rows,
 )
+
+
+
+def weighted_average(states, weights):
+    """The weighted mean of whole state dicts, key by key (the reference the row path is held against)."""
+    keys = list(states[0].keys())
+    for s in states[1:]:
+        if list(s.keys()) != keys:
+            raise ValueError("client states have different keys")
+    return {k: weighted_sum_rows(torch.stack([s[k] for s in states]), weights) for k in keys}
 
 
 def random_states(k: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> list[dict[str, torch.Tensor]]:

@@ -24,7 +24,8 @@ from fedclip_lightning.fit_plan import FitPlan
 from fedclip_lightning.training import local_fit
 from lightning.fabric import Fabric
 from fedclip_lightning.model import backbone as backbone_mod
-from fedclip_lightning.model.adapter import AttentionAdapter, num_adapter_params
+from fedclip_lightning.model.adapter import AttentionAdapter
+from helpers import num_adapter_params
 from fedclip_lightning.model.backbone import Backbone, FrozenCLIP, load_backbone
 
 TINY = ["fedclip-tiny-vit", "fedclip-tiny-rn"]
@@ -38,7 +39,7 @@ def tiny(name: str = "fedclip-tiny-vit", seed: int = 0) -> Backbone:
 
 
 def adapter_by_hand(adapter: AttentionAdapter, feats: torch.Tensor) -> torch.Tensor:
-    """METHOD.md: I* = normalize(softmax(W2 tanh(W1 I + b1) + b2) * I), in fp32."""
+    """The paper's adapter (arXiv 2302.13485): I* = normalize(softmax(W2 tanh(W1 I + b1) + b2) * I), in fp32."""
     i = feats.float()
     w1, b1 = adapter.fc1.weight.detach().float(), adapter.fc1.bias.detach().float()
     w2, b2 = adapter.fc2.weight.detach().float(), adapter.fc2.bias.detach().float()

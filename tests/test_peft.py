@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from fedclip_lightning.config import BackboneConfig
-from fedclip_lightning.model.adapter import AdapterFunction, AttentionAdapter, num_adapter_params
+from fedclip_lightning.model.adapter import AdapterFunction, AttentionAdapter
 from fedclip_lightning.model.backbone import load_backbone
 from fedclip_lightning.model.heads import LinearProbe, PromptLearner, ResidualMLPAdapter
-from helpers import PACS_MINI_ARGS, read_summary, run_main
+from helpers import PACS_MINI_ARGS, num_adapter_params, read_summary, run_main
 
 CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
 

@@ -323,7 +323,7 @@ def test_wandb_summaries_cover_the_whole_run_after_a_resume(offline_wandb, capsy
         checked += 1
     assert checked >= 20
     out = capsys.readouterr().out
-    assert f"W&B ran offline (WANDB_MODE=offline): nothing was uploaded" in out
+    assert "W&B ran offline (WANDB_MODE=offline): nothing was uploaded" in out
     assert f"wandb sync {tmp_path / 'r' / 'wandb'}/offline-run-*-{s['wandb_id']}" in out
 
 
@@ -364,7 +364,6 @@ def test_seeds_share_a_wandb_job_type():
 
 
 def test_seeds_are_repeats_with_mean_and_standard_deviation(tmp_path):
-    import argparse
     import statistics
 
     from fedclip_lightning.sweep import _parse, plan, report, save_plan

@@ -49,14 +49,6 @@ class NumericsError(Exception):
     """FEDCLIP_NUMERICS asked for something that cannot be had in this process (raised as a user error)."""
 
 
-def portable_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """``env`` (default: this process's) with the portable profile's variables set."""
-    out = dict(os.environ if env is None else env)
-    out.update(PORTABLE)
-    out[SWITCH] = "portable"
-    return out
-
-
 def apply_switch() -> None:
     """Honour ``FEDCLIP_NUMERICS=portable|native`` (unset: native). Called by the command line before it
     imports torch. A variable of the profile already set to another value is refused, not overridden."""

@@ -52,11 +52,6 @@ TEMPLATES = ("a picture of a {shape}", "a {style} of a {shape}", "a {size}{shape
 COLORS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
 
 
-def weights_path() -> str:
-    """The shipped checkpoint (the ``fedclip_weights`` config resolver returns it)."""
-    return str(WEIGHTS)
-
-
 def size_word(radius: float) -> str:
     return "small" if radius < 0.21 else "big" if radius > 0.28 else ""
 

@@ -317,7 +317,7 @@ def sweep_markdown(records: list[dict[str, Any]], block: str, name: str = "sweep
         parts.append(to_markdown(h, rows, title + (f": mean over {n} seeds" if n > 1 else "")))
         if n > 1:
             h, rows = spread_table(records, block, metric)
-            parts.append(to_markdown(h, rows, title + f": standard deviation over the seeds (points of %)",
+            parts.append(to_markdown(h, rows, title + ": standard deviation over the seeds (points of %)",
                                      footnotes=["sample standard deviation (n - 1) over each cell's runs; the average "
                                                 "row: over the seeds' own averages across the held-out domains."]))
     personal = [r for r in records if isinstance(r["summary"].get("personal"), dict)]

@@ -47,15 +47,6 @@ def weighted_sum_rows(rows: torch.Tensor, weights: Sequence[float]) -> torch.Ten
     return acc
 
 
-def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> State:
-    """Average of state dicts with the given weights (keys and shapes must agree)."""
-    keys = list(states[0].keys())
-    for s in states[1:]:
-        if list(s.keys()) != keys:
-            raise ValueError("client states have different keys")
-    return {k: weighted_sum_rows(torch.stack([s[k] for s in states]), weights) for k in keys}
-
-
 def flatten(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """All tensors of a state dict as one flat fp32 vector (in key order)."""
     return torch.cat([t.detach().reshape(-1).float() for t in state.values()])

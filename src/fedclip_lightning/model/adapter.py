@@ -114,9 +114,3 @@ class AttentionAdapter(nn.Module):
         the gradients (equal to ``AdapterFunction``'s to float rounding, not bitwise)."""
         features = features.float()
         return F.normalize(self.attention(features) * features, dim=-1)
-
-
-def num_adapter_params(dim: int, hidden: int | None = None) -> int:
-    """2 (d^2 + d): the count the paper reports (525,312 for d = 512); ``2 d h + h + d`` with a bottleneck."""
-    h = hidden or dim
-    return 2 * dim * h + h + dim
