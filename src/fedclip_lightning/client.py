@@ -50,10 +50,10 @@ class CLIPClient(L.LightningModule):
     FedProx's anchor) comes with that fit's ``FitPlan``, not as attributes.
     """
 
-    def __init__(self, name: str, algorithm: AlgorithmConfig, num_classes: int):
+    def __init__(self, name: str, config: AlgorithmConfig, num_classes: int):
         super().__init__()
         self.client_name = name
-        self.algorithm = algorithm
+        self.config = config  # the algorithm's config (algorithm.*)
         self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +69,7 @@ class CLIPClient(L.LightningModule):
         if y.numel() < 2:  # the reference skips batches of one
             return None
         feats, text = self.features(x), self.class_features()
-        loss = clip_loss(self.algorithm.loss, self.scale, feats, text, y)
+        loss = clip_loss(self.config.loss, self.scale, feats, text, y)
         if plan is not None and plan.anchor is not None:
             loss = loss + proximal_term(plan.mu, self.trainable(), plan.anchor)
         with torch.no_grad():
@@ -96,7 +96,7 @@ class CLIPClient(L.LightningModule):
         params = self.trainable()
         if not params:
             raise RuntimeError(f"client {self.client_name!r} has nothing to optimise")
-        return build_optimizer(params.values(), self.algorithm, plan)
+        return build_optimizer(params.values(), self.config, plan)
 
     # -- federation interface ------------------------------------------------
     def get_state(self) -> dict[str, torch.Tensor]:
@@ -117,9 +117,9 @@ class AdapterClient(CLIPClient):
     or any head of ``model.heads`` (CLIP-Adapter, a linear probe, CoOp's context); ``head=None`` is
     zero-shot CLIP. A head may replace the class features (``head.class_features(text)``)."""
 
-    def __init__(self, name: str, backbone: Backbone, text_features: torch.Tensor, algorithm: AlgorithmConfig,
+    def __init__(self, name: str, backbone: Backbone, text_features: torch.Tensor, config: AlgorithmConfig,
                  head: torch.nn.Module | None | str = "adapter"):
-        super().__init__(name, algorithm, int(text_features.shape[0]))
+        super().__init__(name, config, int(text_features.shape[0]))
         # Shared by reference, deliberately not registered as submodules/buffers.
         object.__setattr__(self, "backbone", backbone)
         object.__setattr__(self, "text_features", text_features)
@@ -160,8 +160,8 @@ class FullCLIPClient(CLIPClient):
     be training).
     """
 
-    def __init__(self, name: str, model: torch.nn.Module, tokens: torch.Tensor, algorithm: AlgorithmConfig):
-        super().__init__(name, algorithm, int(tokens.shape[0]))
+    def __init__(self, name: str, model: torch.nn.Module, tokens: torch.Tensor, config: AlgorithmConfig):
+        super().__init__(name, config, int(tokens.shape[0]))
         object.__setattr__(self, "model", model)  # the shared working copy, not a submodule
         object.__setattr__(self, "tokens", tokens)
 
