@@ -69,6 +69,8 @@ def isolated(env: dict[str, str], cwd: Path):
     root = logging.getLogger()
     saved_log = (root.handlers[:], root.level)
     saved_signals = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    if "wandb" in sys.modules:  # a W&B that ran in this process before (not isolated) starts over too
+        sys.modules["wandb"].teardown()
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -98,6 +100,8 @@ def exit_status(main, args: list[str]) -> int:
         return main(list(args))
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
+    except KeyboardInterrupt:  # Ctrl-C stops the test session, not just this command
+        raise
     except BaseException:  # noqa: BLE001 - as the interpreter would: the traceback, status 1
         traceback.print_exc()
         return 1
