@@ -69,7 +69,7 @@ CASES: dict[str, list[str]] = {
     "local": ["algorithm=local"],
     "local_keep": ["algorithm=local", "algorithm.optimizer_state=keep"],
     "fedclip_ft": ["algorithm=fedclip_ft", "algorithm.personal_epochs=2"],
-    # The server side (issue 10): each option's numbers, and 1 vs 2 processes.
+    # The server side: each option's numbers, and 1 vs 2 processes.
     "server_adam_unreliable": ["algorithm=fedclip", "federation.server_optimizer=adam", "federation.dropout=0.3",
                                "federation.straggler_fraction=0.5", "federation.local_epochs_range=[1,2]"],
     "trimmed_mean_gaussian_attack": ["algorithm=fedclip", "federation.aggregator=trimmed_mean",
@@ -81,7 +81,7 @@ CASES: dict[str, list[str]] = {
                            "federation.server_optimizer=momentum", "federation.client_fraction=0.67"],
     "dp_client_target": ["algorithm=fedavg", "algorithm.trainable=adapter", "federation.dp=client",
                          "federation.dp_target_epsilon=20", "federation.server_optimizer=adagrad"],
-    # The other parameter-efficient methods (issue 11) and a bottleneck adapter.
+    # The other parameter-efficient methods and a bottleneck adapter.
     "promptfl": ["algorithm=promptfl", "algorithm.n_ctx=4"],
     "clip_adapter": ["algorithm=clip_adapter"],
     "linear_probe": ["algorithm=linear_probe"],
