@@ -145,3 +145,13 @@ def num_adapter_params(dim: int, hidden: int | None = None) -> int:
     """2 (d^2 + d): the count the paper reports (525,312 for d = 512); ``2 d h + h + d`` with a bottleneck."""
     h = hidden or dim
     return 2 * dim * h + h + dim
+
+
+def federation_config(*dotlist: str):
+    """A FederationConfig from override-style strings, as the command line spells them without the
+    ``federation.`` prefix: ``federation_config("privacy.mode=server", "privacy.clip=0.5")``."""
+    from omegaconf import OmegaConf
+
+    from fedclip_lightning.config import FederationConfig
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FederationConfig), OmegaConf.from_dotlist(list(dotlist))))

@@ -136,3 +136,22 @@ def test_algorithm_yamls_state_only_what_differs_from_their_class():
         assert not same, f"{f.name} restates the defaults of {same}"
         assert dataclasses.asdict(load_config([f"algorithm={name}"]).algorithm) == {**default, **{
             k: v for k, v in data.items() if k != "defaults"}}
+
+
+def test_the_flat_federation_keys_of_earlier_releases_are_refused_with_their_new_name():
+    with pytest.raises(ConfigError) as err:
+        load_config(["federation.dp=server", "+federation.dp_clip=0.5", "federation.server_optimizer=adam",
+                     "federation.local_epochs_range=[1,3]"])
+    msg = str(err.value)
+    assert "4 problems" in msg
+    for fix in ("federation.privacy.mode=server", "federation.privacy.clip=0.5", "federation.server_optimizer.name=adam",
+                "federation.unreliable.local_epochs_range=[1,3]"):
+        assert f"Fix: {fix}" in msg
+    # A whole group in Hydra's dict syntax is the new form, and so is every grouped key.
+    cfg = load_config(["federation.server_optimizer={name:adam,lr:0.05}", "federation.attack.name=scaled",
+                       "federation.attack.fraction=0.34"])
+    assert (cfg.federation.server_optimizer.name, cfg.federation.server_optimizer.lr) == ("adam", 0.05)
+    # A saved config (a YAML file, a checkpoint's config) with the old keys says the same.
+    with pytest.raises(ConfigError, match=r"(?s)federation.dp_secure: .* Fix: write federation.privacy.secure instead"
+                                          r".*federation.attack: .* Fix: write federation.attack.name: scaled instead"):
+        to_config({"federation": {"dp_secure": True, "attack": "scaled"}})

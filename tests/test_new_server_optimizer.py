@@ -9,7 +9,7 @@ does it on the pseudo-gradient ``Delta``:
     w <- w + eta (Delta + beta1 b)
 
 It is written to a folder of the test's own, named in ``FEDCLIP_PLUGINS``, and
-selected with ``federation.server_optimizer=nesterov``: the config check, the
+selected with ``federation.server_optimizer.name=nesterov``: the config check, the
 server update, checkpoints and resume find it with no change to the package.
 """
 
@@ -23,23 +23,23 @@ import torch
 from lightning.fabric import Fabric
 
 from conftest import PACS_MINI
+from helpers import federation_config
 from fedclip_lightning.aggregation import server_opt
 from fedclip_lightning.aggregation.update import ServerUpdate
-from fedclip_lightning.config import FederationConfig
 from fedclip_lightning.configure import load_config
 from fedclip_lightning.errors import ConfigError
 from fedclip_lightning.federation.orchestrator import run
 
 PLUGIN = '''\
-"""Server SGD with Nesterov momentum: federation.server_optimizer=nesterov."""
+"""Server SGD with Nesterov momentum: federation.server_optimizer.name=nesterov."""
 from fedclip_lightning.aggregation.server_opt import ServerOptimizer, register_server_optimizer
 
 
 @register_server_optimizer("nesterov")
 class Nesterov(ServerOptimizer):
-    default_lr = 1.0                        # eta where federation.server_lr is null
+    default_lr = 1.0                        # eta where federation.server_optimizer.lr is null
 
-    def __init__(self, lr, beta1, beta2, tau):  # federation.server_lr, server_beta1, server_beta2, server_tau
+    def __init__(self, lr, beta1, beta2, tau):  # federation.server_optimizer.{lr,beta1,beta2,tau}
         super().__init__(lr, beta1, beta2, tau)
         self.buf = None                     # the momentum buffer: server state
 
@@ -85,22 +85,22 @@ def _nesterov_by_hand(w, deltas, lr, b1):
 
 def test_the_plugin_is_loaded_by_name_and_an_unknown_name_lists_the_registered_ones(plugin, monkeypatch):
     monkeypatch.delenv("FEDCLIP_PLUGINS")  # without the plugin the name is unknown
-    with pytest.raises(ConfigError, match=rf"federation.server_optimizer='nesterov': unknown value\. "
+    with pytest.raises(ConfigError, match=rf"federation.server_optimizer.name='nesterov': unknown value\. "
                                           rf"Fix: use one of {BUILT_INS}\b"):
-        load_config(["federation.server_optimizer=nesterov"])
+        load_config(["federation.server_optimizer.name=nesterov"])
     assert plugin not in sys.modules
     monkeypatch.setenv("FEDCLIP_PLUGINS", plugin)
-    cfg = load_config(["federation.server_optimizer=nesterov"])  # the check imports the plugin first
-    assert cfg.federation.server_optimizer == "nesterov" and plugin in sys.modules
+    cfg = load_config(["federation.server_optimizer.name=nesterov"])  # the check imports the plugin first
+    assert cfg.federation.server_optimizer.name == "nesterov" and plugin in sys.modules
     assert server_opt.server_optimizer_names() == [*BUILT_INS.split(", "), "nesterov"]
-    with pytest.raises(ConfigError, match=rf"federation.server_optimizer='nesterof': unknown value\. "
+    with pytest.raises(ConfigError, match=rf"federation.server_optimizer.name='nesterof': unknown value\. "
                                           rf"Fix: use one of {BUILT_INS}, nesterov\b"):
-        load_config(["federation.server_optimizer=nesterof"])
+        load_config(["federation.server_optimizer.name=nesterof"])
     with pytest.raises(ConfigError, match=rf"unknown server optimiser\. Fix: use one of {BUILT_INS}, nesterov "):
         server_opt.get_server_optimizer("nesterof")
     monkeypatch.setenv("FEDCLIP_PLUGINS", "no_such_plugin_module")
     with pytest.raises(ConfigError, match="FEDCLIP_PLUGINS='no_such_plugin_module': cannot import"):
-        load_config(["federation.server_optimizer=nesterov_typo"])
+        load_config(["federation.server_optimizer.name=nesterov_typo"])
 
 
 def test_the_plugins_first_rounds_by_hand(plugin):
@@ -112,8 +112,8 @@ def test_the_plugins_first_rounds_by_hand(plugin):
                torch.tensor([[0.9, -1.5, 0.4], [1.1, -2.5, 0.2], [1.0, -2.0, 0.3]])]
     lr, b1 = 0.5, 0.8
     for aggregator, agg in (("mean", lambda r: r.mean(0)), ("median", lambda r: r.median(0).values)):
-        su = ServerUpdate(FederationConfig(server_optimizer="nesterov", server_lr=lr, server_beta1=b1,
-                                           aggregator=aggregator), 0, 3, 2)
+        su = ServerUpdate(federation_config("server_optimizer.name=nesterov", f"server_optimizer.lr={lr}",
+                                            f"server_optimizer.beta1={b1}", f"aggregator.name={aggregator}"), 0, 3, 2)
         assert type(su.optimizer).__module__ == plugin and not su.plain
         w, buf = w0.clone(), None
         for server_round, rows in enumerate(clients, start=1):
@@ -125,20 +125,20 @@ def test_the_plugins_first_rounds_by_hand(plugin):
             w = got
         torch.testing.assert_close(su.state()["optimizer"]["buf"], buf, rtol=1e-6, atol=1e-7)
         # The state round-trips: a server that loads it takes the same next step, bitwise.
-        again = ServerUpdate(FederationConfig(server_optimizer="nesterov", server_lr=lr, server_beta1=b1,
-                                              aggregator=aggregator), 0, 3, 2)
+        again = ServerUpdate(federation_config("server_optimizer.name=nesterov", f"server_optimizer.lr={lr}",
+                                               f"server_optimizer.beta1={b1}", f"aggregator.name={aggregator}"), 0, 3, 2)
         again.load(su.state())
         rows = clients[0]
         assert torch.equal(su(fabric, 3, [0, 1, 2], lambda i: rows[i], [1 / 3] * 3, lambda: w, 3),
                            again(fabric, 3, [0, 1, 2], lambda i: rows[i], [1 / 3] * 3, lambda: w, 3))
-    assert ServerUpdate(FederationConfig(server_optimizer="nesterov"), 0, 3, 2).optimizer.lr == 1.0  # default_lr
+    assert ServerUpdate(federation_config("server_optimizer.name=nesterov"), 0, 3, 2).optimizer.lr == 1.0  # default_lr
 
 
 def _config(tmp_path, name, *more):
     return load_config(["experiment=pacs_mini_debug", f"data.root={PACS_MINI}", "progress=false", "logger=none",
                         f"output_dir={tmp_path / 'out'}", f"run_name={name}", f"features.dir={tmp_path / 'f'}",
-                        "algorithm.lr=1e-3", "federation.server_optimizer=nesterov", "federation.server_lr=0.5",
-                        "federation.server_beta1=0.8", *more])
+                        "algorithm.lr=1e-3", "federation.server_optimizer.name=nesterov", "federation.server_optimizer.lr=0.5",
+                        "federation.server_optimizer.beta1=0.8", *more])
 
 
 def _flat(run_dir) -> torch.Tensor:
@@ -161,7 +161,7 @@ def test_the_plugin_runs_end_to_end_by_hand_and_resumes_bitwise(plugin, tmp_path
     monkeypatch.setattr(cls, "step", recording)
     s = run(whole_cfg)
     assert s["status"] == "finished" and s["rounds_run"] == 4
-    assert s["config"]["federation"]["server_optimizer"] == "nesterov"
+    assert s["config"]["federation"]["server_optimizer"]["name"] == "nesterov"
     # Each round's step by hand from the round's pseudo-gradient; each round starts from the last one's model.
     assert len(calls) == 4
     want = _nesterov_by_hand(calls[0][0], [d for _, d, _ in calls], lr=0.5, b1=0.8)

@@ -9,6 +9,7 @@ import torch
 from lightning.fabric import Fabric
 
 from conftest import PACS_MINI
+from helpers import federation_config
 from fedclip_lightning.config import FederationConfig
 from fedclip_lightning.configure import load_config
 from fedclip_lightning.data.partition import sample_clients, stable_seed
@@ -24,8 +25,8 @@ def fabric() -> Fabric:
     return Fabric(accelerator="cpu", devices=1)
 
 
-def fed(**kw) -> FederationConfig:
-    return FederationConfig(**kw)
+def fed(*dotlist: str) -> FederationConfig:
+    return federation_config(*dotlist)
 
 
 def step(fabric, su: ServerUpdate, rows: torch.Tensor, w: torch.Tensor, weights=None,
@@ -42,7 +43,7 @@ def test_server_optimizers_first_rounds_by_hand(fabric):
     clients = [torch.tensor([[1.2, -2.0, 0.1], [0.6, -1.0, 0.5]]), torch.tensor([[0.9, -1.5, 0.4], [1.1, -2.5, 0.2]])]
     b1, b2, tau, lr = 0.9, 0.99, 1e-3, 0.1
     for kind in ("none", "momentum", "adam", "yogi", "adagrad"):
-        su = ServerUpdate(fed(server_optimizer=kind, server_lr=lr), 0, 2, 2)
+        su = ServerUpdate(fed(f"server_optimizer.name={kind}", f"server_optimizer.lr={lr}"), 0, 2, 2)
         assert su.plain == (kind == "none")
         w, m, v = w0.clone(), torch.zeros(3), torch.full((3,), tau ** 2)
         mom = None
@@ -72,9 +73,9 @@ def test_server_optimizers_first_rounds_by_hand(fabric):
 
 def test_server_optimizer_state_round_trips(fabric):
     rows, w = torch.tensor([[1.0, 2.0], [3.0, 0.0]]), torch.zeros(2)
-    a = ServerUpdate(fed(server_optimizer="yogi"), 0, 2, 3)
+    a = ServerUpdate(fed("server_optimizer.name=yogi"), 0, 2, 3)
     step(fabric, a, rows, w)
-    b = ServerUpdate(fed(server_optimizer="yogi"), 0, 2, 3)
+    b = ServerUpdate(fed("server_optimizer.name=yogi"), 0, 2, 3)
     b.load(a.state())
     assert torch.equal(step(fabric, a, rows, w, server_round=2), step(fabric, b, rows, w, server_round=2))
 
@@ -122,7 +123,7 @@ def test_clipping_bounds_every_client_update(fabric):
     g = torch.Generator().manual_seed(1)
     w = torch.zeros(50)
     rows = torch.randn(4, 50, generator=g) * torch.tensor([[0.01], [1.0], [10.0], [100.0]])
-    su = ServerUpdate(fed(dp="server", dp_clip=0.5, dp_noise_multiplier=0.0), 0, 4, 1)
+    su = ServerUpdate(fed("privacy.mode=server", "privacy.clip=0.5", "privacy.noise_multiplier=0.0"), 0, 4, 1)
     for k in range(4):
         u = su._update(1, k, rows[k], w)
         assert float(u.norm()) <= 0.5 + 1e-6
@@ -134,11 +135,11 @@ def test_clipping_bounds_every_client_update(fabric):
 
 def test_dp_noise_is_seeded_and_scaled(fabric):
     w, rows = torch.zeros(20000), torch.zeros(4, 20000)
-    su = ServerUpdate(fed(dp="server", dp_clip=2.0, dp_noise_multiplier=1.5), 7, 4, 1)
+    su = ServerUpdate(fed("privacy.mode=server", "privacy.clip=2.0", "privacy.noise_multiplier=1.5"), 7, 4, 1)
     a, b = step(fabric, su, rows, w), step(fabric, su, rows, w)
     assert torch.equal(a, b)  # seeded by the round alone: every rank draws the same
     assert float(a.std()) == pytest.approx(1.5 * 2.0 / 4, rel=0.03)  # sigma C on the sum, averaged over 4
-    local = ServerUpdate(fed(dp="client", dp_clip=2.0, dp_noise_multiplier=1.5), 7, 4, 1)
+    local = ServerUpdate(fed("privacy.mode=client", "privacy.clip=2.0", "privacy.noise_multiplier=1.5"), 7, 4, 1)
     assert float(step(fabric, local, rows, w).std()) == pytest.approx(1.5 * 2.0 / 2, rel=0.03)  # 4 noises / 4
 
 
@@ -146,14 +147,14 @@ def test_epsilon_is_opacus_rdp_accountant():
     from opacus.accountants import RDPAccountant
     from opacus.accountants.utils import get_noise_multiplier
 
-    f = fed(dp="server", dp_noise_multiplier=1.1, client_fraction=0.5, dp_delta=1e-5)
+    f = fed("privacy.mode=server", "privacy.noise_multiplier=1.1", "client_fraction=0.5", "privacy.delta=1e-5")
     su = ServerUpdate(f, 0, 4, 30)
     direct = RDPAccountant()
     for _ in range(30):
         direct.step(noise_multiplier=1.1, sample_rate=0.5)
     assert su.metrics(30)["privacy/epsilon"] == pytest.approx(direct.get_epsilon(1e-5), rel=1e-12)
     assert su.metrics(0)["privacy/epsilon"] == 0.0
-    target = ServerUpdate(fed(dp="client", dp_target_epsilon=4.0, client_fraction=0.5), 0, 4, 30)
+    target = ServerUpdate(fed("privacy.mode=client", "privacy.target_epsilon=4.0", "client_fraction=0.5"), 0, 4, 30)
     sigma = get_noise_multiplier(target_epsilon=4.0, target_delta=1e-5, sample_rate=0.5, steps=30, accountant="rdp")
     assert target.privacy.sigma == pytest.approx(sigma)
     assert target.metrics(30)["privacy/epsilon"] <= 4.0 + 1e-6
@@ -174,11 +175,11 @@ def _flat(run_dir) -> torch.Tensor:
 
 
 def test_a_scaled_attack_moves_the_mean_by_orders_of_magnitude_more_than_the_median(tmp_path):
-    attack = ["federation.attack=scaled", "federation.attack_fraction=0.34"]
+    attack = ["federation.attack.name=scaled", "federation.attack.fraction=0.34"]
     moved = {}
     for rule in ("mean", "median"):
-        _, clean = _run(tmp_path, f"{rule}-clean", f"federation.aggregator={rule}")
-        s, attacked = _run(tmp_path, f"{rule}-attacked", f"federation.aggregator={rule}", *attack)
+        _, clean = _run(tmp_path, f"{rule}-clean", f"federation.aggregator.name={rule}")
+        s, attacked = _run(tmp_path, f"{rule}-attacked", f"federation.aggregator.name={rule}", *attack)
         assert s["status"] == "finished"
         moved[rule] = float((_flat(attacked) - _flat(clean)).norm())
     assert moved["median"] > 0  # the attacker did change something
@@ -186,7 +187,7 @@ def test_a_scaled_attack_moves_the_mean_by_orders_of_magnitude_more_than_the_med
 
 
 def test_unreliable_clients_are_seeded_counted_and_honest_about_bytes(tmp_path):
-    opts = ["federation.dropout=0.4", "federation.straggler_fraction=0.5", "federation.local_epochs_range=[1,3]"]
+    opts = ["federation.unreliable.dropout=0.4", "federation.unreliable.straggler_fraction=0.5", "federation.unreliable.local_epochs_range=[1,3]"]
     a, dir_a = _run(tmp_path, "a", *opts, rounds=4)
     b, dir_b = _run(tmp_path, "b", *opts, rounds=4)
     assert a["server"] == b["server"] and torch.equal(_flat(dir_a), _flat(dir_b))  # seeded
@@ -210,9 +211,9 @@ def test_unreliable_clients_are_seeded_counted_and_honest_about_bytes(tmp_path):
 
 
 @pytest.mark.parametrize("opts", [
-    ["federation.server_optimizer=adam", "federation.dropout=0.3", "federation.straggler_fraction=0.5"],
-    ["federation.dp=server", "federation.dp_clip=0.05", "federation.attack=sign_flip", "federation.attack_fraction=0.34"],
-    ["federation.aggregator=multi_krum", "federation.server_optimizer=momentum", "federation.local_epochs_range=[1,2]"],
+    ["federation.server_optimizer.name=adam", "federation.unreliable.dropout=0.3", "federation.unreliable.straggler_fraction=0.5"],
+    ["federation.privacy.mode=server", "federation.privacy.clip=0.05", "federation.attack.name=sign_flip", "federation.attack.fraction=0.34"],
+    ["federation.aggregator.name=multi_krum", "federation.server_optimizer.name=momentum", "federation.unreliable.local_epochs_range=[1,2]"],
 ], ids=["adam+unreliable", "dp+attack", "multikrum+momentum"])
 def test_server_options_resume_bitwise(tmp_path, opts):
     whole, whole_dir = _run(tmp_path, "whole", *opts, rounds=4)
@@ -225,8 +226,8 @@ def test_server_options_resume_bitwise(tmp_path, opts):
 
 def test_server_option_errors():
     with pytest.raises(ConfigError, match="sends nothing to a server"):
-        load_config(["algorithm=local", "federation.aggregator=median"])
-    with pytest.raises(ConfigError, match="federation.trim_beta=0.6"):
-        load_config(["federation.aggregator=trimmed_mean", "federation.trim_beta=0.6"])
-    with pytest.raises(ConfigError, match="federation.server_optimizer='sgd'"):
-        load_config(["federation.server_optimizer=sgd"])
+        load_config(["algorithm=local", "federation.aggregator.name=median"])
+    with pytest.raises(ConfigError, match="federation.aggregator.trim_beta=0.6"):
+        load_config(["federation.aggregator.name=trimmed_mean", "federation.aggregator.trim_beta=0.6"])
+    with pytest.raises(ConfigError, match="federation.server_optimizer.name='sgd'"):
+        load_config(["federation.server_optimizer.name=sgd"])

@@ -77,8 +77,8 @@ def test_sweep_axes_become_columns_and_lines(tmp_path, monkeypatch):
     """--set axes multiply; each combination is a labelled column of the table and a line of the plots."""
     runs_in_process(monkeypatch)
     cmd = ["--algorithms", "fedclip", "--heldout", "sketch", "--name", "axes", "--set",
-           "federation.aggregator=mean,median", "--set", "federation.attack=none,scaled", *PACS_MINI_ARGS,
-           "logger=none", "federation.rounds=1", "federation.attack_fraction=0.34"]
+           "federation.aggregator.name=mean,median", "--set", "federation.attack.name=none,scaled", *PACS_MINI_ARGS,
+           "logger=none", "federation.rounds=1", "federation.attack.fraction=0.34"]
     proc = _sweep(cmd, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = tmp_path / "outputs" / "axes"
@@ -86,7 +86,8 @@ def test_sweep_axes_become_columns_and_lines(tmp_path, monkeypatch):
     assert runs == ["fedclip_aggregator_mean_attack_none-sketch", "fedclip_aggregator_mean_attack_scaled-sketch",
                     "fedclip_aggregator_median_attack_none-sketch", "fedclip_aggregator_median_attack_scaled-sketch"]
     s = read_summary(sweep / "fedclip_aggregator_median_attack_scaled-sketch")
-    assert s["config"]["federation"]["aggregator"] == "median" and s["config"]["federation"]["attack"] == "scaled"
+    assert s["config"]["federation"]["aggregator"]["name"] == "median"
+    assert s["config"]["federation"]["attack"]["name"] == "scaled"
     with open(sweep / "table_final.csv") as f:
         header = next(csv.reader(f))
     assert [h for h in header if h.startswith("fedclip")] == [
@@ -98,7 +99,7 @@ def test_sweep_axes_become_columns_and_lines(tmp_path, monkeypatch):
 def test_sweep_refuses_an_axis_that_clashes_before_running(tmp_path, capsys):
     from fedclip_lightning.sweep import main
 
-    code = main(["--algorithms", "fedclip,local", "--heldout", "sketch", "--set", "federation.aggregator=mean,median",
+    code = main(["--algorithms", "fedclip,local", "--heldout", "sketch", "--set", "federation.aggregator.name=mean,median",
                  *PACS_MINI_ARGS, f"output_dir={tmp_path}"])
     assert code == 2
     err = capsys.readouterr().err

@@ -40,7 +40,7 @@ def test_a_non_finite_aggregate_stops_the_run(tmp_path, monkeypatch):
     step = server_opt.Momentum.step
     monkeypatch.setattr(server_opt.Momentum, "step", lambda self, w, d: step(self, w, d) * float("nan"))
     with pytest.raises(DivergedError, match="round 1: the aggregated model is not finite .*, from finite client"):
-        _run(tmp_path, "federation.server_optimizer=momentum", "federation.rounds=2")
+        _run(tmp_path, "federation.server_optimizer.name=momentum", "federation.rounds=2")
 
 
 def test_evaluation_names_a_split_whose_loss_is_not_finite(tmp_path, monkeypatch):
@@ -64,13 +64,13 @@ def test_evaluation_names_a_split_whose_loss_is_not_finite(tmp_path, monkeypatch
 
 
 def test_nan_attack_scale_is_refused():
-    with pytest.raises(ConfigError, match=r"federation.attack_scale=nan: must be a finite number"):
-        load_config([*PM, "federation.attack=scaled", "federation.attack_fraction=0.34", "federation.attack_scale=nan"])
+    with pytest.raises(ConfigError, match=r"federation.attack.scale=nan: must be a finite number"):
+        load_config([*PM, "federation.attack.name=scaled", "federation.attack.fraction=0.34", "federation.attack.scale=nan"])
 
 
 @pytest.mark.parametrize("key,value", [
-    ("federation.dp_target_epsilon", "8.5"), ("federation.attack_fraction", "0.34"),
-    ("federation.trim_beta", "0.2"), ("federation.krum_f", "1"), ("federation.multi_krum_m", "2")])
+    ("federation.privacy.target_epsilon", "8.5"), ("federation.attack.fraction", "0.34"),
+    ("federation.aggregator.trim_beta", "0.2"), ("federation.aggregator.krum_f", "1"), ("federation.aggregator.multi_krum_m", "2")])
 def test_a_setting_that_does_nothing_where_it_stands_is_refused(key, value):
     enabler = ONLY_WITH[key][0]
     with pytest.raises(ConfigError, match=rf"{key}={value}: has no effect with {enabler}=.* Fix: add {enabler}="):
@@ -78,14 +78,14 @@ def test_a_setting_that_does_nothing_where_it_stands_is_refused(key, value):
 
 
 def test_an_attack_fraction_that_rounds_to_no_attacker_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match=r"attack_fraction=0\.1: of 3 clients that rounds to 0 attackers.*"
-                                          r"Fix: set federation\.attack_fraction=0\.33 or more"):
-        _run(tmp_path, "federation.attack=sign_flip", "federation.attack_fraction=0.1", "federation.rounds=1")
+    with pytest.raises(ConfigError, match=r"attack\.fraction=0\.1: of 3 clients that rounds to 0 attackers.*"
+                                          r"Fix: set federation\.attack\.fraction=0\.33 or more"):
+        _run(tmp_path, "federation.attack.name=sign_flip", "federation.attack.fraction=0.1", "federation.rounds=1")
 
 
 def test_multi_krum_with_more_rows_than_clients_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match=r"federation.multi_krum_m=5: more rows than the 3 clients"):
-        _run(tmp_path, "federation.aggregator=multi_krum", "federation.multi_krum_m=5", "federation.rounds=1")
+    with pytest.raises(ConfigError, match=r"federation.aggregator.multi_krum_m=5: more rows than the 3 clients"):
+        _run(tmp_path, "federation.aggregator.name=multi_krum", "federation.aggregator.multi_krum_m=5", "federation.rounds=1")
 
 
 def test_a_sweep_leaves_a_setting_out_of_the_runs_whose_axis_turns_it_off(tmp_path, capsys):
@@ -94,12 +94,12 @@ def test_a_sweep_leaves_a_setting_out_of_the_runs_whose_axis_turns_it_off(tmp_pa
     from fedclip_lightning.sweep import plan
 
     args = argparse.Namespace(algorithms="fedclip", heldout="sketch", name="s",
-                              set=["federation.attack=none,sign_flip"])
-    _, runs = plan(args, [*PM, f"output_dir={tmp_path}", "federation.attack_fraction=0.34"])
-    by_attack = {next(o for o in ov if o.startswith("federation.attack=")): ov for _, _, ov in runs}
-    assert "federation.attack_fraction=0.34" not in by_attack["federation.attack=none"]
-    assert "federation.attack_fraction=0.34" in by_attack["federation.attack=sign_flip"]
-    assert "federation.attack_fraction=0.34 has no effect where federation.attack=none" in capsys.readouterr().out
+                              set=["federation.attack.name=none,sign_flip"])
+    _, runs = plan(args, [*PM, f"output_dir={tmp_path}", "federation.attack.fraction=0.34"])
+    by_attack = {next(o for o in ov if o.startswith("federation.attack.name=")): ov for _, _, ov in runs}
+    assert "federation.attack.fraction=0.34" not in by_attack["federation.attack.name=none"]
+    assert "federation.attack.fraction=0.34" in by_attack["federation.attack.name=sign_flip"]
+    assert "federation.attack.fraction=0.34 has no effect where federation.attack.name=none" in capsys.readouterr().out
 
 
 def test_promptfl_refuses_a_context_that_pushes_the_class_name_out(tmp_path):
@@ -115,7 +115,7 @@ def test_resume_refuses_to_change_rounds_that_a_schedule_was_planned_for(tmp_pat
     """promptfl's cosine schedule and a DP target both spread over federation.rounds: a resume that changes it
     would match neither run (5 then 10 rounds differed from a straight 10 in 90 metrics rows)."""
     for name, opts in (("cos", ["algorithm=promptfl", "algorithm.n_ctx=4"]),
-                       ("dp", ["federation.dp=server", "federation.dp_target_epsilon=20"])):
+                       ("dp", ["federation.privacy.mode=server", "federation.privacy.target_epsilon=20"])):
         _run(tmp_path, *opts, "federation.rounds=2", name=name)
         with pytest.raises(ConfigError, match=r"resume: federation.rounds=4, but the checkpoint .* belongs to a run "
                                               r"of 2 rounds and .* Fix: resume with federation.rounds=2"):
@@ -130,18 +130,18 @@ def test_resume_refuses_a_checkpoint_past_the_last_round(tmp_path):
 
 
 def test_extending_a_run_without_a_schedule_still_resumes(tmp_path):
-    _run(tmp_path, "federation.dp=server", "federation.dp_noise_multiplier=0.5", "federation.rounds=2")
-    s = _run(tmp_path, "federation.dp=server", "federation.dp_noise_multiplier=0.5", "federation.rounds=4",
+    _run(tmp_path, "federation.privacy.mode=server", "federation.privacy.noise_multiplier=0.5", "federation.rounds=2")
+    s = _run(tmp_path, "federation.privacy.mode=server", "federation.privacy.noise_multiplier=0.5", "federation.rounds=4",
              "resume=auto")
-    straight = _run(tmp_path, "federation.dp=server", "federation.dp_noise_multiplier=0.5", "federation.rounds=4",
+    straight = _run(tmp_path, "federation.privacy.mode=server", "federation.privacy.noise_multiplier=0.5", "federation.rounds=4",
                     name="straight")
     assert s["resumed_from"] == 2 and s["server"] == straight["server"]  # epsilon of 4 rounds at one sigma
 
 
 def test_an_unreachable_privacy_target_is_a_message_not_a_traceback(tmp_path):
-    with pytest.raises(ConfigError, match=r"federation.dp_target_epsilon=1e-06: no noise multiplier reaches it .* "
-                                          r"Fix: a larger dp_target_epsilon"):
-        _run(tmp_path, "federation.dp=server", "federation.dp_target_epsilon=1e-6", "federation.rounds=2")
+    with pytest.raises(ConfigError, match=r"federation.privacy.target_epsilon=1e-06: no noise multiplier reaches it .* "
+                                          r"Fix: a larger federation.privacy.target_epsilon"):
+        _run(tmp_path, "federation.privacy.mode=server", "federation.privacy.target_epsilon=1e-6", "federation.rounds=2")
 
 
 def test_secure_dp_noise_comes_from_the_os_not_the_config(tmp_path, capsys):
@@ -150,9 +150,9 @@ def test_secure_dp_noise_comes_from_the_os_not_the_config(tmp_path, capsys):
     z = secure_normal(200_001)
     assert z.shape == (200_001,) and abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
     assert not torch.equal(secure_normal(8), secure_normal(8))
-    opts = ["federation.dp=server", "federation.dp_clip=0.05", "federation.rounds=2"]
-    a = _run(tmp_path, *opts, "federation.dp_secure=true", name="a")
-    b = _run(tmp_path, *opts, "federation.dp_secure=true", name="b")
+    opts = ["federation.privacy.mode=server", "federation.privacy.clip=0.05", "federation.rounds=2"]
+    a = _run(tmp_path, *opts, "federation.privacy.secure=true", name="a")
+    b = _run(tmp_path, *opts, "federation.privacy.secure=true", name="b")
     sa = torch.load(tmp_path / "a" / "adapter_final.pt", weights_only=True)["state"]
     sb = torch.load(tmp_path / "b" / "adapter_final.pt", weights_only=True)["state"]
     assert not all(torch.equal(sa[k], sb[k]) for k in sa)  # same config, other noise

@@ -250,8 +250,8 @@ def rounds_dependent(config: dict[str, Any]) -> list[str]:
     out = []
     if (config.get("algorithm") or {}).get("lr_schedule") == "cosine":
         out.append("algorithm.lr_schedule=cosine spreads the learning rate over federation.rounds")
-    if (config.get("federation") or {}).get("dp_target_epsilon") is not None:
-        out.append("federation.dp_target_epsilon chose the noise for federation.rounds rounds")
+    if ((config.get("federation") or {}).get("privacy") or {}).get("target_epsilon") is not None:
+        out.append("federation.privacy.target_epsilon chose the noise for federation.rounds rounds")
     return out
 
 

@@ -135,9 +135,60 @@ class FeaturesConfig:
 
 
 @dataclass
+class ServerOptimizerConfig:
+    """How the server applies the round's mean update (aggregation/server_opt.py; Reddi et al. 2021)."""
+    name: str = "none"  # none (plain averaging, the reference), momentum (FedAvgM), adam, yogi, adagrad, or a plugin
+    lr: float | None = None  # null: 1.0 for none/momentum, 1e-2 for adam/yogi/adagrad
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+
+@dataclass
+class AggregatorConfig:
+    """The rule that combines the round's client rows (aggregation/robust.py)."""
+    name: str = "mean"  # mean (weighted, streamed), median, trimmed_mean, krum, multi_krum
+    trim_beta: float = 0.1  # trimmed_mean: fraction trimmed at each end
+    krum_f: int = 0  # krum / multi_krum: attackers assumed
+    multi_krum_m: int | None = None  # multi_krum: rows averaged (null: K - f)
+
+
+@dataclass
+class PrivacyConfig:
+    """Client-level differential privacy, DP-FedAvg (aggregation/privacy.py)."""
+    mode: str = "none"  # none, server (noise on the sum), client (local DP)
+    clip: float = 1.0
+    noise_multiplier: float = 1.0
+    target_epsilon: float | None = None  # picks noise_multiplier for the planned rounds
+    delta: float = 1e-5
+    # The noise from the operating system's entropy (a deployment), not from a stream seeded by the config
+    # (simulation: reproducible, bitwise on resume, and so known to anyone who has the config).
+    secure: bool = False
+
+
+@dataclass
+class AttackConfig:
+    """The byzantine-client simulator, for testing robust rules (aggregation/attacks.py)."""
+    name: str = "none"  # none, sign_flip, gaussian, scaled
+    fraction: float = 0.0  # of the clients, a seeded draw
+    scale: float = 100.0
+
+
+@dataclass
+class UnreliableConfig:
+    """Simulated unreliable clients. A client drops (sends nothing) with probability ``dropout`` each round; a
+    straggler fraction completes only ``straggler_work`` of its local steps; local epochs are drawn per (round,
+    client) uniformly from ``local_epochs_range=[lo, hi]`` (null: algorithm.local_epochs for everyone)."""
+    dropout: float = 0.0
+    straggler_fraction: float = 0.0
+    straggler_work: float = 0.5
+    local_epochs_range: list[int] | None = None
+
+
+@dataclass
 class FederationConfig:
     rounds: int = 10
-    aggregation: str = "uniform"  # uniform (reference) or samples
+    aggregation: str = "uniform"  # how clients are weighted: uniform (reference) or samples (n_k / n)
     eval_interval: int = 1
     # Fraction of clients that train in a round (seeded draw per round); evaluation covers every client.
     client_fraction: float = 1.0
@@ -146,42 +197,46 @@ class FederationConfig:
     # ...but at most once per this many seconds (the last round and a preemption always checkpoint): a
     # crash loses at most this much work, and fast rounds do not spend their time writing checkpoints.
     checkpoint_min_seconds: float = 10.0
+    keep_checkpoints: int = 2
     # After training, evaluate zero-shot CLIP (the frozen model and the class prompts) on the same splits:
     # the end-of-run table's baseline column and summary.json's zero_shot block (one evaluation pass).
     zero_shot_baseline: bool = True
-    # -- the server side (aggregation/update.py); the defaults are the reference's plain averaging.
-    # none (average), momentum (FedAvgM), adam, yogi, adagrad (Reddi et al. 2021).
-    server_optimizer: str = "none"
-    server_lr: float | None = None  # null: 1.0 for none/momentum, 1e-2 for adam/yogi/adagrad
-    server_beta1: float = 0.9
-    server_beta2: float = 0.99
-    server_tau: float = 1e-3
-    # mean (weighted, streamed), median, trimmed_mean, krum, multi_krum.
-    aggregator: str = "mean"
-    trim_beta: float = 0.1  # trimmed_mean: fraction trimmed at each end
-    krum_f: int = 0  # krum / multi_krum: attackers assumed
-    multi_krum_m: int | None = None  # multi_krum: rows averaged (null: K - f)
-    # Byzantine-client simulator: none, sign_flip, gaussian, scaled, on a seeded fraction of the clients.
-    attack: str = "none"
-    attack_fraction: float = 0.0
-    attack_scale: float = 100.0
-    # Client-level DP (DP-FedAvg): none, server (noise on the sum), client (local DP).
-    dp: str = "none"
-    dp_clip: float = 1.0
-    dp_noise_multiplier: float = 1.0
-    dp_target_epsilon: float | None = None  # picks dp_noise_multiplier for the planned rounds
-    dp_delta: float = 1e-5
-    # The noise from the operating system's entropy (a deployment), not from a stream seeded by the config
-    # (simulation: reproducible, bitwise on resume, and so known to anyone who has the config).
-    dp_secure: bool = False
-    # Unreliable clients: a client drops (sends nothing) with this probability each round; a straggler
-    # fraction completes only straggler_work of its local steps; local epochs drawn per (round, client)
-    # uniformly from local_epochs_range=[lo, hi] (null: algorithm.local_epochs for everyone).
-    dropout: float = 0.0
-    straggler_fraction: float = 0.0
-    straggler_work: float = 0.5
-    local_epochs_range: list[int] | None = None
-    keep_checkpoints: int = 2
+    # -- the server side, in groups; the defaults are the reference's plain averaging.
+    server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    unreliable: UnreliableConfig = field(default_factory=UnreliableConfig)
+
+
+# The flat federation keys of earlier releases and their place in the groups: refused with this hint.
+RENAMED_KEYS: dict[str, str] = {
+    "federation.server_lr": "federation.server_optimizer.lr",
+    "federation.server_beta1": "federation.server_optimizer.beta1",
+    "federation.server_beta2": "federation.server_optimizer.beta2",
+    "federation.server_tau": "federation.server_optimizer.tau",
+    "federation.trim_beta": "federation.aggregator.trim_beta",
+    "federation.krum_f": "federation.aggregator.krum_f",
+    "federation.multi_krum_m": "federation.aggregator.multi_krum_m",
+    "federation.dp": "federation.privacy.mode",
+    "federation.dp_clip": "federation.privacy.clip",
+    "federation.dp_noise_multiplier": "federation.privacy.noise_multiplier",
+    "federation.dp_target_epsilon": "federation.privacy.target_epsilon",
+    "federation.dp_delta": "federation.privacy.delta",
+    "federation.dp_secure": "federation.privacy.secure",
+    "federation.attack_fraction": "federation.attack.fraction",
+    "federation.attack_scale": "federation.attack.scale",
+    "federation.dropout": "federation.unreliable.dropout",
+    "federation.straggler_fraction": "federation.unreliable.straggler_fraction",
+    "federation.straggler_work": "federation.unreliable.straggler_work",
+    "federation.local_epochs_range": "federation.unreliable.local_epochs_range",
+}
+# Groups whose chooser was itself a flat key: federation.server_optimizer=adam is now ...server_optimizer.name=adam.
+RENAMED_CHOOSERS: dict[str, str] = {
+    "federation.server_optimizer": "federation.server_optimizer.name",
+    "federation.aggregator": "federation.aggregator.name",
+    "federation.attack": "federation.attack.name",
+}
 
 
 @dataclass

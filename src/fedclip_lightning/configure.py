@@ -19,7 +19,8 @@ from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseExceptio
 from .aggregation.checks import check_config as check_server_side, server_options_set
 from .algorithms import registry
 from .algorithms.base import check_config as check_algorithm
-from .config import ACCELERATORS, LOGGERS, WANDB_MODES, AlgorithmConfig, Config, conf_dir
+from .config import (ACCELERATORS, LOGGERS, RENAMED_CHOOSERS, RENAMED_KEYS, WANDB_MODES, AlgorithmConfig, Config,
+                     conf_dir)
 from .data.pipeline import check_config as check_data
 from .errors import ConfigError, Problems
 from .model.backbone import check_config as check_backbone
@@ -46,8 +47,7 @@ def to_config(cfg: DictConfig | dict) -> Config:
     raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     unknown = _unknown_keys(OmegaConf.to_container(raw, resolve=False), Config)
     if unknown:
-        raise ConfigError([f"{k}: unknown key{hint}. Fix: correct or drop it (`fedclip-lightning --print-config` "
-                           "lists every key)." for k, hint in unknown])
+        raise ConfigError([f"{k}: {what}" for k, what in unknown])
     try:
         merged = OmegaConf.merge(schema, raw)
         algo_node = merged.algorithm
@@ -72,9 +72,17 @@ def _unknown_keys(data: Any, cls: type, prefix: str = "") -> list[tuple[str, str
     fields = {f.name: f for f in dataclasses.fields(cls)}
     out = []
     for key, value in data.items():
-        if key not in fields:
+        full = f"{prefix}{key}"
+        if full in RENAMED_KEYS:
+            out.append((full, f"the federation keys are grouped now, this one is {RENAMED_KEYS[full]}. "
+                              f"Fix: write {RENAMED_KEYS[full]} instead"))
+        elif key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
-            out.append((f"{prefix}{key}", f" (did you mean {prefix}{close[0]}?)" if close else ""))
+            out.append((full, f"unknown key{f' (did you mean {prefix}{close[0]}?)' if close else ''}. Fix: correct "
+                              "or drop it (`fedclip-lightning --print-config` lists every key)."))
+        elif full in RENAMED_CHOOSERS and not isinstance(value, dict):
+            out.append((full, f"the federation keys are grouped now, this one is {RENAMED_CHOOSERS[full]}. "
+                              f"Fix: write {RENAMED_CHOOSERS[full]}: {value} instead"))
         elif key != "algorithm":  # the algorithm's own class checks its keys (algorithm_config)
             sub_cls = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
             if isinstance(sub_cls, type):
@@ -156,7 +164,7 @@ def _check_across(cfg: Config, p: Problems) -> None:
               "set features.cache=off (or auto)")
     changed = server_options_set(cfg.federation)
     if changed and not algo.communicates:
-        p.bad(f"federation.{changed[0]}", getattr(cfg.federation, changed[0]), f"algorithm={cfg.algorithm.name} "
+        p.bad(changed[0][0], changed[0][1], f"algorithm={cfg.algorithm.name} "
               "sends nothing to a server", "drop the federation.* server options, or choose an algorithm that aggregates")
 
 
@@ -175,6 +183,9 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = 
     # Each algorithm's config class as algorithm/<name>_schema: its YAML states only what differs from it.
     for name in registry.names():
         store.store(group="algorithm", name=f"{name}_schema", node=registry.get(name).config_class(name=name))
+    renamed = renamed_overrides(overrides)
+    if renamed:
+        raise ConfigError(renamed)
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
             composed = compose(config_name=config_name, overrides=list(overrides))
@@ -189,6 +200,22 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = 
     if missing:
         raise ConfigError([f"{k} is required and has no value. Fix: pass {k}=..." for k in missing])
     return check(to_config(composed))
+
+
+def renamed_overrides(overrides) -> list[str]:
+    """Overrides that use a flat federation key of earlier releases, each with the grouped key that replaced it
+    (``federation.dp=server`` is ``federation.privacy.mode=server``)."""
+    out = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        key = key.lstrip("+~")
+        new = RENAMED_KEYS.get(key)
+        if new is None and key in RENAMED_CHOOSERS and not value.lstrip().startswith("{"):  # {..}: the whole group
+            new = RENAMED_CHOOSERS[key]
+        if new is not None:
+            out.append(f"{key}: the federation keys are grouped now, this one is {new}. "
+                       f"Fix: {new}{eq}{value}" + ("" if eq else " (the new name)"))
+    return out
 
 
 def _algorithm_key_message(msg: str, overrides) -> str | None:

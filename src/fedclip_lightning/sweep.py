@@ -46,7 +46,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--name", default=None, help="sweep name: its folder under output_dir and its W&B group")
     ap.add_argument("--slurm", action="store_true", help="submit one SLURM job array instead of running here")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
-                    help="an axis: one run per value, e.g. --set federation.aggregator=mean,median "
+                    help="an axis: one run per value, e.g. --set federation.aggregator.name=mean,median "
                          "(repeatable: the axes multiply; each combination is a column of the tables; an "
                          "algorithm.<key> axis applies to the algorithms that have the key)")
     ap.add_argument("--seeds", default=None, metavar="S1,S2",
@@ -114,8 +114,8 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, list[tup
     for h in heldout:
         for a in algorithms:
             for combo in _combinations(_axes_for(a, args.set)):
-                label = " ".join([a, *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in combo)])
-                tag = re.sub(r"[^A-Za-z0-9_.]+", "_", "_".join([a, *(f"{k.rsplit('.', 1)[-1]}_{v}" for k, v in combo)]))
+                label = " ".join([a, *(f"{_axis_name(k)}={v}" for k, v in combo)])
+                tag = re.sub(r"[^A-Za-z0-9_.]+", "_", "_".join([a, *(f"{_axis_name(k)}_{v}" for k, v in combo)]))
                 ov = [*_applying(overrides, combo, left_out), f"algorithm={a}", *(f"{k}={v}" for k, v in combo),
                       f"data.unseen=[{h}]",
                       f"output_dir={_q(str(sweep_dir))}", f"run_name={_q(f'{tag}-{h}')}",
@@ -129,9 +129,16 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, list[tup
     return sweep_dir, runs
 
 
+def _axis_name(key: str) -> str:
+    """An axis as runs and table columns name it: its last key, or its group for a chooser
+    (``federation.aggregator.name`` -> aggregator, ``federation.privacy.mode`` -> privacy)."""
+    parts = key.split(".")
+    return parts[-2] if len(parts) > 2 and parts[-1] in ("name", "mode") else parts[-1]
+
+
 def _applying(overrides: list[str], combo, left_out: set) -> list[str]:
-    """The fixed overrides less those that an axis value of this run turns off (``--set federation.attack=none,
-    scaled`` with ``federation.attack_fraction=0.34``: the run without an attack has no attackers to count)."""
+    """The fixed overrides less those that an axis value of this run turns off (``--set federation.attack.name=none,
+    scaled`` with ``federation.attack.fraction=0.34``: the run without an attack has no attackers to count)."""
     from .aggregation.checks import ONLY_WITH
 
     axes = dict(combo)
@@ -171,7 +178,7 @@ def _combinations(axes: list[str]) -> list[tuple[tuple[str, str], ...]]:
         key, eq, values = axis.partition("=")
         vals = [v.strip() for v in values.split(",") if v.strip()]
         if not eq or not key.strip() or not vals:
-            raise ConfigError(f"--set {axis!r}: expected KEY=V1,V2,... Fix: e.g. --set federation.aggregator=mean,median.")
+            raise ConfigError(f"--set {axis!r}: expected KEY=V1,V2,... Fix: e.g. --set federation.aggregator.name=mean,median.")
         parsed.append([(key.strip(), v) for v in vals])
     return list(itertools.product(*parsed))
 

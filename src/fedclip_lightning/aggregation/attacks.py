@@ -1,13 +1,13 @@
-"""A byzantine-client simulator for testing robust aggregation (``federation.attack``).
+"""A byzantine-client simulator for testing robust aggregation (``federation.attack.name``).
 
-A seeded fraction of the clients (``federation.attack_fraction``, chosen once
+A seeded fraction of the clients (``federation.attack.fraction``, chosen once
 per run) send a corrupted update instead of their honest one ``u = w_k - w``:
 
 * ``sign_flip``: ``-s * u``;
 * ``scaled``: ``s * u`` (a boosted update; Bhagoji et al. 2019);
 * ``gaussian``: noise ``N(0, (s * rms(u))^2)`` in place of ``u``;
 
-with ``s = federation.attack_scale`` (default 100). The noise is seeded by the
+with ``s = federation.attack.scale`` (default 100). The noise is seeded by the
 (round, client) pair, so every rank, and a resumed run, corrupts alike.
 """
 

@@ -2,10 +2,10 @@
 Recurrent Language Models"), and its accounting with Opacus.
 
 Each client's update ``u_k = w_k - w`` is clipped to L2 norm ``C``
-(``federation.dp_clip``); Gaussian noise of std ``sigma * C``
-(``federation.dp_noise_multiplier``) is added to the sum of the round's clipped
-updates on the server (``federation.dp=server``), or to each clipped update on
-its client (``federation.dp=client``: local DP, the server never sees an
+(``federation.privacy.clip``); Gaussian noise of std ``sigma * C``
+(``federation.privacy.noise_multiplier``) is added to the sum of the round's clipped
+updates on the server (``federation.privacy.mode=server``), or to each clipped update on
+its client (``federation.privacy.mode=client``: local DP, the server never sees an
 un-noised update). The average then divides by the number of clients that
 sent an update, with uniform weights.
 
@@ -14,7 +14,7 @@ one Gaussian mechanism of noise multiplier ``sigma`` per round with sampling
 rate ``q = federation.client_fraction`` (clients are drawn as a fixed-size
 subset; the accountant assumes Poisson sampling of rate q, the usual
 approximation, and dropped clients only lower the true rate).
-``federation.dp_target_epsilon`` picks ``sigma`` for the planned rounds with
+``federation.privacy.target_epsilon`` picks ``sigma`` for the planned rounds with
 Opacus's ``get_noise_multiplier``.
 """
 
@@ -32,7 +32,7 @@ def _opacus():
         from opacus.accountants import RDPAccountant
         from opacus.accountants.utils import get_noise_multiplier
     except ImportError:
-        raise ConfigError("federation.dp needs Opacus for its privacy accounting. Fix: pip install opacus "
+        raise ConfigError("federation.privacy.mode needs Opacus for its privacy accounting. Fix: pip install opacus "
                           "(or pip install -e '.[dp]').") from None
     return RDPAccountant, get_noise_multiplier
 
@@ -45,25 +45,26 @@ def clip(u: torch.Tensor, c: float) -> torch.Tensor:
 
 class Privacy:
     def __init__(self, fed, rounds: int):
-        self.mode, self.c, self.delta = fed.dp, fed.dp_clip, fed.dp_delta
+        dp = fed.privacy
+        self.mode, self.c, self.delta = dp.mode, dp.clip, dp.delta
         self.q = fed.client_fraction
         RDPAccountant, get_noise_multiplier = _opacus()
-        if fed.dp_target_epsilon is not None:
+        if dp.target_epsilon is not None:
             try:
-                self.sigma = float(get_noise_multiplier(target_epsilon=fed.dp_target_epsilon, target_delta=self.delta,
+                self.sigma = float(get_noise_multiplier(target_epsilon=dp.target_epsilon, target_delta=self.delta,
                                                         sample_rate=self.q, steps=max(1, rounds), accountant="rdp"))
             except ValueError as exc:  # Opacus: no noise multiplier it tries reaches the target
-                raise ConfigError(f"federation.dp_target_epsilon={fed.dp_target_epsilon:g}: no noise multiplier "
+                raise ConfigError(f"federation.privacy.target_epsilon={dp.target_epsilon:g}: no noise multiplier "
                                   f"reaches it for {rounds} rounds at delta {self.delta:g} and sampling rate {self.q:g} "
-                                  f"(Opacus: {exc}). Fix: a larger dp_target_epsilon (e.g. 8), fewer rounds, or "
-                                  "federation.dp_noise_multiplier instead of a target.") from None
+                                  f"(Opacus: {exc}). Fix: a larger federation.privacy.target_epsilon (e.g. 8), fewer "
+                                  "rounds, or federation.privacy.noise_multiplier instead of a target.") from None
         else:
-            self.sigma = fed.dp_noise_multiplier
-        self.secure = bool(getattr(fed, "dp_secure", False))
+            self.sigma = dp.noise_multiplier
+        self.secure = bool(dp.secure)
         self._accountant_class = RDPAccountant
 
     def noise(self, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Gaussian noise of std ``sigma * C``: from ``generator`` (simulation), or with ``dp_secure`` from the
+        """Gaussian noise of std ``sigma * C``: from ``generator`` (simulation), or with ``federation.privacy.secure`` from the
         operating system's entropy (``os.urandom``, Box-Muller in float64), which no config reproduces."""
         if self.secure:
             return secure_normal(like.numel()).view(like.shape).to(like.dtype) * (self.sigma * self.c)

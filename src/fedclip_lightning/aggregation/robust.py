@@ -1,4 +1,4 @@
-"""Robust aggregation rules (``federation.aggregator``): functions of the whole table of client rows.
+"""Robust aggregation rules (``federation.aggregator.name``): functions of the whole table of client rows.
 
 Each rule takes ``rows`` ``[K, P]`` (the clients in fixed order) and their
 weights, and returns one row. They cannot use sample weights (a median has no
@@ -74,13 +74,13 @@ class Krum:
     def __call__(self, rows: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
         k = rows.shape[0]
         if k <= 2 * self.f + 2:
-            raise ConfigError(f"federation.krum_f={self.f}: Krum needs more than 2f + 2 = {2 * self.f + 2} clients in "
-                              f"a round, this round has {k}. Fix: lower federation.krum_f, or use "
-                              "federation.aggregator=median.")
+            raise ConfigError(f"federation.aggregator.krum_f={self.f}: Krum needs more than 2f + 2 = {2 * self.f + 2} clients in "
+                              f"a round, this round has {k}. Fix: lower federation.aggregator.krum_f, or use "
+                              "federation.aggregator.name=median.")
         m = self.m if self.m is not None else k - self.f
         if m > k:
-            raise ConfigError(f"federation.multi_krum_m={m}: this round has only {k} clients, so multi-Krum would "
-                              "average every row (the plain mean). Fix: lower federation.multi_krum_m (null: K - f).")
+            raise ConfigError(f"federation.aggregator.multi_krum_m={m}: this round has only {k} clients, so multi-Krum would "
+                              "average every row (the plain mean). Fix: lower federation.aggregator.multi_krum_m (null: K - f).")
         chosen = krum_scores(rows, self.f).argsort()[:m].sort().values  # ties: the lower client index
         return rows[chosen].mean(dim=0) if m > 1 else rows[chosen[0]].clone()
 
@@ -89,18 +89,18 @@ AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
 
 
 def make_rule(fed):
-    """The rule ``federation.aggregator`` names (``mean``: the streamed weighted mean)."""
+    """The rule ``federation.aggregator.name`` names (``mean``: the streamed weighted mean)."""
     from .mean import WeightedMean
 
-    name = fed.aggregator
+    name = fed.aggregator.name
     if name == "mean":
         return WeightedMean()
     if name == "median":
         return Median()
     if name == "trimmed_mean":
-        return TrimmedMean(fed.trim_beta)
+        return TrimmedMean(fed.aggregator.trim_beta)
     if name == "krum":
-        return Krum(fed.krum_f, 1)
+        return Krum(fed.aggregator.krum_f, 1)
     if name == "multi_krum":
-        return Krum(fed.krum_f, fed.multi_krum_m)
-    raise ConfigError(f"federation.aggregator={name!r}: unknown rule. Fix: use one of {', '.join(AGGREGATORS)}.")
+        return Krum(fed.aggregator.krum_f, fed.aggregator.multi_krum_m)
+    raise ConfigError(f"federation.aggregator.name={name!r}: unknown rule. Fix: use one of {', '.join(AGGREGATORS)}.")

@@ -1,4 +1,4 @@
-"""Server optimisers (``federation.server_optimizer``), by name: Reddi et al. 2021, "Adaptive Federated
+"""Server optimisers (``federation.server_optimizer.name``), by name: Reddi et al. 2021, "Adaptive Federated
 Optimization" (arXiv 2003.00295), Algorithm 2, and FedAvgM (Hsu et al. 2019), plus any registered.
 
 The server treats the round's aggregated client change ``Delta = agg(w_k - w)``
@@ -14,20 +14,20 @@ as a pseudo-gradient (a descent direction) and steps with its own optimiser:
 and for the three adaptive ones ``w <- w + eta m / (sqrt(v) + tau)``, with
 ``v`` starting at ``tau^2`` and ``m`` at 0, no bias correction (as in the
 paper). Defaults (the paper's): ``beta1 = 0.9``, ``beta2 = 0.99``,
-``tau = 1e-3``; ``server_lr`` (eta) is 1.0 for momentum and 1e-2 for the
+``tau = 1e-3``; ``lr`` (eta) is 1.0 for momentum and 1e-2 for the
 adaptive ones, to be tuned as the paper tunes it. The state (``m``, ``v``) is
 server state: it goes into every checkpoint and comes back on resume.
 
 **Adding one.** A server optimiser is a :class:`ServerOptimizer` subclass
 registered under a name with ``@register_server_optimizer("name")``; it is then
-selectable as ``federation.server_optimizer=name`` with every algorithm that
+selectable as ``federation.server_optimizer.name=name`` with every algorithm that
 sends something, and composes with the robust rules, DP and the attack
 simulator (``update.py`` hands it the round's ``Delta`` after them). The
 interface:
 
-* ``__init__(lr, beta1, beta2, tau)``: ``federation.server_lr`` (or the
-  class's ``default_lr`` where that is null), ``server_beta1``,
-  ``server_beta2``, ``server_tau``; use what you need;
+* ``__init__(lr, beta1, beta2, tau)``: ``federation.server_optimizer.lr`` (or the
+  class's ``default_lr`` where that is null), ``beta1``,
+  ``beta2``, ``tau`` of ``federation.server_optimizer``; use what you need;
 * ``step(w, delta) -> new w``: flat fp32 tensors, the old global weights and
   the pseudo-gradient; return a new tensor (do not change ``w`` or ``delta``
   in place). Every rank calls it with the same arguments, so it must be
@@ -90,7 +90,7 @@ class ServerOptimizer:
     """The interface of a server optimiser (see the module docstring); subclasses implement ``step``."""
 
     name: ClassVar[str] = ""
-    # federation.server_lr where that is null.
+    # federation.server_optimizer.lr where that is null.
     default_lr: ClassVar[float] = 1.0
     # True only for ``step(w, delta) = w + delta`` with no state: then, with no DP and no attack, the server
     # computes the clients' weighted mean directly (the reference's numbers, bitwise) and never calls ``step``.
@@ -119,7 +119,7 @@ SERVER_OPTIMIZERS: dict[str, type[ServerOptimizer]] = {}
 
 
 def register_server_optimizer(name: str):
-    """Class decorator: make a :class:`ServerOptimizer` subclass selectable as ``federation.server_optimizer=name``."""
+    """Class decorator: make a :class:`ServerOptimizer` subclass selectable as ``federation.server_optimizer.name=name``."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"a server optimiser needs a name that is an identifier, not {name!r}")
 
@@ -148,7 +148,7 @@ def get_server_optimizer(name: str) -> type[ServerOptimizer]:
     if name not in SERVER_OPTIMIZERS:
         load_plugins()
     if name not in SERVER_OPTIMIZERS:
-        raise ConfigError(f"federation.server_optimizer={name!r}: unknown server optimiser. Fix: use one of "
+        raise ConfigError(f"federation.server_optimizer.name={name!r}: unknown server optimiser. Fix: use one of "
                           f"{', '.join(SERVER_OPTIMIZERS)} (or register your own: see 'Adding a server optimiser' in "
                           "docs/server-side.md).")
     return SERVER_OPTIMIZERS[name]

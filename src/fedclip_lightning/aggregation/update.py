@@ -34,34 +34,35 @@ class ServerUpdate:
     def __init__(self, fed, seed: int, num_clients: int, rounds: int):
         self.fed, self.seed = fed, seed
         self.rule = make_rule(fed)
-        self.optimizer = make_server_optimizer(fed.server_optimizer, fed.server_lr, fed.server_beta1,
-                                               fed.server_beta2, fed.server_tau)
-        self.privacy = Privacy(fed, rounds) if fed.dp != "none" else None
-        self.attackers = attackers(num_clients, fed.attack_fraction, seed) if fed.attack != "none" else set()
-        if fed.attack != "none" and not self.attackers:
-            raise ConfigError(f"federation.attack_fraction={fed.attack_fraction:g}: of {num_clients} clients that "
-                              f"rounds to 0 attackers, so federation.attack={fed.attack} would change nothing. "
-                              f"Fix: set federation.attack_fraction={1 / num_clients:.2f} or more (one attacker).")
-        if fed.aggregator == "multi_krum" and fed.multi_krum_m is not None and fed.multi_krum_m > num_clients:
-            raise ConfigError(f"federation.multi_krum_m={fed.multi_krum_m}: more rows than the {num_clients} clients, "
+        so = fed.server_optimizer
+        self.optimizer = make_server_optimizer(so.name, so.lr, so.beta1, so.beta2, so.tau)
+        self.privacy = Privacy(fed, rounds) if fed.privacy.mode != "none" else None
+        self.attackers = attackers(num_clients, fed.attack.fraction, seed) if fed.attack.name != "none" else set()
+        if fed.attack.name != "none" and not self.attackers:
+            raise ConfigError(f"federation.attack.fraction={fed.attack.fraction:g}: of {num_clients} clients that "
+                              f"rounds to 0 attackers, so federation.attack.name={fed.attack.name} would change nothing. "
+                              f"Fix: set federation.attack.fraction={1 / num_clients:.2f} or more (one attacker).")
+        m = fed.aggregator.multi_krum_m
+        if fed.aggregator.name == "multi_krum" and m is not None and m > num_clients:
+            raise ConfigError(f"federation.aggregator.multi_krum_m={m}: more rows than the {num_clients} clients, "
                               "so multi-Krum would average every row (the plain mean). "
-                              f"Fix: set federation.multi_krum_m to at most {num_clients} (null: K - krum_f).")
+                              f"Fix: set federation.aggregator.multi_krum_m to at most {num_clients} (null: K - krum_f).")
         self.plain = self.optimizer.plain and self.privacy is None and not self.attackers
 
     def warnings(self) -> list[str]:
         out = []
         if not getattr(self.rule, "uses_weights", True) and self.fed.aggregation == "samples":
-            out.append(f"federation.aggregator={self.fed.aggregator} cannot use sample weights: "
+            out.append(f"federation.aggregator.name={self.fed.aggregator.name} cannot use sample weights: "
                        "federation.aggregation=samples is ignored")
         if self.attackers:
-            out.append(f"simulated attack {self.fed.attack!r} (scale {self.fed.attack_scale:g}) by "
+            out.append(f"simulated attack {self.fed.attack.name!r} (scale {self.fed.attack.scale:g}) by "
                        f"client(s) {sorted(self.attackers)}")
         if self.privacy is not None:
-            out.append(f"client-level DP ({self.fed.dp}): clip {self.fed.dp_clip:g}, noise multiplier "
-                       f"{self.privacy.sigma:.4g}, delta {self.fed.dp_delta:g}; " +
-                       ("noise from the operating system's entropy (federation.dp_secure)" if self.privacy.secure else
+            out.append(f"client-level DP ({self.fed.privacy.mode}): clip {self.fed.privacy.clip:g}, noise multiplier "
+                       f"{self.privacy.sigma:.4g}, delta {self.fed.privacy.delta:g}; " +
+                       ("noise from the operating system's entropy (federation.privacy.secure)" if self.privacy.secure else
                         "noise from a stream seeded by the config: a simulation, reproducible by anyone with the "
-                        "config (federation.dp_secure=true draws it from the OS's entropy)"))
+                        "config (federation.privacy.secure=true draws it from the OS's entropy)"))
         return out
 
     def __call__(self, fabric, server_round: int, order: list[int], row_of: Callable[[int], torch.Tensor | None],
@@ -82,7 +83,7 @@ class ServerUpdate:
     def _update(self, server_round: int, client: int, row: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         u = row - w
         if client in self.attackers:
-            u = corrupt(self.fed.attack, u, self.fed.attack_scale, self.seed, server_round, client)
+            u = corrupt(self.fed.attack.name, u, self.fed.attack.scale, self.seed, server_round, client)
         if self.privacy is not None:
             u = clip(u, self.privacy.c)
             if self.privacy.mode == "client":

@@ -89,14 +89,14 @@ class RunContext:
 
     def local_plan(self, p: Participant, server_round: int, epochs: int) -> tuple[int, float]:
         """``(local epochs, share of the local steps done)`` of client ``p`` in round ``server_round``: heterogeneous
-        epochs (``federation.local_epochs_range``) and stragglers, seeded by (round, client) alone."""
+        epochs (``federation.unreliable.local_epochs_range``) and stragglers, seeded by (round, client) alone."""
         fed = self.cfg.federation
-        if fed.local_epochs_range is None and fed.straggler_fraction == 0:
+        if fed.unreliable.local_epochs_range is None and fed.unreliable.straggler_fraction == 0:
             return epochs, 1.0
         rng = random.Random(stable_seed(self.cfg.seed, "local-plan", server_round, p.name))
-        if fed.local_epochs_range is not None:
-            epochs = rng.randint(*fed.local_epochs_range)
-        return epochs, (fed.straggler_work if rng.random() < fed.straggler_fraction else 1.0)
+        if fed.unreliable.local_epochs_range is not None:
+            epochs = rng.randint(*fed.unreliable.local_epochs_range)
+        return epochs, (fed.unreliable.straggler_work if rng.random() < fed.unreliable.straggler_fraction else 1.0)
 
     def train_loader(self, p: Participant, tag: str, server_round: int):
         """Client ``p``'s training split, shuffled by (seed, tag, round, client) alone."""

@@ -81,6 +81,6 @@ class RoundEvaluator:
                                 "the model "
                                 "diverged, and its accuracies are not results. The run stopped (summary.json: "
                                 "failed). Fix: lower algorithm.lr, or the server-side settings that scale the "
-                                "update (federation.server_lr, federation.attack_scale).")
+                                "update (federation.server_optimizer.lr, federation.attack.scale).")
         metrics = RoundMetrics(server_round, acc["val"], acc["test"], unseen, acc["val_global"], acc["test_global"])
         return metrics, csv_rows, logd

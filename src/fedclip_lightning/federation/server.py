@@ -72,16 +72,16 @@ class Server:
 
     def configure_round(self, server_round: int) -> list[int]:
         """The clients that train and report this round: a seeded draw of ``federation.client_fraction``,
-        less those that drop out (``federation.dropout``, seeded by (round, client): they send nothing).
-        Stragglers (``federation.straggler_fraction``) are counted here and slowed in their local fit."""
+        less those that drop out (``federation.unreliable.dropout``, seeded by (round, client): they send nothing).
+        Stragglers (``federation.unreliable.straggler_fraction``) are counted here and slowed in their local fit."""
         fed, seed = self.cfg.federation, self.cfg.seed
         active = sample_clients(self.ctx.num_clients, fed.client_fraction, server_round, seed)
-        if fed.dropout > 0:
+        if fed.unreliable.dropout > 0:
             arrived = [i for i in active
-                       if random.Random(stable_seed(seed, "dropout", server_round, i)).random() >= fed.dropout]
+                       if random.Random(stable_seed(seed, "dropout", server_round, i)).random() >= fed.unreliable.dropout]
             self.unreliable["dropped_total"] += len(active) - len(arrived)
             active = arrived
-        if fed.straggler_fraction > 0:
+        if fed.unreliable.straggler_fraction > 0:
             parts = self.ctx.parts
             self.unreliable["straggled_total"] += sum(
                 self.ctx.local_plan(parts[i], server_round, 1)[1] < 1 for i in active)
@@ -123,8 +123,9 @@ class Server:
             bad = [i for i, r in results.items() if not bool(torch.isfinite(r.update()).all())]
             self._stop_if_diverged(server_round, bad, "model")
             raise DivergedError(f"round {server_round}: the aggregated model is not finite (NaN or inf), from "
-                                "finite client models. The run stopped (summary.json: failed). Fix: lower federation.server_lr, "
-                                "or check the server-side settings (federation.server_optimizer, dp, attack).")
+                                "finite client models. The run stopped (summary.json: failed). Fix: lower "
+                                "federation.server_optimizer.lr, "
+                                "or check the server-side settings (federation.server_optimizer, privacy, attack).")
         if self.algorithm.communicates:
             per_copy = self.algorithm.bytes_per_copy
             self.summary.bytes_up_total += len(active) * per_copy
@@ -145,7 +146,7 @@ class Server:
                 self.outputs.save_state(f"{self.algorithm.state_file}_selected.pt", state, metrics.round)
         self.summary.selected, self.summary.final = self.selection.best, metrics
         server = self.algorithm.metrics(self.summary.rounds_run)
-        if self.cfg.federation.dropout > 0 or self.cfg.federation.straggler_fraction > 0:
+        if self.cfg.federation.unreliable.dropout > 0 or self.cfg.federation.unreliable.straggler_fraction > 0:
             server.update({f"clients/{k}": v for k, v in self.unreliable.items()})
         self.summary.server = server
         self.outputs.evaluated(metrics, csv_rows, {**logd, **server})
