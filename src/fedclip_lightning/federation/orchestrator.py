@@ -34,7 +34,7 @@ from ..report import Summary
 from .datasets import build_datasets
 from .outputs import RunOutputs
 from .placement import assign
-from .preemption import Preempted, Preemption
+from .preemption import Preempted, Preemption, requeue
 from .server import Server
 from ..runlock import RunLock
 
@@ -164,6 +164,10 @@ def run(cfg: Config) -> dict:
     preemption = Preemption()
     try:
         return _run(cfg, started, preemption)
+    except Preempted as exc:
+        if exc.requeue:  # last: SLURM ends the job's processes as soon as it requeues it
+            exc.requeued = requeue()
+        raise
     finally:
         preemption.restore()
 

@@ -18,15 +18,25 @@ log = logging.getLogger(__name__)
 
 
 class Preempted(Exception):
-    """Stopped at a safe point on SIGUSR1/SIGTERM, after writing a checkpoint."""
+    """Stopped at a safe point on SIGUSR1/SIGTERM, after writing a checkpoint. ``requeue``: this process asks
+    SLURM to requeue the job, as the run's very last act (:func:`run` does it, after the summary, the loggers
+    and the run lock are closed: a requeue ends the job's processes at once)."""
 
-    def __init__(self, server_round: int, requeued: bool, terminated: bool = False):
-        self.round, self.requeued = server_round, requeued
-        if terminated:  # SIGTERM: scancel, or the end of the time limit's grace; requeueing would undo a cancel
+    def __init__(self, server_round: int, requeue: bool, terminated: bool = False):
+        super().__init__(server_round)
+        self.round, self.requeue, self.terminated = server_round, requeue, terminated
+        self.requeued: bool | None = None  # None: not asked yet
+
+    def __str__(self) -> str:
+        if self.terminated:  # SIGTERM: scancel, or the end of the time limit's grace; requeueing would undo a cancel
             tail = "; stopped on SIGTERM, so the job is not requeued: continue with resume=auto"
+        elif self.requeue and self.requeued is None:
+            tail = "; the job is requeued as the run ends, and resumes by itself"
+        elif self.requeued:
+            tail = "; the job was requeued and will resume by itself"
         else:
-            tail = "; the job was requeued and will resume by itself" if requeued else "; continue with resume=auto"
-        super().__init__(f"preempted after round {server_round}: checkpoint written{tail}")
+            tail = "; continue with resume=auto"
+        return f"preempted after round {self.round}: checkpoint written{tail}"
 
 
 class Preemption:

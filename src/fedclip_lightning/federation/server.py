@@ -29,7 +29,7 @@ from ..training import SplitResult
 from ..report import ModelSelection, RoundMetrics, Summary
 from .evaluation import RoundEvaluator
 from .outputs import RunOutputs
-from .preemption import Preempted, Preemption, any_rank, requeue
+from .preemption import Preempted, Preemption, any_rank
 
 
 class Server:
@@ -67,8 +67,7 @@ class Server:
             if stop:
                 self.summary.status = "preempted"
                 again = any_rank(self.fabric, self.preemption.requeue)
-                raise Preempted(server_round, requeue() if again and self.fabric.is_global_zero else False,
-                                terminated=not again)
+                raise Preempted(server_round, requeue=again and self.fabric.is_global_zero, terminated=not again)
 
     def configure_round(self, server_round: int) -> list[int]:
         """The clients that train and report this round: a seeded draw of ``federation.client_fraction``,
