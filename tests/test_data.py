@@ -437,6 +437,19 @@ def test_synthetic_generated_once_and_scans(monkeypatch: pytest.MonkeyPatch, tmp
         assert np.array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(again / p.relative_to(root))))
 
 
+def test_synthetic_draws_only_the_styles_a_run_uses(tmp_path: Path) -> None:
+    root = ensure_synthetic_dataset(tmp_path, per_class=2, image_size=16, domains=["sketch", "photo"])
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["photo", "sketch"]
+    sketch = {p: p.stat().st_mtime_ns for p in (root / "sketch").rglob("*.png")}
+    # Another run that needs more styles adds them to the same folder and leaves the drawn ones alone.
+    assert ensure_synthetic_dataset(tmp_path, per_class=2, image_size=16, domains=["sketch", "neon"]) == root
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["neon", "photo", "sketch"]
+    assert {p: p.stat().st_mtime_ns for p in (root / "sketch").rglob("*.png")} == sketch
+    assert not [p for p in root.iterdir() if ".tmp-" in p.name]
+    with pytest.raises(DataError, match=r"no style \['video'\].*Fix: choose among"):
+        ensure_synthetic_dataset(tmp_path, per_class=2, image_size=16, domains=["sketch", "video"])
+
+
 def test_synthetic_concurrent_callers(tmp_path: Path) -> None:
     results: list[Path] = []
     errors: list[BaseException] = []

@@ -95,6 +95,8 @@ class DataConfig:
     # Synthetic demo set only.
     synthetic_per_class: int = 24
     synthetic_image_size: int = 64
+    # The images' own seed (null: the run's seed): other runs (seeds of training and split) on the same images.
+    synthetic_seed: int | None = None
 
 
 @dataclass

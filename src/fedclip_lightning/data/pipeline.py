@@ -24,7 +24,7 @@ def resolve_root(cfg: Config) -> Path:
     if d.dataset == "synthetic" and not d.root:
         return ensure_synthetic_dataset(
             default_cache_dir(), per_class=d.synthetic_per_class, image_size=d.synthetic_image_size,
-            seed=cfg.seed,
+            seed=cfg.seed if d.synthetic_seed is None else d.synthetic_seed, domains=d.domains,
         )
     if not d.root:
         raise DataError("data.root is not set. Fix: pass data.root=/path/to/dataset (folders domain/class/image).")

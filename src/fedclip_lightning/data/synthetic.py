@@ -339,32 +339,32 @@ def render_image(domain: str, cls: str, index: int, *, image_size: int = 64, see
     return img.convert("RGB").resize((image_size, image_size), Image.LANCZOS)
 
 
-def _generate(target: Path, per_class: int, image_size: int, seed: int) -> None:
-    for domain in SYNTHETIC_DOMAINS:
-        for cls in SYNTHETIC_CLASSES:
-            folder = target / domain / cls
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                render_image(domain, cls, i, image_size=image_size, seed=seed).save(folder / f"{i:03d}.png")
+def _generate_domain(folder: Path, domain: str, per_class: int, image_size: int, seed: int) -> None:
+    for cls in SYNTHETIC_CLASSES:
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            # compress_level=1: the same pixels as any level (PNG is lossless), written several times faster.
+            render_image(domain, cls, i, image_size=image_size, seed=seed).save(folder / cls / f"{i:03d}.png",
+                                                                               compress_level=1)
 
 
 def ensure_synthetic_dataset(
-    cache_dir: Path | None = None, *, per_class: int = 24, image_size: int = 64, seed: int = 0
+    cache_dir: Path | None = None, *, per_class: int = 24, image_size: int = 64, seed: int = 0,
+    domains: list[str] | None = None,
 ) -> Path:
     """Generate the demo image folder once and return its root.
 
     The folder is ``<cache>/synthetic-v1-<hash of the parameters>/<domain>/<class>/<i:03d>.png``
-    with ``<cache>`` from :func:`default_cache_dir` unless ``cache_dir`` is given.
-    A complete folder (it holds a ``.complete`` marker) is returned as is,
-    without writing anything. Otherwise the images are drawn into a hidden
-    temporary sibling folder that is then renamed into place, so the folder
-    appears atomically; when several processes race, the loser deletes its
-    copy and uses the winner's.
+    with ``<cache>`` from :func:`default_cache_dir` unless ``cache_dir`` is given. Only the styles in
+    ``domains`` are drawn (None: all of them); each style's folder is drawn once, into a hidden temporary
+    sibling that is then renamed into place (it holds a ``.complete`` marker), so it appears atomically;
+    when several processes race, the loser deletes its copy and uses the winner's. A style that is complete
+    is returned as is, without writing anything.
 
     Raises:
         DataError: invalid sizes (``data.synthetic_per_class``,
-            ``data.synthetic_image_size``) or a cache folder that cannot be
-            written (set ``$FEDCLIP_CACHE_DIR``).
+            ``data.synthetic_image_size``), a style the set does not draw (``data.domains``), or a cache
+            folder that cannot be written (set ``$FEDCLIP_CACHE_DIR``).
     """
     problems: list[str] = []
     if not isinstance(per_class, int) or per_class < 1:
@@ -373,40 +373,52 @@ def ensure_synthetic_dataset(
         problems.append(
             f"data.synthetic_image_size={image_size!r}: must be >= 16. Fix: e.g. data.synthetic_image_size=64."
         )
+    wanted = list(SYNTHETIC_DOMAINS if domains is None else domains)
+    unknown = [d for d in wanted if d not in SYNTHETIC_DOMAINS]
+    if unknown:
+        problems.append(f"data.domains={wanted}: the synthetic set has no style {unknown}. "
+                        f"Fix: choose among {SYNTHETIC_DOMAINS}.")
     if problems:
         raise DataError(problems)
 
     target = synthetic_dataset_dir(cache_dir, per_class=per_class, image_size=image_size, seed=seed)
-    if _is_complete(target):
+    if _is_complete(target):  # every style, drawn at once (earlier releases)
         return target
-    base = target.parent
+    for domain in wanted:
+        if not _is_complete(target / domain):
+            _ensure_domain(target, domain, per_class, image_size, seed)
+    return target
+
+
+def _ensure_domain(target: Path, domain: str, per_class: int, image_size: int, seed: int) -> None:
     try:
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=base))
+        target.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{domain}.tmp-", dir=target))
     except OSError as exc:
         raise DataError(
-            f"cannot write the synthetic data set to the cache folder {str(base)!r} ({exc}). "
+            f"cannot write the synthetic data set to the cache folder {str(target.parent)!r} ({exc}). "
             "Fix: set FEDCLIP_CACHE_DIR to a writable folder."
         ) from None
+    final = target / domain
     try:
-        _generate(tmp, per_class, image_size, seed)
-        (tmp / _COMPLETE).write_text(json.dumps(_params(per_class, image_size, seed), indent=1) + "\n")
-        if target.exists() and not _is_complete(target):
+        _generate_domain(tmp, domain, per_class, image_size, seed)
+        (tmp / _COMPLETE).write_text(json.dumps({**_params(per_class, image_size, seed), "domain": domain},
+                                                indent=1) + "\n")
+        if final.exists() and not _is_complete(final):
             # Left incomplete by something other than this function (which never
-            # leaves a partial target): clear it so the rename can succeed.
-            shutil.rmtree(target, ignore_errors=True)
+            # leaves a partial folder): clear it so the rename can succeed.
+            shutil.rmtree(final, ignore_errors=True)
         try:
-            os.replace(tmp, target)
+            os.replace(tmp, final)
         except OSError:
-            if not _is_complete(target):
+            if not _is_complete(final):
                 raise
             # Another process finished first: keep its folder, drop ours.
     except OSError as exc:
         raise DataError(
-            f"cannot write the synthetic data set to {str(target)!r} ({exc}). "
+            f"cannot write the synthetic data set to {str(final)!r} ({exc}). "
             "Fix: set FEDCLIP_CACHE_DIR to a writable folder with free space."
         ) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
