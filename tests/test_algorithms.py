@@ -27,14 +27,15 @@ def _state(path):
 
 
 def test_fedprox_with_mu_zero_is_fedavg(tmp_path, capsys):
-    avg, avg_dir = _run(tmp_path, "avg", "algorithm=fedavg")
-    prox, prox_dir = _run(tmp_path, "prox", "algorithm=fedprox", "algorithm.mu=0")
+    # One round is enough: the proximal term pulls from a client's second local step on.
+    avg, avg_dir = _run(tmp_path, "avg", "algorithm=fedavg", rounds=1)
+    prox, prox_dir = _run(tmp_path, "prox", "algorithm=fedprox", "algorithm.mu=0", rounds=1)
     assert "FedProx without its proximal term is FedAvg" in capsys.readouterr().out
     a, b = _state(avg_dir / "model_final.pt"), _state(prox_dir / "model_final.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert avg["final"]["client_test_acc"] == prox["final"]["client_test_acc"]
     # and a positive mu changes the result
-    _, mu_dir = _run(tmp_path, "prox_mu", "algorithm=fedprox", "algorithm.mu=10")
+    _, mu_dir = _run(tmp_path, "prox_mu", "algorithm=fedprox", "algorithm.mu=10", rounds=1)
     c = _state(mu_dir / "model_final.pt")
     assert any(not torch.equal(a[k], c[k]) for k in a)
 

@@ -6,12 +6,14 @@ Every other end-to-end test runs a random backbone at chance, where an aggregati
 or an evaluation that scores the wrong adapter still passes. These runs are in this interpreter on the
 cached features (seconds each), seeds fixed.
 
-Measured (final round, mean client test accuracy, %, zero-shot from the same run's baseline):
+Measured (final round, mean client test accuracy, %, zero-shot from the same run's baseline); seeds 1-4 on
+the demo's own images (``data.synthetic_seed=0``: another split, initialisation and batch order, the same
+pictures, so their features come from the session's cache):
 
     seed                    0      1      2      3      4
-    zero-shot           73.33  72.33  73.67  73.67  72.00
-    fedclip             77.67  80.67  84.67  80.00  78.33     gain +4.3 .. +11.0
-    local               81.67  87.00  86.33  87.67  82.67     gain +8.3 .. +14.7
+    zero-shot           73.33  75.67  76.00  70.33  73.67
+    fedclip             77.67  82.00  84.00  81.00  85.00     gain +4.3 .. +11.3
+    local               81.67  87.00  85.67  85.00  88.00     gain +8.3 .. +14.7
 
     deliberate bugs (seed 0): aggregation keeps the first client's adapter 64.00 (-9.3);
     evaluation scores the initial adapter 73.67 (+0.3)
@@ -74,9 +76,9 @@ def test_demo_is_the_pretrained_mini_clip_and_zero_shot_is_well_above_chance(dem
     assert zs["unseen_acc"]["photo"] >= 0.9  # the style the model was pretrained on
 
 
-@pytest.mark.parametrize("seed", [0, 1])  # seeds 2-4 too when measured (the table above): 25 s a seed here
+@pytest.mark.parametrize("seed", [0, 1])  # seeds 2-4 too when measured (the table above): 10 s a seed here
 def test_fedclip_beats_zero_shot_on_the_clients(demo, seed):
-    s = demo() if seed == 0 else demo(f"seed={seed}")  # the demo's own seed is 0
+    s = demo() if seed == 0 else demo(f"seed={seed}", "data.synthetic_seed=0")  # the demo's own seed is 0
     assert s["algorithm"] == "fedclip" and s["rounds_run"] == 200
     assert learned(s), f"seed {seed}: FedCLIP {s['final']['mean_client_test_acc']:.4f} vs zero-shot " \
                        f"{s['zero_shot']['mean_client_test_acc']:.4f} (gain {gain(s):+.4f} < {FEDCLIP_MARGIN})"

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -15,8 +12,8 @@ from fedclip_lightning.pretrain import MIX, WEIGHTS, evaluate_zero_shot, pretrai
 
 def test_pretraining_is_deterministic_and_loads_like_any_checkpoint(tmp_path):
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
-    info = pretrain(a, steps=3, batch=8, per_pair=2, seed=1)
-    pretrain(b, steps=3, batch=8, per_pair=2, seed=1)
+    info = pretrain(a, steps=3, batch=8, per_pair=2, seed=1, eval_per_class=2)
+    pretrain(b, steps=3, batch=8, per_pair=2, seed=1, eval_per_class=2)
     assert info["steps"] == 3 and info["images"] == 20  # 2 photos and 2 cartoons of each of 5 shapes
     sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -48,8 +45,11 @@ def test_shipped_weights_have_the_documented_zero_shot_accuracy():
     (["--steps", "0"], "--steps >= 1"),
 ])
 def test_bad_arguments_are_refused_with_a_fix(tmp_path, args, says):
-    proc = subprocess.run([sys.executable, "-m", "fedclip_lightning.pretrain", "--out", str(tmp_path / "x.pt"), *args],
-                          capture_output=True, text=True, timeout=120)
+    """In this interpreter (tests/test_cli.py runs the module as a command)."""
+    from fedclip_lightning.pretrain import main
+    from helpers import run_main
+
+    proc = run_main(["--out", str(tmp_path / "x.pt"), *args], tmp_path, main=main)
     assert proc.returncode == 2 and says in proc.stderr and "Fix:" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "x.pt").exists()
 

@@ -57,36 +57,63 @@ def reference_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("name,state_file", [("keep", "adapter_final.pt"), ("local", "adapters_final.pt")])
 def test_sigkill_mid_run_then_resume_is_bitwise_identical(reference_runs, tmp_path, name, state_file):
+    """SIGKILL after round 5 (checkpoints every 3 rounds), then resume=auto: the numbers of the run that was never
+    interrupted, bitwise. The keep case logs to W&B: one W&B run with each round once."""
     ref, extra = reference_runs[name]
-    args = [*BASE, "run_name=r", *extra]
+    wandb = name == "keep"
+    args = [*BASE, "run_name=r", *extra, "federation.checkpoint_interval=3", *(["logger=wandb"] if wandb else [])]
+    run_dir = tmp_path / "outputs" / "r"
     proc = _start(args, tmp_path)
-    _wait_for(tmp_path / "outputs" / "r" / "checkpoints" / "round-000002" / "COMPLETE", proc)
+    _wait_for(run_dir / "checkpoints" / "round-000003" / "COMPLETE", proc)
+    end = time.monotonic() + 120
+    while "\n5," not in (run_dir / "rounds.csv").read_text():
+        assert proc.poll() is None and time.monotonic() < end, "round 5 never ended"
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert read_summary(tmp_path / "outputs" / "r")["status"] == "running"  # it never got to finish
+    assert read_summary(run_dir)["status"] == "running"  # it never got to finish
+    before = _logged(run_dir) if wandb else None
     resumed = run_main([*args, "resume=auto"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout
-    _same_results(ref, tmp_path / "outputs" / "r", state_file)
+    assert "resumed from" in resumed.stdout and read_summary(run_dir)["resumed_from"] in (3, 6)
+    _same_results(ref, run_dir, state_file)
+    if not wandb:
+        return
+    # W&B's offline writer buffers, so the killed session's file holds some prefix of rounds 1-5 (often none);
+    # the resumed session logs the rest.
+    sessions = _one_run_each_round_once(run_dir, 12, 2)
+    assert {r["round"] for r in sessions[0]["history"] if "round" in r} == before
+    # docs/wandb.md's upload command, as far as it runs offline: both sessions, in order
+    sync = subprocess.run(["wandb", "sync", "--dry-run", *map(str, find_offline_runs(run_dir / "wandb"))],
+                          cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert sync.returncode == 0 and "Would sync 2 run(s)" in sync.stdout + sync.stderr, sync.stdout + sync.stderr
+    # the models, once, in the last session
+    arts = [a for a in sessions[-1]["artifacts"] if a["type"] == "model"]
+    assert sorted(a for art in arts for a in art["aliases"] if a != "latest") == ["final", "selected"]
 
 
 def test_sigusr1_checkpoints_stops_and_resumes(reference_runs, tmp_path):
+    """SIGUSR1 (SLURM's warning before the time limit): a checkpoint, exit status 3, and a resume with the numbers
+    of the run that was never interrupted; W&B has one run, paused (not failed) in between, each round once."""
     ref, extra = reference_runs["keep"]
-    args = [*BASE, "run_name=r", *extra, "federation.checkpoint_interval=0"]
+    args = [*BASE, "run_name=r", *extra, "federation.checkpoint_interval=0", "logger=wandb"]
+    run_dir = tmp_path / "outputs" / "r"
     proc = _start(args, tmp_path)
-    _wait_for(tmp_path / "outputs" / "r" / "rounds.csv", proc)
+    _wait_for(run_dir / "rounds.csv", proc)
     time.sleep(0.3)
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err
     assert "preempted after round" in err and "resume=auto" in err and "Traceback" not in err
-    s = read_summary(tmp_path / "outputs" / "r")
+    s = read_summary(run_dir)
     assert s["status"] == "preempted" and s["rounds_run"] < 12
-    ckpts = list((tmp_path / "outputs" / "r" / "checkpoints").glob("round-*/COMPLETE"))
+    ckpts = list((run_dir / "checkpoints").glob("round-*/COMPLETE"))
     assert len(ckpts) == 1  # interval 0: only the preemption checkpoint
     resumed = run_main([*args, "resume=auto"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    _same_results(ref, tmp_path / "outputs" / "r", "adapter_final.pt")
+    _same_results(ref, run_dir, "adapter_final.pt")
+    sessions = _one_run_each_round_once(run_dir, 12, 2)
+    assert sessions[0]["exit_code"] == 0  # paused, not failed
 
 
 def test_resume_with_another_config_is_refused(reference_runs, tmp_path):
@@ -162,48 +189,6 @@ def _one_run_each_round_once(run_dir: Path, rounds: int, sessions_expected: int)
     steps = [r["_step"] for r in rows]
     assert steps == sorted(set(steps)) and steps == [r["round"] for r in rows]  # W&B's step is the round
     return sessions
-
-
-def test_wandb_after_sigkill_and_resume_is_one_run_with_each_round_once(tmp_path):
-    # Checkpoints every 3 rounds, the kill after round 5: W&B's offline writer buffers, so the killed
-    # session's file holds some prefix of rounds 1-5 (often none); the resumed session logs the rest.
-    args = [*BASE, "run_name=r", "logger=wandb", "federation.checkpoint_interval=3", "algorithm.local_epochs=4"]
-    run_dir = tmp_path / "outputs" / "r"
-    proc = _start(args, tmp_path)
-    _wait_for(run_dir / "checkpoints" / "round-000003" / "COMPLETE", proc)
-    end = time.monotonic() + 120
-    while "\n5," not in (run_dir / "rounds.csv").read_text():
-        assert proc.poll() is None and time.monotonic() < end, "round 5 never ended"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    before = _logged(run_dir)
-    resumed = run_main([*args, "resume=auto"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout and read_summary(run_dir)["resumed_from"] in (3, 6)
-    sessions = _one_run_each_round_once(run_dir, 12, 2)
-    assert {r["round"] for r in sessions[0]["history"] if "round" in r} == before
-    # docs/wandb.md's upload command, as far as it runs offline: both sessions, in order
-    sync = subprocess.run(["wandb", "sync", "--dry-run", *map(str, find_offline_runs(run_dir / "wandb"))],
-                          cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert sync.returncode == 0 and "Would sync 2 run(s)" in sync.stdout + sync.stderr, sync.stdout + sync.stderr
-    # the models, once, in the last session
-    arts = [a for a in sessions[-1]["artifacts"] if a["type"] == "model"]
-    assert sorted(a for art in arts for a in art["aliases"] if a != "latest") == ["final", "selected"]
-
-
-def test_wandb_after_sigusr1_and_resume_is_one_run_with_each_round_once(tmp_path):
-    args = [*BASE, "run_name=r", "logger=wandb"]
-    run_dir = tmp_path / "outputs" / "r"
-    proc = _start(args, tmp_path)
-    _wait_for(run_dir / "checkpoints" / "round-000002" / "COMPLETE", proc)
-    proc.send_signal(signal.SIGUSR1)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 3, err
-    resumed = run_main([*args, "resume=auto"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    sessions = _one_run_each_round_once(run_dir, 12, 2)
-    assert sessions[0]["exit_code"] == 0  # paused, not failed
 
 
 def test_wandb_run_killed_before_its_first_checkpoint_restarts_as_the_same_run(tmp_path):

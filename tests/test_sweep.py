@@ -107,8 +107,9 @@ def test_sweep_refuses_an_axis_that_clashes_before_running(tmp_path, capsys):
     assert not (tmp_path / "sweep").exists() and not any(tmp_path.iterdir())
 
 
-def test_sweep_rerun_with_other_settings_runs_again_and_odd_names_work(tmp_path):
-    """Its runs are real child processes, as a user's local sweep runs them."""
+def test_sweep_rerun_with_other_settings_runs_again_and_odd_names_work(tmp_path, monkeypatch):
+    """Its first run is a real child process, as a user's local sweep runs them (the odd name goes through its
+    command line); the rerun's run is in this interpreter."""
     name = "odd (name), v=1"
     base = ["--algorithms", "fedclip", "--heldout", "sketch", "--name", name, *PACS_MINI_ARGS, "logger=none",
             "federation.rounds=1"]
@@ -118,6 +119,7 @@ def test_sweep_rerun_with_other_settings_runs_again_and_odd_names_work(tmp_path)
     assert read_summary(run_dir)["config"]["logger"]["wandb"]["group"] == name
     same = _sweep(base, tmp_path)
     assert "finished earlier, skipped" in same.stdout
+    runs_in_process(monkeypatch)
     other = _sweep([*base, "algorithm.lr=1e-3"], tmp_path)
     assert other.returncode == 0 and "finished earlier with other settings (algorithm.lr" in other.stdout
     assert read_summary(run_dir)["config"]["algorithm"]["lr"] == 1e-3  # the table is over the new settings

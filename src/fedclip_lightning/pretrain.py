@@ -117,20 +117,22 @@ def make_data(preprocess, per_pair: int, seed: int, mix: dict[str, float] = MIX
 
 
 def pretrain(out: Path, steps: int = 1000, batch: int = 64, per_pair: int = 300, seed: int = 0,
-             lr: float = 2e-3, mix: dict[str, float] = MIX) -> dict:
+             lr: float = 2e-3, mix: dict[str, float] = MIX, eval_per_class: int = 40) -> dict:
     """Train ``fedclip-mini`` contrastively and write its fp16 state dict to ``out``; returns what it
-    measured. Seeded and deterministic, on a random stream of its own (the caller's is left as it was)."""
+    measured (zero-shot accuracy on ``eval_per_class`` new images per style and shape). Seeded and
+    deterministic, on a random stream of its own (the caller's is left as it was)."""
     deterministic = torch.are_deterministic_algorithms_enabled()
     with torch.random.fork_rng(devices=[]):
         try:
             torch.manual_seed(seed)
             torch.use_deterministic_algorithms(True)
-            return _train(out, steps, batch, per_pair, seed, lr, mix)
+            return _train(out, steps, batch, per_pair, seed, lr, mix, eval_per_class)
         finally:
             torch.use_deterministic_algorithms(deterministic)
 
 
-def _train(out: Path, steps: int, batch: int, per_pair: int, seed: int, lr: float, mix: dict[str, float]) -> dict:
+def _train(out: Path, steps: int, batch: int, per_pair: int, seed: int, lr: float, mix: dict[str, float],
+           eval_per_class: int) -> dict:
     import open_clip
     from tqdm.auto import tqdm
 
@@ -185,7 +187,7 @@ def _train(out: Path, steps: int, batch: int, per_pair: int, seed: int, lr: floa
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
     model.eval()
-    zero_shot = evaluate_zero_shot(model, tokenizer, preprocess, seed)
+    zero_shot = evaluate_zero_shot(model, tokenizer, preprocess, seed, eval_per_class)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     atomic_save(state, out)  # a unique temporary name, and the same bytes for the same tensors
