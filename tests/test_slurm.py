@@ -108,6 +108,8 @@ def test_sweep_array_gets_launch_sh_resources_resumes_a_preempted_task_and_write
         s = read_summary(sweep / run)
         assert s["status"] == "finished", logs[-3000:]
         assert s["slurm"]["cpus_per_task"] == "1" and s["slurm"]["array_job_id"] == array  # from inside the job
+    # the requeue is the run's last act: nothing (W&B's finish, the summary) was cut off by it
+    assert "Traceback" not in logs and "could not finish the W&B run" not in logs, logs[-3000:]
     preempted = read_summary(sweep / "fedclip-sketch")
     assert preempted["resumed_from"] is not None and int(preempted["slurm"]["restart_count"]) >= 1
     # the preempted run is one W&B run, each round once
