@@ -155,3 +155,16 @@ def test_the_flat_federation_keys_of_earlier_releases_are_refused_with_their_new
     with pytest.raises(ConfigError, match=r"(?s)federation.dp_secure: .* Fix: write federation.privacy.secure instead"
                                           r".*federation.attack: .* Fix: write federation.attack.name: scaled instead"):
         to_config({"federation": {"dp_secure": True, "attack": "scaled"}})
+
+
+def test_a_config_folder_from_the_environment_is_used_or_refused_never_replaced(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("FEDCLIP_CONF_DIR", str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match=r"FEDCLIP_CONF_DIR=.*nope' has no config.yaml\. Fix:"):
+        conf_dir()
+    own = tmp_path / "conf"
+    shutil.copytree(CONF, own)
+    (own / "config.yaml").write_text((own / "config.yaml").read_text().replace("\nseed: 0\n", "\nseed: 5\n"))
+    monkeypatch.setenv("FEDCLIP_CONF_DIR", str(own))
+    assert conf_dir() == own and load_config([]).seed == 5

@@ -299,12 +299,15 @@ def conf_dir() -> Path:
     top-level conf/ is a link to it), so an installed wheel runs without the source tree."""
 
     env = os.environ.get("FEDCLIP_CONF_DIR")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parent / "conf")
-    for c in candidates:
-        if (c / "config.yaml").is_file():
-            return c
+    if env:  # the user's own folder, or nothing: never the package's in its place, without a word
+        if (Path(env).expanduser() / "config.yaml").is_file():
+            return Path(env).expanduser()
+        raise ConfigError(f"FEDCLIP_CONF_DIR={env!r} has no config.yaml. Fix: point it at a config folder (a copy "
+                          "of the package's conf/, with config.yaml at its top), or unset it for the shipped one.")
+    shipped = Path(__file__).resolve().parent / "conf"
+    if (shipped / "config.yaml").is_file():
+        return shipped
     raise ConfigError(
-        f"no config folder found (looked in {', '.join(map(str, candidates))}). "
+        f"no config folder found (looked in {shipped}). "
         "Fix: reinstall the package (`pip install -e .` from the repository), or set FEDCLIP_CONF_DIR=/path/to/conf."
     )
