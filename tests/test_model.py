@@ -131,11 +131,12 @@ def test_vit_b32_counts(vit_b32):
 def test_bf16_class_token_path_gives_the_towers_own_bits(name, mini):
     """In bf16 a vision transformer that pools its class token runs its last block's MLP on that token
     alone: the same features, every bit, as open_clip's own forward, for calls of 1, 3 and 6 images (bf16 on
-    a CPU without bf16 units is slow: ViT-B/32 pays seconds an image)."""
+    a CPU without bf16 units is slow: ViT-B/32 pays about half a second an image, so it is checked on 1 and 3)."""
     bb = load_backbone(BackboneConfig(name=name, pretrained=None, precision="bf16", download=False))
     assert bb.clip.class_token_only
-    x, _ = real_batch(mini, bb, list(range(6)))
-    for n in (1, 3, 6):
+    sizes = (1, 3) if name == "ViT-B-32" else (1, 3, 6)
+    x, _ = real_batch(mini, bb, list(range(max(sizes))))
+    for n in sizes:
         own = bb.clip.model.encode_image(x[:n].to(torch.bfloat16)).float()
         assert torch.equal(bb.image_features(x[:n]), own), n
 

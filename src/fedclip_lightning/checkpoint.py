@@ -262,9 +262,10 @@ def check_resumable(ckpt: Path, meta: dict[str, Any], current_config: dict[str, 
         raise ConfigError(f"resume: the checkpoint {ckpt} is at round {meta['round']}, past federation.rounds={now}. "
                           f"Fix: resume with federation.rounds={before} (the run's own), or start a new run "
                           "(another run_name, or resume=never).")
-    if now != before and rounds_dependent(saved):
+    planned = rounds_dependent(saved) if now != before else []
+    if planned:
         raise ConfigError(f"resume: federation.rounds={now}, but the checkpoint {ckpt} belongs to a run of {before} "
-                          f"rounds and {'; '.join(rounds_dependent(saved))}: the resumed run would match neither. "
+                          f"rounds and {'; '.join(planned)}: the resumed run would match neither. "
                           f"Fix: resume with federation.rounds={before}, or start a new run of {now} rounds "
                           "(another run_name, or resume=never).")
     diff = config_mismatch(saved, current_config)

@@ -73,13 +73,19 @@ def is_portable(env: dict[str, str] | None = None) -> bool:
     return all(env.get(k) == v for k, v in PORTABLE.items())
 
 
-def cpu_model() -> str:
-    """The CPU's model name as /proc/cpuinfo gives it ('' where there is no such file)."""
+def cpuinfo(field: str) -> str:
+    """The first ``field`` of Linux's /proc/cpuinfo (``model name``, ``flags``...); '' where there is none."""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
         return ""
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                 if line.split(":", 1)[0].strip() == field), "")
+
+
+def cpu_model() -> str:
+    """The CPU's model name ('' where /proc/cpuinfo does not say)."""
+    return cpuinfo("model name")
 
 
 def describe() -> dict[str, object]:

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config import PRECISIONS, BackboneConfig
 from ..errors import BackboneError, Problems
+from ..numerics import cpuinfo
 
 log = logging.getLogger(__name__)
 
@@ -205,18 +206,8 @@ _PRECISION = {"fp32": "fp32", "bf16": "pure_bf16", "fp16": "fp16", "pure_fp16": 
 def cpu_has_bf16() -> bool:
     """Does this CPU multiply bf16 natively (AVX512-BF16 or AMX-BF16, as Linux's /proc/cpuinfo lists its
     flags)? Elsewhere (no such file) the answer is no: ``fast`` stays fp32 there."""
-    flags = cpu_flags()
+    flags = set(cpuinfo("flags").split())
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux's /proc/cpuinfo lists them (empty where there is no such file)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return set()
-    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")),
-                set())
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
