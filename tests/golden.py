@@ -93,7 +93,7 @@ CASES: dict[str, list[str]] = {
 # Cases also run on two processes (in one launch of two ranks): one of each code path across ranks.
 TWO_PROCESS = ("fedclip_keep", "fedclip_half", "fedavg", "fedprox_adapter", "local_keep", "fedclip_ft", "zeroshot",
                "server_adam_unreliable", "krum_sign_flip", "dp_server_momentum", "promptfl", "clip_adapter",
-               "linear_probe", "promptfl_ft", "fedclip_hidden8")
+               "linear_probe", "promptfl_ft", "fedclip_hidden8", "fedclip_samples")
 
 
 def _digest(t: torch.Tensor) -> str:

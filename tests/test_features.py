@@ -153,14 +153,15 @@ def test_fast_precision_is_the_fastest_native_one(monkeypatch):
 
 
 def test_cpu_bf16_flags_are_read_from_cpuinfo(tmp_path, monkeypatch):
+    from fedclip_lightning import numerics
     from fedclip_lightning.model import backbone as bb
 
-    real = bb.Path
+    real = numerics.Path
 
     def fake(text):
         f = tmp_path / "cpuinfo"
         f.write_text(text)
-        monkeypatch.setattr(bb, "Path", lambda p: f if p == "/proc/cpuinfo" else real(p))
+        monkeypatch.setattr(numerics, "Path", lambda p: f if p == "/proc/cpuinfo" else real(p))
 
     fake("processor : 0\nflags : fpu sse avx512f avx512_bf16 avx512_vnni\n")
     assert bb.cpu_has_bf16()

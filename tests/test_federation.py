@@ -245,3 +245,15 @@ def test_aggregate_rows_streams_a_linear_rule_and_gathers_for_one_that_needs_eve
 
     med = aggregate_rows(fabric, Median(), lambda i: rows[i], order, weights, 7)
     assert torch.equal(med, rows[order].median(dim=0).values)
+
+
+def test_sample_weights_come_from_the_clients_replies():
+    """federation.aggregation=samples weighs each active client by the training examples its reply reports."""
+    from fedclip_lightning.algorithms.base import ClientResult, client_sizes
+    from fedclip_lightning.training import SplitResult
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    train = SplitResult(0.5, 1.0, 4)
+    replies = {0: ClientResult(train, num_examples=7), 2: ClientResult(train, num_examples=3)}
+    assert client_sizes(fabric, 3, [0, 2], replies) == (7, 3)
+    assert aggregation_weights(client_sizes(fabric, 3, [2, 0], replies), "samples") == pytest.approx([0.3, 0.7])

@@ -114,10 +114,24 @@ class RunContext:
 
 @dataclass
 class ClientResult:
-    """One client's local fit: its training accuracy/loss and what it sends (``update()``: a flat row)."""
+    """One client's reply to a round: its training accuracy/loss, what it sends (``update()``: a flat row) and
+    how many training examples it holds (its weight under ``federation.aggregation=samples``: the server
+    reads it from the reply, not from a copy of the task of its own)."""
 
     train: SplitResult
     update: Callable[[], torch.Tensor] | None = None
+    num_examples: int = 0
+
+
+def client_sizes(fabric, num_clients: int, active: list[int], results: dict[int, ClientResult]) -> tuple[int, ...]:
+    """The training examples of each active client, from the replies (``results``: this process's share); the
+    same tuple on every process."""
+    n = torch.zeros(num_clients, dtype=torch.float64)
+    for i, r in results.items():
+        n[i] = r.num_examples
+    if fabric.world_size > 1:
+        n = fabric.all_reduce(n.to(fabric.device), reduce_op="sum").cpu()
+    return tuple(int(n[i]) for i in active)
 
 
 class Algorithm:
@@ -269,7 +283,7 @@ class AdapterAlgorithm(Algorithm):
         self._setup_server(ctx)
 
     def _setup_server(self, ctx: RunContext) -> None:
-        self._weights: dict[tuple[int, ...], list[float]] = {}  # aggregation weights by the clients that sent
+        self._weights: dict[tuple, list[float]] = {}  # aggregation weights by the clients that sent (and sizes)
         if self.communicates:
             self.server_update = ServerUpdate(self.cfg.federation, self.cfg.seed, ctx.num_clients,
                                               self.cfg.federation.rounds)
@@ -308,7 +322,7 @@ class AdapterAlgorithm(Algorithm):
         res, optimizer = local_fit(self.ctx.fabric, client, loader, self.fit_plan(p, server_round, loader))
         if self.keep_adam:
             self.adam_states[p.name] = self.arena.stash(optimizer.state_dict(), self.arena_row[p.index])
-        return ClientResult(res, self.upload(client))
+        return ClientResult(res, self.upload(client), len(loader.dataset))
 
     def upload(self, client: CLIPClient) -> Callable[[], torch.Tensor]:
         """What travels: read from the client when the server asks (no copy kept in between)."""
@@ -318,11 +332,12 @@ class AdapterAlgorithm(Algorithm):
         """The server's update (``federation.*``: by default the clients' weighted mean, streamed)."""
         if not active:  # every client dropped: the model stays
             return
-        clients = self.ctx.task.clients
-        key = tuple(active)
+        mode = self.cfg.federation.aggregation
+        # Sample weights from the clients' replies; uniform weights need no sizes (and no collective).
+        sizes = client_sizes(self.ctx.fabric, self.ctx.num_clients, active, results) if mode == "samples" else None
+        key = (tuple(active), sizes)
         if key not in self._weights:
-            self._weights[key] = aggregation_weights([len(clients[i].train) for i in active],
-                                                     self.cfg.federation.aggregation)
+            self._weights[key] = aggregation_weights(sizes or [0] * len(active), mode)
 
         def row_of(i: int) -> torch.Tensor | None:
             return results[i].update() if i in results else None

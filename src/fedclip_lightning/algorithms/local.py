@@ -35,7 +35,7 @@ class Local(AdapterAlgorithm):
     def fit_client(self, client, p: Participant, server_round: int) -> ClientResult:
         result = super().fit_client(client, p, server_round)
         self.own[p.name] = {k: v.cpu() for k, v in client.get_state().items()}
-        return ClientResult(result.train, None)
+        return ClientResult(result.train, None, result.num_examples)
 
     def aggregate(self, server_round: int, active: list[int], results: dict[int, ClientResult]) -> None:
         # Nothing travels to a server; every rank assembles all clients' own adapters (no bytes
