@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedclip_lightning.algorithms.base import AdapterAlgorithm
+from fedclip_lightning.algorithms.base import CLIPAlgorithm
 
 CHANCE = 1 / 5  # five shapes
 FEDCLIP_MARGIN = 0.03
@@ -99,17 +99,17 @@ def test_zero_shot_column_is_the_zeroshot_algorithm(demo):
 
 def _first_client_only(monkeypatch):
     """Aggregation that returns the first client's adapter and ignores the rest."""
-    aggregate = AdapterAlgorithm.aggregate
+    aggregate = CLIPAlgorithm.aggregate
 
     def first_only(self, server_round, active, results):
         return aggregate(self, server_round, active[:1], {i: r for i, r in results.items() if i == active[0]})
 
-    monkeypatch.setattr(AdapterAlgorithm, "aggregate", first_only)
+    monkeypatch.setattr(CLIPAlgorithm, "aggregate", first_only)
 
 
 def _stale_adapter(monkeypatch):
     """Evaluation that scores the initial adapter instead of the trained one."""
-    monkeypatch.setattr(AdapterAlgorithm, "held_state", lambda self, p: self.template)
+    monkeypatch.setattr(CLIPAlgorithm, "held_state", lambda self, p: self.template)
 
 
 @pytest.mark.parametrize("bug", [_first_client_only, _stale_adapter], ids=["first_client_only", "stale_adapter"])

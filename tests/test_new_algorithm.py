@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from conftest import PACS_MINI
-from fedclip_lightning.algorithms import AdapterAlgorithm, register
+from fedclip_lightning.algorithms import CLIPAlgorithm, register
 from fedclip_lightning.algorithms.base import AdapterConfig, check_adapter_hidden
 from fedclip_lightning.cli import main
 from fedclip_lightning.config import Config
@@ -43,7 +43,7 @@ class FedPTConfig(AdapterConfig):
 
 
 @register
-class FedPT(AdapterAlgorithm):
+class FedPT(CLIPAlgorithm):
     name = "test_fedpt"
     config_class = FedPTConfig
 

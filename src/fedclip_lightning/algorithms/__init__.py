@@ -4,7 +4,7 @@ The built-ins register on import, in the order the sweep tables show them.
 """
 
 from . import registry
-from .base import AdapterAlgorithm, Algorithm, ClientResult, Participant, RunContext
+from .base import CLIPAlgorithm, Algorithm, ClientResult, Participant, RunContext
 from .registry import get, names, register
 
 # Registration order is the tables' column order: floors first, then the paper's baselines, then FedCLIP,
@@ -12,4 +12,4 @@ from .registry import get, names, register
 from . import zeroshot, local, fedavg, fedprox, fedclip, fedclip_ft  # noqa: E402,F401  (isort: skip)
 from . import promptfl, clip_adapter, linear_probe  # noqa: E402,F401  (isort: skip)
 
-__all__ = ["AdapterAlgorithm", "Algorithm", "ClientResult", "Participant", "RunContext", "get", "names", "register", "registry"]
+__all__ = ["CLIPAlgorithm", "Algorithm", "ClientResult", "Participant", "RunContext", "get", "names", "register", "registry"]

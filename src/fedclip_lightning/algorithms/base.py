@@ -256,10 +256,12 @@ def check_adapter_hidden(config: AdapterConfig, bad) -> None:
             "e.g. algorithm.adapter_hidden=128")
 
 
-class AdapterAlgorithm(Algorithm):
-    """FedCLIP's machinery: a fresh copy of the attention adapter per client on the shared frozen backbone,
-    prompt features computed once, Adam moments in one block per process, and the server's update as
-    ``federation.*`` configures it (by default the clients' weighted mean, streamed)."""
+class CLIPAlgorithm(Algorithm):
+    """The base of every built-in algorithm: a trainable part on one shared CLIP backbone (FedCLIP's attention
+    adapter by default; a prompt, a probe, the whole model, or nothing for zero-shot, as ``make_head`` and the
+    subclass say), a fresh copy of it per client, prompt features computed once, Adam moments in one block per
+    process, and the server's update as ``federation.*`` configures it (by default the clients' weighted mean,
+    streamed)."""
 
     def prompt(self) -> str:
         return self.cfg.data.prompt
@@ -372,8 +374,8 @@ class AdapterAlgorithm(Algorithm):
         placement for all their splits, each split in the batches ``evaluate`` would use (the same
         numbers, bitwise). What an algorithm evaluates its own way (an overridden
         ``evaluate_client``/``evaluate_unseen``) goes through that."""
-        own_client = type(self).evaluate_client is AdapterAlgorithm.evaluate_client
-        own_unseen = type(self).evaluate_unseen is AdapterAlgorithm.evaluate_unseen
+        own_client = type(self).evaluate_client is CLIPAlgorithm.evaluate_client
+        own_unseen = type(self).evaluate_unseen is CLIPAlgorithm.evaluate_unseen
         groups: dict[int, tuple[State | None, list[tuple[Participant, str]]]] = {}
         rest = []
         for p in parts:

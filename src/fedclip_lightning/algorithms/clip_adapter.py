@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ..config import AlgorithmConfig
 from ..model.heads import ResidualMLPAdapter
-from .base import AdapterAlgorithm
+from .base import CLIPAlgorithm
 from .registry import register
 
 
@@ -22,7 +22,7 @@ class CLIPAdapterConfig(AlgorithmConfig):
 
 
 @register
-class CLIPAdapter(AdapterAlgorithm):
+class CLIPAdapter(CLIPAlgorithm):
     name = "clip_adapter"
     config_class = CLIPAdapterConfig
 

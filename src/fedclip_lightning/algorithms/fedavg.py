@@ -18,7 +18,7 @@ import torch
 from ..client import CLIPClient, FullCLIPClient, make_working_copy
 from ..config import AlgorithmConfig
 from ..aggregation.mean import flatten
-from .base import AdapterAlgorithm, Participant
+from .base import CLIPAlgorithm, Participant
 from .registry import register
 
 TRAINABLES = ("adapter", "image", "all")
@@ -34,7 +34,7 @@ class FedAvgConfig(AlgorithmConfig):
 
 
 @register
-class FedAvg(AdapterAlgorithm):
+class FedAvg(CLIPAlgorithm):
     name = "fedavg"
     config_class = FedAvgConfig
 

@@ -4,12 +4,12 @@ the server averages the adapters (``federation.aggregation``: uniform, as the re
 
 from __future__ import annotations
 
-from .base import AdapterAlgorithm, AdapterConfig, check_adapter_hidden
+from .base import CLIPAlgorithm, AdapterConfig, check_adapter_hidden
 from .registry import register
 
 
 @register
-class FedCLIP(AdapterAlgorithm):
+class FedCLIP(CLIPAlgorithm):
     name = "fedclip"
     config_class = AdapterConfig
 

@@ -5,12 +5,12 @@ server like FedCLIP's adapter. ``C x d`` parameters (no bias)."""
 from __future__ import annotations
 
 from ..model.heads import LinearProbe
-from .base import AdapterAlgorithm
+from .base import CLIPAlgorithm
 from .registry import register
 
 
 @register
-class LinearProbeAlgorithm(AdapterAlgorithm):
+class LinearProbeAlgorithm(CLIPAlgorithm):
     name = "linear_probe"
 
     @classmethod

@@ -10,12 +10,12 @@ import torch
 from ..training import SplitResult
 from ..aggregation.rows import gather_rows
 from ..aggregation.mean import flatten, unflatten
-from .base import AdapterAlgorithm, AdapterConfig, ClientResult, Participant, State, check_adapter_hidden
+from .base import CLIPAlgorithm, AdapterConfig, ClientResult, Participant, State, check_adapter_hidden
 from .registry import register
 
 
 @register
-class Local(AdapterAlgorithm):
+class Local(CLIPAlgorithm):
     name = "local"
     config_class = AdapterConfig
     communicates = False

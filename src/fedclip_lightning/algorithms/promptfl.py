@@ -19,7 +19,7 @@ from ..config import AlgorithmConfig
 from ..data.partition import stable_seed
 from ..model.heads import PromptLearner
 from ..fit_plan import FitPlan
-from .base import AdapterAlgorithm, Participant
+from .base import CLIPAlgorithm, Participant
 from .fedclip_ft import Personalized, check_personal_epochs
 from .registry import register
 
@@ -40,7 +40,7 @@ class PromptFLConfig(AlgorithmConfig):
 
 
 @register
-class PromptFL(AdapterAlgorithm):
+class PromptFL(CLIPAlgorithm):
     name = "promptfl"
     config_class = PromptFLConfig
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .base import AdapterAlgorithm
+from .base import CLIPAlgorithm
 from .registry import register
 
 
 @register
-class ZeroShot(AdapterAlgorithm):
+class ZeroShot(CLIPAlgorithm):
     name = "zeroshot"
     trains = False
     communicates = False
