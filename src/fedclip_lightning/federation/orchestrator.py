@@ -35,6 +35,7 @@ from .datasets import build_datasets
 from .outputs import RunOutputs
 from .placement import assign
 from .preemption import Preempted, Preemption, requeue
+from .transport import FabricTransport
 from .server import Server
 from ..runlock import RunLock
 
@@ -295,7 +296,8 @@ def _run_rounds(cfg: Config, fabric: Fabric, task, domains, run_dir: Path, start
     summary = make_summary(cfg, fabric, backbone, task, domains, algorithm, random_init)
     summary.wandb_id = wandb_id
     outputs = RunOutputs(cfg, fabric, run_dir, summary, started)
-    server = Server(ctx, algorithm, clients, summary, outputs, run_dir, preemption, wandb_id)
+    server = Server(ctx, algorithm, FabricTransport(ctx, algorithm, clients), summary, outputs, run_dir, preemption,
+                    wandb_id)
     for message in algorithm.warnings():
         outputs.warn(message)
     # A fresh start replaces an earlier run in this directory; a resumed one continues it.

@@ -1,12 +1,14 @@
 """The server: the round loop, reading top to bottom like Lightning's build-your-own-trainer ``fit``.
 
-For each round: configure it (which clients train), fit this rank's clients,
-aggregate (the algorithm's rule, every rank computing the same), personalise
-and evaluate on evaluated rounds, checkpoint, and tell the outputs. Everything
-an algorithm decides is asked of the algorithm object; the server never asks
-its name. Every rank runs this loop over its own clients; random streams come
-from the seed and the (round, client) pair alone, and sums run in fixed client
-order, so results do not depend on the number of processes beyond BLAS rounding.
+For each round: configure it (which clients train), have the clients fit
+(through the transport, ``transport.py``: with Fabric, this rank's clients),
+aggregate their replies (the algorithm's rule, every rank computing the same),
+personalise and evaluate on evaluated rounds, checkpoint, and tell the outputs.
+Everything an algorithm decides is asked of the algorithm object; the server
+never asks its name. Every rank runs this loop over its own clients; random
+streams come from the seed and the (round, client) pair alone, and sums run in
+fixed client order, so results do not depend on the number of processes beyond
+BLAS rounding.
 """
 
 from __future__ import annotations
@@ -27,20 +29,19 @@ from ..errors import DivergedError
 from ..data.partition import sample_clients, stable_seed
 from ..training import SplitResult
 from ..report import ModelSelection, RoundMetrics, Summary
-from .evaluation import RoundEvaluator
 from .outputs import RunOutputs
 from .preemption import Preempted, Preemption, any_rank
+from .transport import FabricTransport
 
 
 class Server:
-    def __init__(self, ctx, algorithm, clients: dict, summary: Summary, outputs: RunOutputs, run_dir: Path,
+    def __init__(self, ctx, algorithm, transport, summary: Summary, outputs: RunOutputs, run_dir: Path,
                  preemption: Preemption, wandb_id: str):
-        self.ctx, self.algorithm, self.clients = ctx, algorithm, clients
+        self.ctx, self.algorithm, self.transport = ctx, algorithm, transport
         self.summary, self.outputs, self.run_dir = summary, outputs, run_dir
         self.preemption, self.wandb_id = preemption, wandb_id
         self.fabric, self.cfg = ctx.fabric, ctx.cfg
         self.selection = ModelSelection()
-        self.evaluator = RoundEvaluator(self.fabric, ctx.parts, clients, algorithm)
         self.writer = CheckpointWriter()
         self.rounds = self.cfg.federation.rounds if algorithm.trains else 0
         self.start_round = 0
@@ -59,7 +60,6 @@ class Server:
             train = self.fit_clients(server_round, active)
             self.aggregate(server_round, active, train)
             if server_round % self.cfg.federation.eval_interval == 0 or server_round == self.rounds:
-                self.algorithm.personalize(server_round, self.clients)
                 self.evaluate_round(server_round, {i: r.train for i, r in train.items()})
             stop = self.end_round(server_round)
             self.summary.round_seconds.append(time.perf_counter() - started)
@@ -87,13 +87,9 @@ class Server:
         return active
 
     def fit_clients(self, server_round: int, active: list[int]) -> dict:
-        """Each of this rank's active clients fits locally, one after another."""
+        """The active clients fit locally (through the transport); their replies."""
         t = time.perf_counter()
-        results = {}
-        for p in self.ctx.my_clients:
-            if p.index in active:
-                results[p.index] = self.algorithm.fit_client(self.clients[p.index], p, server_round)
-                self._park(self.clients[p.index])
+        results = self.transport.fit(server_round, active)
         self._stop_if_diverged(server_round, [i for i, r in results.items() if not math.isfinite(r.train.loss)], "loss")
         self.phase_seconds["fit"] += time.perf_counter() - t
         return results
@@ -134,9 +130,7 @@ class Server:
 
     def evaluate_round(self, server_round: int, train: dict[int, SplitResult]) -> RoundMetrics:
         t = time.perf_counter()
-        metrics, csv_rows, logd = self.evaluator.evaluate(server_round, train)
-        for client in self.clients.values():
-            self._park(client)
+        metrics, csv_rows, logd = self.transport.evaluate(server_round, train)
         t2 = time.perf_counter()
         self.phase_seconds["evaluate"] += t2 - t
         if self.selection.update(metrics):
@@ -162,7 +156,7 @@ class Server:
         with torch.random.fork_rng(devices=[]):
             zero_shot.setup(self.ctx)
             clients = {p.index: zero_shot.make_client(p) for p in self.ctx.mine}
-            metrics, _, _ = RoundEvaluator(self.fabric, self.ctx.parts, clients, zero_shot).evaluate(0, {})
+            metrics, _, _ = FabricTransport(self.ctx, zero_shot, clients).evaluate(0, {})
         self.phase_seconds["evaluate"] += time.perf_counter() - t
         return metrics
 
@@ -234,8 +228,3 @@ class Server:
     def close(self) -> None:
         self.writer.close()  # a checkpoint being written still lands: a resume starts from it
         self.summary.phase_seconds = {k: round(v, 3) for k, v in self.phase_seconds.items()}
-
-    def _park(self, client) -> None:
-        """A client's state waits off the accelerator between turns (a no-op on a CPU run)."""
-        if client.device.type != "cpu":
-            client.to("cpu")

@@ -1,0 +1,53 @@
+"""How the server's round loop reaches its clients.
+
+The loop (``Server.fit``: configure, fit, aggregate, evaluate, checkpoint) is one piece of code; what it
+calls to train and evaluate the round's clients is a transport. A transport answers two requests:
+
+* ``fit(server_round, active)``: the active clients it holds fit locally; it returns their replies
+  (``ClientResult``: train accuracy and loss, the update, the number of training examples) by client index;
+* ``evaluate(server_round, train)``: personalisation (the algorithm's step of evaluated rounds) and every
+  participant's val/test/unseen evaluation, assembled into the round's metrics, the same on every process.
+
+:class:`FabricTransport` is the one this package runs: the clients live in this job, each Fabric rank holding
+the clients placed on it, and the rows of a round move between ranks by collectives.
+"""
+
+from __future__ import annotations
+
+from ..algorithms.base import ClientResult
+from ..report import RoundMetrics
+from ..training import SplitResult
+from .evaluation import RoundEvaluator
+
+
+class FabricTransport:
+    """Clients in this job: each rank trains and evaluates the clients placed on it (``ctx.mine``)."""
+
+    def __init__(self, ctx, algorithm, clients: dict):
+        self.ctx, self.algorithm, self.clients = ctx, algorithm, clients
+        self.evaluator = RoundEvaluator(ctx.fabric, ctx.parts, clients, algorithm)
+
+    def fit(self, server_round: int, active: list[int]) -> dict[int, ClientResult]:
+        """Each of this rank's active clients fits locally, one after another; their replies."""
+        replies = {}
+        for p in self.ctx.my_clients:
+            if p.index in active:
+                replies[p.index] = self.algorithm.fit_client(self.clients[p.index], p, server_round)
+                park(self.clients[p.index])
+        return replies
+
+    def evaluate(self, server_round: int, train: dict[int, SplitResult]) -> tuple[RoundMetrics, list[tuple], dict]:
+        """Personalise (evaluated rounds of a training run), then evaluate every participant: ``(metrics,
+        metrics.csv rows, values to log)``, the same on every rank."""
+        if server_round > 0:
+            self.algorithm.personalize(server_round, self.clients)
+        out = self.evaluator.evaluate(server_round, train)
+        for client in self.clients.values():
+            park(client)
+        return out
+
+
+def park(client) -> None:
+    """A client's state waits off the accelerator between turns (a no-op on a CPU run)."""
+    if client.device.type != "cpu":
+        client.to("cpu")
