@@ -12,7 +12,7 @@ An algorithm says, in one class:
   ``FitPlan``, ``fit_plan``), whose ``ClientResult`` carries **what travels**
   (a flat row; ``communicates = False`` sends nothing);
 * **how the server turns the clients' results into its new state**
-  (``aggregate``) and the state it keeps (``server_state``/``load_server_state``,
+  (``aggregate``) and the state it keeps (``state_dict``/``load_state_dict``,
   written into checkpoints), and the per-client state that persists between
   rounds (``client_states``/``load_client_states``);
 * **what runs before evaluation** (``personalize``) and which model a client or
@@ -223,11 +223,14 @@ class Algorithm:
         return self.global_state
 
     # -- persistent state (checkpoints) ----------------------------------------------------
-    def server_state(self) -> dict[str, Any]:
+    # The server's side (``state_dict``: the global model, the server optimiser's and DP's state) and the
+    # clients' side (``client_states``: what each client keeps between rounds, by client name, held wherever
+    # the clients live) are separate: a checkpoint is the server's state plus every client's.
+    def state_dict(self) -> dict[str, Any]:
         return {"global_state": None if self.global_state is None else
                 {k: v.cpu() for k, v in self.global_state.items()}}
 
-    def load_server_state(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         g = state.get("global_state")
         self.global_state = None if g is None else {k: v.clone() for k, v in g.items()}
 
@@ -406,14 +409,14 @@ class CLIPAlgorithm(Algorithm):
                                  "validation" if split == "val" else "test") for p, split in jobs]
 
     # -- persistent state ----------------------------------------------------------------
-    def server_state(self) -> dict[str, Any]:
-        out = super().server_state()
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
         if self.communicates:
             out["server_update"] = self.server_update.state()
         return out
 
-    def load_server_state(self, state: dict[str, Any]) -> None:
-        super().load_server_state(state)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
         if self.communicates:
             self.server_update.load(state.get("server_update"))
 

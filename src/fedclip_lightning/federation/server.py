@@ -176,32 +176,28 @@ class Server:
         return stop
 
     # -- state ----------------------------------------------------------------------------------
-    def checkpoint(self, server_round: int, wait: bool) -> None:
-        meta = None
+    def state_dict(self) -> dict:
+        """The server's side of a checkpoint: the algorithm's server state, model selection, counters; plain
+        data and tensors that are never written in place (each round makes a new server state)."""
         s = self.summary
-        if self.fabric.is_global_zero:
-            # Plain data and tensors that are never written in place (each round makes a new server state).
-            meta = {
-                "config": json.dumps(s.config, sort_keys=True),
-                "server": self.algorithm.server_state(),
-                "selected": self.selection.best.as_dict() if self.selection.best else None,
-                "final": s.final.as_dict() if s.final else None,
-                "bytes_up_total": s.bytes_up_total,
-                "bytes_down_total": s.bytes_down_total,
-                "round_seconds": list(s.round_seconds),
-                "unreliable": dict(self.unreliable),
-                "data_digest": self.ctx.data_digest,
-                "wandb_id": self.wandb_id,
-            }
-        write_checkpoint(self.fabric, self.run_dir, server_round, self.cfg.federation.keep_checkpoints, meta,
-                         self.algorithm.client_states(), self.writer, wait=wait)
+        return {
+            "config": json.dumps(s.config, sort_keys=True),
+            "server": self.algorithm.state_dict(),
+            "selected": self.selection.best.as_dict() if self.selection.best else None,
+            "final": s.final.as_dict() if s.final else None,
+            "bytes_up_total": s.bytes_up_total,
+            "bytes_down_total": s.bytes_down_total,
+            "round_seconds": list(s.round_seconds),
+            "unreliable": dict(self.unreliable),
+            "data_digest": self.ctx.data_digest,
+            "wandb_id": self.wandb_id,
+        }
 
-    def restore(self, meta: dict, clients_state: dict) -> None:
-        """Continue from a checkpoint: the algorithm's server and client state, selection, counters."""
+    def load_state_dict(self, meta: dict) -> None:
+        """Continue from a checkpoint's server side (``meta["round"]``: the round it was written after)."""
         s = self.summary
         self.start_round = int(meta["round"])
-        self.algorithm.load_server_state(meta["server"])
-        self.algorithm.load_client_states(clients_state)
+        self.algorithm.load_state_dict(meta["server"])
         if meta.get("selected"):
             self.selection.best = RoundMetrics.from_dict(meta["selected"])
         s.selected = self.selection.best
@@ -212,6 +208,17 @@ class Server:
         s.round_seconds = list(meta.get("round_seconds", []))
         self.unreliable.update(meta.get("unreliable") or {})
         s.resumed_from = self.start_round
+
+    def checkpoint(self, server_round: int, wait: bool) -> None:
+        """The server's state (rank 0) and the clients' (through the transport, wherever they live)."""
+        write_checkpoint(self.fabric, self.run_dir, server_round, self.cfg.federation.keep_checkpoints,
+                         self.state_dict() if self.fabric.is_global_zero else None,
+                         self.transport.client_states(), self.writer, wait=wait)
+
+    def restore(self, meta: dict, clients_state: dict) -> None:
+        """Continue from a checkpoint: the server's state and the clients'."""
+        self.load_state_dict(meta)
+        self.transport.load_client_states(clients_state)
 
     def save_final(self) -> list[str]:
         """The algorithm's final models, on rank 0; returns their file names."""

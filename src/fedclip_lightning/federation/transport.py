@@ -6,7 +6,8 @@ calls to train and evaluate the round's clients is a transport. A transport answ
 * ``fit(server_round, active)``: the active clients it holds fit locally; it returns their replies
   (``ClientResult``: train accuracy and loss, the update, the number of training examples) by client index;
 * ``evaluate(server_round, train)``: personalisation (the algorithm's step of evaluated rounds) and every
-  participant's val/test/unseen evaluation, assembled into the round's metrics, the same on every process.
+  participant's val/test/unseen evaluation, assembled into the round's metrics, the same on every process;
+* ``client_states()`` / ``load_client_states(states)``: what the clients keep between rounds, for checkpoints.
 
 :class:`FabricTransport` is the one this package runs: the clients live in this job, each Fabric rank holding
 the clients placed on it, and the rows of a round move between ranks by collectives.
@@ -45,6 +46,14 @@ class FabricTransport:
         for client in self.clients.values():
             park(client)
         return out
+
+
+    def client_states(self) -> dict[str, dict]:
+        """What this rank's clients keep between rounds (kept Adam state, own adapters), by client name."""
+        return self.algorithm.client_states()
+
+    def load_client_states(self, states: dict[str, dict]) -> None:
+        self.algorithm.load_client_states(states)
 
 
 def park(client) -> None:
