@@ -74,15 +74,13 @@ def _unknown_keys(data: Any, cls: type, prefix: str = "") -> list[tuple[str, str
     for key, value in data.items():
         full = f"{prefix}{key}"
         if full in RENAMED_KEYS:
-            out.append((full, f"the federation keys are grouped now, this one is {RENAMED_KEYS[full]}. "
-                              f"Fix: write {RENAMED_KEYS[full]} instead"))
+            out.append((full, _renamed(RENAMED_KEYS[full], f"write {RENAMED_KEYS[full]} instead")))
         elif key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             out.append((full, f"unknown key{f' (did you mean {prefix}{close[0]}?)' if close else ''}. Fix: correct "
                               "or drop it (`fedclip-lightning --print-config` lists every key)."))
         elif full in RENAMED_CHOOSERS and not isinstance(value, dict):
-            out.append((full, f"the federation keys are grouped now, this one is {RENAMED_CHOOSERS[full]}. "
-                              f"Fix: write {RENAMED_CHOOSERS[full]}: {value} instead"))
+            out.append((full, _renamed(RENAMED_CHOOSERS[full], f"write {RENAMED_CHOOSERS[full]}: {value} instead")))
         elif key != "algorithm":  # the algorithm's own class checks its keys (algorithm_config)
             sub_cls = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
             if isinstance(sub_cls, type):
@@ -213,9 +211,12 @@ def renamed_overrides(overrides) -> list[str]:
         if new is None and key in RENAMED_CHOOSERS and not value.lstrip().startswith("{"):  # {..}: the whole group
             new = RENAMED_CHOOSERS[key]
         if new is not None:
-            out.append(f"{key}: the federation keys are grouped now, this one is {new}. "
-                       f"Fix: {new}{eq}{value}" + ("" if eq else " (the new name)"))
+            out.append(f"{key}: " + _renamed(new, f"{new}{eq}{value}" + ("" if eq else " (the new name)")))
     return out
+
+
+def _renamed(new: str, fix: str) -> str:
+    return f"the federation keys are grouped now, this one is {new}. Fix: {fix}"
 
 
 def _algorithm_key_message(msg: str, overrides) -> str | None:

@@ -56,8 +56,9 @@ def make_adam(params, a: AlgorithmConfig, buffer: torch.Tensor | None = None,
 
     ``state``: an ``optimizer.state_dict()`` to continue from (a kept state): its moments and step
     counters, at this call's ``lr`` (``load_state_dict`` alone would bring back the lr of the round the
-    state was saved in, and a schedule over the rounds would stop after the first); its moments stay where they are (no copy when they already sit on the
-    parameters' device, e.g. in the client's ``AdamStateArena`` row).
+    state was saved in, and a schedule over the rounds would stop after the first). Its moments stay where
+    they are (no copy when they already sit on the parameters' device, e.g. in the client's
+    ``AdamStateArena`` row).
 
     ``buffer`` (without a ``state`` to load): a flat block of at least
     ``adam_buffer_size(params)`` values, of the parameters' device and dtype, that

@@ -97,9 +97,10 @@ def check_config(f: FederationConfig, p: Problems) -> None:
 
 
 # The choosers of the server side and their plain-averaging values.
-PLAIN = {"server_optimizer.name": "none", "aggregator.name": "mean", "attack.name": "none", "privacy.mode": "none"}
+CHOOSERS = ("server_optimizer.name", "aggregator.name", "attack.name", "privacy.mode")
 
 
 def server_options_set(f: FederationConfig) -> list[tuple[str, Any]]:
-    """The server-side options changed from plain averaging: (``federation.<key>``, value)."""
-    return [(f"federation.{k}", _get(f, k)) for k, d in PLAIN.items() if _get(f, k) != d]
+    """The server-side options changed from plain averaging (their defaults): (``federation.<key>``, value)."""
+    plain = FederationConfig()
+    return [(f"federation.{k}", _get(f, k)) for k in CHOOSERS if _get(f, k) != _get(plain, k)]

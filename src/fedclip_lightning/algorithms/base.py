@@ -40,6 +40,7 @@ from ..fit_plan import FitPlan
 from ..training import SplitResult, evaluate, local_fit
 from ..aggregation.update import ServerUpdate
 from ..aggregation.mean import aggregation_weights, flatten, state_bytes, unflatten
+from ..aggregation.rows import gather_rows
 from ..model.adapter import AttentionAdapter
 from ..optim import AdamStateArena
 
@@ -126,12 +127,9 @@ class ClientResult:
 def client_sizes(fabric, num_clients: int, active: list[int], results: dict[int, ClientResult]) -> tuple[int, ...]:
     """The training examples of each active client, from the replies (``results``: this process's share); the
     same tuple on every process."""
-    n = torch.zeros(num_clients, dtype=torch.float64)
-    for i, r in results.items():
-        n[i] = r.num_examples
-    if fabric.world_size > 1:
-        n = fabric.all_reduce(n.to(fabric.device), reduce_op="sum").cpu()
-    return tuple(int(n[i]) for i in active)
+    n = gather_rows(fabric, {i: torch.tensor([float(r.num_examples)]) for i, r in results.items()}, num_clients, 1,
+                    torch.float64)
+    return tuple(int(n[i, 0]) for i in active)
 
 
 class Algorithm:
@@ -339,10 +337,11 @@ class CLIPAlgorithm(Algorithm):
             return
         mode = self.cfg.federation.aggregation
         # Sample weights from the clients' replies; uniform weights need no sizes (and no collective).
-        sizes = client_sizes(self.ctx.fabric, self.ctx.num_clients, active, results) if mode == "samples" else None
+        sizes = client_sizes(self.ctx.fabric, self.ctx.num_clients, active, results) if mode == "samples" \
+            else (1,) * len(active)
         key = (tuple(active), sizes)
         if key not in self._weights:
-            self._weights[key] = aggregation_weights(sizes or [0] * len(active), mode)
+            self._weights[key] = aggregation_weights(list(sizes), mode)
 
         def row_of(i: int) -> torch.Tensor | None:
             return results[i].update() if i in results else None

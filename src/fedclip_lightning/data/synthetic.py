@@ -382,7 +382,7 @@ def ensure_synthetic_dataset(
         raise DataError(problems)
 
     target = synthetic_dataset_dir(cache_dir, per_class=per_class, image_size=image_size, seed=seed)
-    if _is_complete(target):  # every style, drawn at once (earlier releases)
+    if _is_complete(target):  # a folder whose styles were all drawn together, under one marker
         return target
     for domain in wanted:
         if not _is_complete(target / domain):

@@ -75,9 +75,10 @@ class Server:
         Stragglers (``federation.unreliable.straggler_fraction``) are counted here and slowed in their local fit."""
         fed, seed = self.cfg.federation, self.cfg.seed
         active = sample_clients(self.ctx.num_clients, fed.client_fraction, server_round, seed)
-        if fed.unreliable.dropout > 0:
+        dropout = fed.unreliable.dropout
+        if dropout > 0:
             arrived = [i for i in active
-                       if random.Random(stable_seed(seed, "dropout", server_round, i)).random() >= fed.unreliable.dropout]
+                       if random.Random(stable_seed(seed, "dropout", server_round, i)).random() >= dropout]
             self.unreliable["dropped_total"] += len(active) - len(arrived)
             active = arrived
         if fed.unreliable.straggler_fraction > 0:

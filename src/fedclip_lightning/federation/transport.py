@@ -38,10 +38,9 @@ class FabricTransport:
         return replies
 
     def evaluate(self, server_round: int, train: dict[int, SplitResult]) -> tuple[RoundMetrics, list[tuple], dict]:
-        """Personalise (evaluated rounds of a training run), then evaluate every participant: ``(metrics,
+        """Personalise (the algorithm's step before evaluation), then evaluate every participant: ``(metrics,
         metrics.csv rows, values to log)``, the same on every rank."""
-        if server_round > 0:
-            self.algorithm.personalize(server_round, self.clients)
+        self.algorithm.personalize(server_round, self.clients)
         out = self.evaluator.evaluate(server_round, train)
         for client in self.clients.values():
             park(client)
