@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("outputs", ("report", "tables", "plots", "loggers")),
     ("loading", ("configure",)),
     ("run driver", ("federation",)),
+    ("deployment", ("flower",)),  # the run driver's clients on Flower SuperNodes
     ("commands", ("cli", "sweep", "sweep_results", "slurm", "pretrain", "__main__", "__init__")),
 ]
 

@@ -71,6 +71,9 @@ class RunContext:
     loader: Callable[..., Any] | None = None  # loader(dataset, batch_size, shuffle_seed=None)
     eval_loaders: dict[tuple[int, str], Any] = field(default_factory=dict)
     data_digest: str = ""  # the images and split this run trains on (checkpoint.data_manifest)
+    # The clients live in other processes than this one's server (Flower SuperNodes): every reply arrives
+    # through the transport, and this process holds no client (``mine`` is empty).
+    remote_clients: bool = False
 
     @property
     def mine(self) -> list[Participant]:
@@ -235,6 +238,18 @@ class Algorithm:
     def client_states(self) -> dict[str, dict[str, Any]]:
         """This rank's clients' state that persists between rounds, by client name."""
         return {}
+
+    # -- what the server sends its clients ------------------------------------------------
+    # Where clients live in other processes than the server (a Flower SuperNode), each message carries what
+    # a client needs of the server's state for its fit or its evaluation: by default the global model.
+    def broadcast(self) -> State:
+        return {} if self.global_state is None else {f"global/{k}": v for k, v in self.global_state.items()}
+
+    def receive(self, state: State) -> None:
+        """A client's side of ``broadcast``: the server's state as its message carried it."""
+        g = {k[len("global/"):]: v for k, v in state.items() if k.startswith("global/")}
+        if g:
+            self.global_state = g
 
     def load_client_states(self, states: dict[str, dict[str, Any]]) -> None:
         pass

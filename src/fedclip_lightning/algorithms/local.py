@@ -34,14 +34,44 @@ class Local(CLIPAlgorithm):
 
     def fit_client(self, client, p: Participant, server_round: int) -> ClientResult:
         result = super().fit_client(client, p, server_round)
-        self.own[p.name] = {k: v.cpu() for k, v in client.get_state().items()}
-        return ClientResult(result.train, None, result.num_examples)
+        own = self.own[p.name] = {k: v.cpu() for k, v in client.get_state().items()}
+        # Not an update (nothing is averaged, no bytes are counted): the adapter an unseen domain is scored with.
+        return ClientResult(result.train, lambda: flatten(own), result.num_examples)
 
     def aggregate(self, server_round: int, active: list[int], results: dict[int, ClientResult]) -> None:
-        # Nothing travels to a server; every rank assembles all clients' own adapters (no bytes
-        # counted) because an unseen domain is scored with each of them.
+        # Nothing is averaged; every rank assembles all clients' own adapters (no bytes counted) because an
+        # unseen domain is scored with each of them: this round's from the replies, the others' kept.
+        # The clients held here that did not fit this round send their kept adapter. Where the clients live
+        # elsewhere (a Flower deployment), one that did not answer keeps its row of the last table.
         rows = {p.index: flatten(self.own.get(p.name, self.global_state)) for p in self.ctx.my_clients}
-        self.table = gather_rows(self.ctx.fabric, rows, self.ctx.num_clients, self.num_params)
+        rows.update({i: r.update() for i, r in results.items()})
+        table = gather_rows(self.ctx.fabric, rows, self.ctx.num_clients, self.num_params)
+        if self.ctx.remote_clients:
+            for i in set(range(self.ctx.num_clients)) - set(results):
+                table[i] = self.table[i] if self.table is not None else flatten(self.global_state)
+        self.table = table
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        if self.table is not None and self.ctx.remote_clients:  # the server of a deployment keeps the table
+            out["table"] = self.table.clone()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if state.get("table") is not None:
+            self.table = state["table"].clone()
+
+    def broadcast(self) -> State:
+        out = super().broadcast()
+        if self.table is not None:
+            out["table"] = self.table
+        return out
+
+    def receive(self, state: State) -> None:
+        super().receive(state)
+        if "table" in state:
+            self.table = state["table"]
 
     def held_state(self, p: Participant) -> State:
         return self.own.get(p.name, self.global_state)

@@ -31,8 +31,8 @@ def resolve_root(cfg: Config) -> Path:
     return Path(d.root).expanduser()
 
 
-def build_task(cfg: Config) -> tuple[Task, DomainSet]:
-    """Scan the image folders named by ``cfg.data`` and split them into clients and unseen domains."""
+def scan(cfg: Config) -> DomainSet:
+    """The images ``cfg.data`` names: scanned, subsampled (``data.max_per_domain``) and checked."""
     d = cfg.data
     ds = scan_domains(resolve_root(cfg), d.domains, on_corrupt=d.on_corrupt, check_images=False,
                       single_domain_classes=d.single_domain_classes)
@@ -40,6 +40,17 @@ def build_task(cfg: Config) -> tuple[Task, DomainSet]:
         ds = subsample(ds, d.max_per_domain, cfg.seed)
     if d.check_images:  # only the images this run uses
         ds = verify_images(ds, d.on_corrupt)
+    return ds
+
+
+def build_task(cfg: Config) -> tuple[Task, DomainSet]:
+    """Scan the image folders named by ``cfg.data`` and split them into clients and unseen domains."""
+    return split_task(cfg, scan(cfg))
+
+
+def split_task(cfg: Config, ds: DomainSet) -> tuple[Task, DomainSet]:
+    """The scanned images ``ds`` as clients and unseen domains (``data.split``, ``data.partition``)."""
+    d = cfg.data
     part = d.partition
     if d.split.mode == "official":
         if part.scheme != "domain":
@@ -61,6 +72,18 @@ def subsample(ds: DomainSet, max_per_domain: int, seed: int) -> DomainSet:
             items = [items[i] for i in keep]
         samples[domain] = items
     return DomainSet(root=ds.root, classes=ds.classes, samples=samples, skipped=ds.skipped)
+
+
+def with_classes(ds: DomainSet, classes: list[str]) -> DomainSet:
+    """``ds`` labelled against the vocabulary ``classes`` (a superset of its own, sorted like a scan of every
+    domain): a site that holds some domains of a data set labels its images as a scan of all of them would."""
+    missing = [c for c in ds.classes if c not in classes]
+    if missing:
+        raise DataError(f"class folders {missing} under {ds.root} are not among the run's classes {classes}. "
+                        "Fix: name the class folders as the other sites do.")
+    index = [classes.index(c) for c in ds.classes]
+    samples = {d: [Sample(s.path, index[s.label], s.domain) for s in items] for d, items in ds.samples.items()}
+    return DomainSet(root=ds.root, classes=list(classes), samples=samples, skipped=ds.skipped)
 
 
 def class_prompt_names(classes: list[str], style: str) -> list[str]:

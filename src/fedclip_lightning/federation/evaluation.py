@@ -20,67 +20,80 @@ from ..aggregation.rows import gather_rows
 SLOTS = ("train", "val", "test", "val_global", "test_global")
 
 
+def table_rows(parts, results: dict[int, dict[str, SplitResult]], train: dict[int, SplitResult],
+               algorithm) -> dict[int, torch.Tensor]:
+    """Rows of the round's table from participants' result slots (``results``: those evaluated here) and
+    their train results of the round: slot-major, participant index within; a fourth column marks a row as
+    filled (a train row is absent in round 0, a participant that did not answer has none)."""
+    n = len(parts)
+    present = torch.ones(1, dtype=torch.float64)
+    out: dict[int, torch.Tensor] = {}
+    for p in parts:
+        if p.index not in results:
+            continue
+        slots = dict(results[p.index])
+        if p.kind == "client" and p.index in train:
+            slots["train"] = train[p.index]
+        for slot, res in slots.items():
+            if slot not in SLOTS:
+                raise ValueError(f"{type(algorithm).__name__} returned the result slot {slot!r}; "
+                                 f"the slots are {SLOTS}")
+            out[SLOTS.index(slot) * n + p.index] = torch.cat([res.as_row(), present])
+    return out
+
+
 class RoundEvaluator:
     def __init__(self, fabric, parts, clients: dict, algorithm):
         self.fabric, self.parts, self.clients, self.algorithm = fabric, parts, clients, algorithm
 
-    def _local(self, train: dict[int, SplitResult]) -> dict[int, torch.Tensor]:
-        """This rank's rows of the table: slot-major, participant index within."""
-        n = len(self.parts)
-        mine = [p for p in self.parts if p.rank == self.fabric.global_rank]
-        results = self.algorithm.evaluate_mine(self.clients, mine)
-        out: dict[int, torch.Tensor] = {}
-        for p in mine:
-            slots = dict(results[p.index])
-            if p.kind == "client" and p.index in train:
-                slots["train"] = train[p.index]
-            for slot, res in slots.items():
-                if slot not in SLOTS:
-                    raise ValueError(f"{type(self.algorithm).__name__} returned the result slot {slot!r}; "
-                                     f"the slots are {SLOTS}")
-                out[SLOTS.index(slot) * n + p.index] = res.as_row()
-        return out
-
     def evaluate(self, server_round: int, train: dict[int, SplitResult]) -> tuple[RoundMetrics, list[tuple], dict]:
-        """``(metrics, metrics.csv rows, per-participant values to log)``, the same on every rank."""
-        n = len(self.parts)
-        # A fourth column marks rows that some rank filled (a train row is absent in round 0, say).
-        present = torch.ones(1, dtype=torch.float64)
-        table = gather_rows(self.fabric, {i: torch.cat([v, present]) for i, v in self._local(train).items()},
-                            len(SLOTS) * n, 4, torch.float64)
+        """``(metrics, metrics.csv rows, per-participant values to log)``, the same on every rank: each rank
+        evaluates its own participants, one gather assembles the table."""
+        mine = [p for p in self.parts if p.rank == self.fabric.global_rank]
+        rows = table_rows(self.parts, self.algorithm.evaluate_mine(self.clients, mine), train, self.algorithm)
+        table = gather_rows(self.fabric, rows, len(SLOTS) * len(self.parts), 4, torch.float64)
+        return assemble(server_round, self.parts, table)
 
-        def row(s: str, i: int) -> SplitResult | None:
-            j = SLOTS.index(s) * n + i
-            return SplitResult.from_row(table[j]) if table[j, 3] > 0 else None
 
-        acc: dict[str, dict[str, float]] = {s: {} for s in SLOTS}
-        unseen: dict[str, float] = {}
-        csv_rows, logd, bad = [], {}, []
-        for p in self.parts:
-            if p.kind == "client":
-                for s in SLOTS:
-                    res = row(s, p.index)
-                    if res is None:
-                        continue
-                    if res.n > 0 and not math.isfinite(res.loss):
-                        bad.append(f"{p.name} {s}")
-                    acc[s][p.name] = res.accuracy
-                    csv_rows.append((server_round, p.name, s, res.accuracy, res.loss))
-                    logd[f"client/{p.name}/{s}_acc"] = res.accuracy
-                    logd[f"client/{p.name}/{s}_loss"] = res.loss
-            else:
-                te = row("test", p.index)
-                if te.n > 0 and not math.isfinite(te.loss):
-                    bad.append(f"{p.name} unseen")
-                unseen[p.name] = te.accuracy
-                csv_rows.append((server_round, p.name, "unseen", te.accuracy, te.loss))
-                logd[f"unseen/{p.name}/acc"] = te.accuracy
-                logd[f"unseen/{p.name}/loss"] = te.loss
-        if bad:
-            raise DivergedError(f"round {server_round}: the loss is not finite (NaN or inf) for {', '.join(bad)}: "
-                                "the model "
-                                "diverged, and its accuracies are not results. The run stopped (summary.json: "
-                                "failed). Fix: lower algorithm.lr, or the server-side settings that scale the "
-                                "update (federation.server_optimizer.lr, federation.attack.scale).")
-        metrics = RoundMetrics(server_round, acc["val"], acc["test"], unseen, acc["val_global"], acc["test_global"])
-        return metrics, csv_rows, logd
+def assemble(server_round: int, parts, table: torch.Tensor) -> tuple[RoundMetrics, list[tuple], dict]:
+    """The round's ``(metrics, metrics.csv rows, values to log)`` from its table (``table_rows``, every
+    participant's rows in place). A participant without rows (it did not answer) is left out."""
+    n = len(parts)
+
+    def row(s: str, i: int) -> SplitResult | None:
+        j = SLOTS.index(s) * n + i
+        return SplitResult.from_row(table[j]) if table[j, 3] > 0 else None
+
+    acc: dict[str, dict[str, float]] = {s: {} for s in SLOTS}
+    unseen: dict[str, float] = {}
+    csv_rows, logd, bad = [], {}, []
+    for p in parts:
+        if p.kind == "client":
+            for s in SLOTS:
+                res = row(s, p.index)
+                if res is None:
+                    continue
+                if res.n > 0 and not math.isfinite(res.loss):
+                    bad.append(f"{p.name} {s}")
+                acc[s][p.name] = res.accuracy
+                csv_rows.append((server_round, p.name, s, res.accuracy, res.loss))
+                logd[f"client/{p.name}/{s}_acc"] = res.accuracy
+                logd[f"client/{p.name}/{s}_loss"] = res.loss
+        else:
+            te = row("test", p.index)
+            if te is None:
+                continue
+            if te.n > 0 and not math.isfinite(te.loss):
+                bad.append(f"{p.name} unseen")
+            unseen[p.name] = te.accuracy
+            csv_rows.append((server_round, p.name, "unseen", te.accuracy, te.loss))
+            logd[f"unseen/{p.name}/acc"] = te.accuracy
+            logd[f"unseen/{p.name}/loss"] = te.loss
+    if bad:
+        raise DivergedError(f"round {server_round}: the loss is not finite (NaN or inf) for {', '.join(bad)}: "
+                            "the model "
+                            "diverged, and its accuracies are not results. The run stopped (summary.json: "
+                            "failed). Fix: lower algorithm.lr, or the server-side settings that scale the "
+                            "update (federation.server_optimizer.lr, federation.attack.scale).")
+    metrics = RoundMetrics(server_round, acc["val"], acc["test"], unseen, acc["val_global"], acc["test_global"])
+    return metrics, csv_rows, logd

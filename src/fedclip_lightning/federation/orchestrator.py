@@ -156,15 +156,19 @@ def set_aside_replaced_wandb_runs(run_dir: Path, keep_id: str) -> list[Path]:
     return moved
 
 
-def run(cfg: Config) -> dict:
-    """Run one federated experiment; returns summary.json's content (on every rank)."""
+def run(cfg: Config, remote=None) -> dict:
+    """Run one federated experiment; returns summary.json's content (on every rank).
+
+    ``remote``: the clients live elsewhere and answer messages (``fedclip_lightning.flower.FlowerClients``):
+    it says who they are (``describe``) and reaches them (``transport``); this process holds no image.
+    """
     check(cfg)
     started = time.perf_counter()
     # Before the slow start-up (scanning and checking images, loading weights): a SIGUSR1/SIGTERM that
     # arrives then is kept, and the run checkpoints and stops (requeued under SLURM) after its first round.
     preemption = Preemption()
     try:
-        return _run(cfg, started, preemption)
+        return _run(cfg, started, preemption, remote)
     except Preempted as exc:
         if exc.requeue:  # last: SLURM ends the job's processes as soon as it requeues it
             exc.requeued = requeue()
@@ -173,12 +177,15 @@ def run(cfg: Config) -> dict:
         preemption.restore()
 
 
-def _run(cfg: Config, started: float, preemption: Preemption) -> dict:
+def _run(cfg: Config, started: float, preemption: Preemption, remote) -> dict:
     # Data problems surface here, in every process, before anything launches.
-    task, domains = build_task(cfg)
     resolve_weights(cfg.backbone)
+    if remote is None:
+        task, domains = build_task(cfg)
+        manifest = data_manifest(task)
+    else:  # the clients say what they hold (names, sizes, digests of their data and weights)
+        task, domains, manifest = remote.describe(cfg)
     run_dir = resolve_run_dir(cfg)
-    manifest = data_manifest(task)
     resume = find_resume(cfg, run_dir, manifest)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -187,13 +194,13 @@ def _run(cfg: Config, started: float, preemption: Preemption) -> dict:
         raise ConfigError(f"output_dir={cfg.output_dir!r}: cannot write to the run directory {run_dir} "
                           f"({exc.strerror}). Fix: set output_dir to a folder you can write to.") from None
     try:
-        return _launch(cfg, started, preemption, task, domains, run_dir, resume, manifest)
+        return _launch(cfg, started, preemption, task, domains, run_dir, resume, manifest, remote)
     finally:
         lock.release()
 
 
 def _launch(cfg: Config, started: float, preemption: Preemption, task, domains, run_dir: Path,
-            resume: tuple[Path, dict] | None, manifest: dict) -> dict:
+            resume: tuple[Path, dict] | None, manifest: dict, remote=None) -> dict:
     global LAUNCHED_RANK
     # Only rank 0 logs (and writes checkpoints), so its id is the run's.
     wandb_id = resume[1]["wandb_id"] if resume else (restarted_wandb_id(cfg, run_dir) or secrets.token_hex(4))
@@ -213,7 +220,8 @@ def _launch(cfg: Config, started: float, preemption: Preemption, task, domains, 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     exit_code = 1
     try:
-        summary = _run_rounds(cfg, fabric, task, domains, run_dir, started, resume, wandb_id, preemption, manifest)
+        summary = _run_rounds(cfg, fabric, task, domains, run_dir, started, resume, wandb_id, preemption, manifest,
+                              remote)
         exit_code = 0
         return summary
     except Preempted:
@@ -285,19 +293,25 @@ def _loader_factory(cfg: Config, fabric: Fabric):
 
 
 def _run_rounds(cfg: Config, fabric: Fabric, task, domains, run_dir: Path, started: float,
-                resume: tuple[Path, dict] | None, wandb_id: str, preemption: Preemption, manifest: dict) -> dict:
+                resume: tuple[Path, dict] | None, wandb_id: str, preemption: Preemption, manifest: dict,
+                remote=None) -> dict:
     backbone = load_backbone(cfg.backbone, device=fabric.device, seed=cfg.seed)
     random_init = backbone.weights_file is None and not backbone.name.startswith(("hf-hub:", "local-dir:"))
+    # Clients elsewhere are no rank's (rank -1): this process holds none of them.
+    parts = place_participants(task, fabric.world_size) if remote is None else \
+        [Participant(i, p.name, p.kind, -1) for i, p in enumerate(place_participants(task, 1))]
     ctx = RunContext(cfg, fabric, backbone, task, class_prompt_names(task.classes, cfg.data.class_names),
-                     place_participants(task, fabric.world_size), data_digest=manifest_digest(manifest))
+                     parts, data_digest=manifest_digest(manifest), remote_clients=remote is not None)
     algorithm = registry.get(cfg.algorithm.name)(cfg)
     algorithm.setup(ctx)
-    clients = {p.index: algorithm.make_client(p) for p in ctx.mine}
     summary = make_summary(cfg, fabric, backbone, task, domains, algorithm, random_init)
     summary.wandb_id = wandb_id
     outputs = RunOutputs(cfg, fabric, run_dir, summary, started)
-    server = Server(ctx, algorithm, FabricTransport(ctx, algorithm, clients), summary, outputs, run_dir, preemption,
-                    wandb_id)
+    if remote is None:
+        transport = FabricTransport(ctx, algorithm, {p.index: algorithm.make_client(p) for p in ctx.mine})
+    else:
+        transport = remote.transport(ctx, algorithm, wandb_id, outputs)
+    server = Server(ctx, algorithm, transport, summary, outputs, run_dir, preemption, wandb_id)
     for message in algorithm.warnings():
         outputs.warn(message)
     # A fresh start replaces an earlier run in this directory; a resumed one continues it.
@@ -311,10 +325,13 @@ def _run_rounds(cfg: Config, fabric: Fabric, task, domains, run_dir: Path, start
     outputs.start(server.start_round, random_init)
     saved: list[str] = []
     try:  # from here on, whatever stops the run is in summary.json: status failed (or preempted) and why
-        ctx.datasets, summary.features = build_datasets(cfg, fabric, backbone, task, ctx.mine)
-        outputs.features_ready(summary.features)
-        ctx.loader = _loader_factory(cfg, fabric)
-        ctx.prepare_eval_loaders()
+        if remote is None:
+            ctx.datasets, summary.features = build_datasets(cfg, fabric, backbone, task, ctx.mine)
+            outputs.features_ready(summary.features)
+            ctx.loader = _loader_factory(cfg, fabric)
+            ctx.prepare_eval_loaders()
+        else:
+            summary.features = {"cache": "on each node"}
         outputs.rounds_start(server.rounds, server.start_round, resume[0] if resume else None)
         summary.setup_seconds = time.perf_counter() - started
         server.fit()

@@ -31,7 +31,6 @@ from ..training import SplitResult
 from ..report import ModelSelection, RoundMetrics, Summary
 from .outputs import RunOutputs
 from .preemption import Preempted, Preemption, any_rank
-from .transport import FabricTransport
 
 
 class Server:
@@ -57,7 +56,7 @@ class Server:
         for server_round in range(self.start_round + 1, self.rounds + 1):
             started = time.perf_counter()
             active = self.configure_round(server_round)
-            train = self.fit_clients(server_round, active)
+            train, active = self.fit_clients(server_round, active)
             self.aggregate(server_round, active, train)
             if server_round % self.cfg.federation.eval_interval == 0 or server_round == self.rounds:
                 self.evaluate_round(server_round, {i: r.train for i, r in train.items()})
@@ -87,13 +86,20 @@ class Server:
                 self.ctx.local_plan(parts[i], server_round, 1)[1] < 1 for i in active)
         return active
 
-    def fit_clients(self, server_round: int, active: list[int]) -> dict:
-        """The active clients fit locally (through the transport); their replies."""
+    def fit_clients(self, server_round: int, active: list[int]) -> tuple[dict, list[int]]:
+        """The active clients fit locally (through the transport): their replies, and the clients whose reply
+        arrived (a client that did not answer in time, a SuperNode that died, is counted as a dropout)."""
         t = time.perf_counter()
         results = self.transport.fit(server_round, active)
+        arrived = self.transport.arrived(active, results)
+        if len(arrived) < len(active):
+            self.unreliable["dropped_total"] += len(active) - len(arrived)
+            lost = [self.ctx.parts[i].name for i in active if i not in arrived]
+            self.outputs.warn(f"round {server_round}: no reply from client(s) {', '.join(lost)}: counted as "
+                              "dropped out; the round aggregates the others.")
         self._stop_if_diverged(server_round, [i for i, r in results.items() if not math.isfinite(r.train.loss)], "loss")
         self.phase_seconds["fit"] += time.perf_counter() - t
-        return results
+        return results, arrived
 
     def _stop_if_diverged(self, server_round: int, mine: list[int], what: str) -> None:
         """Every rank stops, naming the clients (of any rank) whose local fit ended in a non-finite ``what``."""
@@ -140,7 +146,8 @@ class Server:
                 self.outputs.save_state(f"{self.algorithm.state_file}_selected.pt", state, metrics.round)
         self.summary.selected, self.summary.final = self.selection.best, metrics
         server = self.algorithm.metrics(self.summary.rounds_run)
-        if self.cfg.federation.unreliable.dropout > 0 or self.cfg.federation.unreliable.straggler_fraction > 0:
+        if self.cfg.federation.unreliable.dropout > 0 or self.cfg.federation.unreliable.straggler_fraction > 0 or \
+                any(self.unreliable.values()):
             server.update({f"clients/{k}": v for k, v in self.unreliable.items()})
         self.summary.server = server
         self.outputs.evaluated(metrics, csv_rows, {**logd, **server})
@@ -156,8 +163,7 @@ class Server:
         t = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             zero_shot.setup(self.ctx)
-            clients = {p.index: zero_shot.make_client(p) for p in self.ctx.mine}
-            metrics, _, _ = FabricTransport(self.ctx, zero_shot, clients).evaluate(0, {})
+            metrics, _, _ = self.transport.evaluate_with(zero_shot)
         self.phase_seconds["evaluate"] += time.perf_counter() - t
         return metrics
 

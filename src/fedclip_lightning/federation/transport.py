@@ -5,12 +5,16 @@ calls to train and evaluate the round's clients is a transport. A transport answ
 
 * ``fit(server_round, active)``: the active clients it holds fit locally; it returns their replies
   (``ClientResult``: train accuracy and loss, the update, the number of training examples) by client index;
+  ``arrived(active, results)`` says whose reply arrived (the others count as dropped out);
 * ``evaluate(server_round, train)``: personalisation (the algorithm's step of evaluated rounds) and every
   participant's val/test/unseen evaluation, assembled into the round's metrics, the same on every process;
+* ``evaluate_with(algorithm)``: every participant evaluated once with another algorithm (the zero-shot
+  baseline);
 * ``client_states()`` / ``load_client_states(states)``: what the clients keep between rounds, for checkpoints.
 
 :class:`FabricTransport` is the one this package runs: the clients live in this job, each Fabric rank holding
-the clients placed on it, and the rows of a round move between ranks by collectives.
+the clients placed on it, and the rows of a round move between ranks by collectives. The Flower transport
+(``fedclip_lightning.flower.transport``) reaches clients on SuperNodes by messages.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ class FabricTransport:
                 park(self.clients[p.index])
         return replies
 
+    def arrived(self, active: list[int], results: dict[int, ClientResult]) -> list[int]:
+        """The active clients whose reply arrived: in this job, every one (each rank holds only its own)."""
+        return list(active)
+
     def evaluate(self, server_round: int, train: dict[int, SplitResult]) -> tuple[RoundMetrics, list[tuple], dict]:
         """Personalise (the algorithm's step before evaluation), then evaluate every participant: ``(metrics,
         metrics.csv rows, values to log)``, the same on every rank."""
@@ -46,6 +54,12 @@ class FabricTransport:
             park(client)
         return out
 
+
+    def evaluate_with(self, algorithm) -> tuple[RoundMetrics, list[tuple], dict]:
+        """Every participant evaluated once (round 0) with another algorithm, set up on this run's context
+        (the zero-shot baseline): its own clients, built here."""
+        clients = {p.index: algorithm.make_client(p) for p in self.ctx.mine}
+        return FabricTransport(self.ctx, algorithm, clients).evaluate(0, {})
 
     def client_states(self) -> dict[str, dict]:
         """What this rank's clients keep between rounds (kept Adam state, own adapters), by client name."""

@@ -1,0 +1,208 @@
+"""Clients on Flower SuperNodes, in one process: the real ClientApp answers every message through Flower's
+own serialisation (``flower.grid.InProcessGrid``), each node building its client from the run's overrides and
+its own ``--node-config``. The run must equal a one-process Fabric run bitwise; a node must refuse what a
+server may not set; a silent node is a dropout; a changed node stops the run. The loopback tests (a real
+SuperLink and SuperNodes) are in test_flower_loopback.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if sys.version_info < (3, 11):
+    pytest.skip("Flower 1.42 needs Python >= 3.11 (the [flower] extra)", allow_module_level=True)
+
+from fedclip_lightning.configure import load_config  # noqa: E402
+from fedclip_lightning.errors import ConfigError  # noqa: E402
+from fedclip_lightning.federation.orchestrator import run  # noqa: E402
+from fedclip_lightning.flower.client_app import app as client_app  # noqa: E402
+from fedclip_lightning.flower.grid import InProcessGrid  # noqa: E402
+from fedclip_lightning.flower.node import Node, Request  # noqa: E402
+from fedclip_lightning.flower.transport import FlowerClients, check_deployment  # noqa: E402
+
+DOMAINS = ["art_painting", "cartoon", "photo", "sketch"]
+
+
+def base(alg: str, *extra: str) -> list[str]:
+    return ["experiment=pacs_mini_debug", f"algorithm={alg}", "progress=false", "logger=none",
+            "federation.rounds=2", *extra]
+
+
+def nodes(root: Path, tmp: Path, domains=DOMAINS) -> dict[int, dict]:
+    return {i + 1: {"client": d, "data-root": str(root), "cache-dir": str(tmp / "node-cache"),
+                    "state-dir": str(tmp / f"state-{d}")} for i, d in enumerate(domains)}
+
+
+def flower_run(overrides: list[str], grid, out: Path, **kw) -> dict:
+    clients = FlowerClients(grid, overrides, min_nodes=len(list(grid.get_node_ids())), poll=0.0, **kw)
+    return run(load_config([*overrides, f"output_dir={out}", "run_name=flower"]), remote=clients)
+
+
+def fabric_run(overrides: list[str], root: Path, out: Path) -> dict:
+    return run(load_config([*overrides, f"data.root={root}", f"output_dir={out}", "run_name=fabric"]))
+
+
+def states(run_dir: Path) -> dict[str, dict]:
+    return {f.name: torch.load(f, map_location="cpu") for f in sorted(run_dir.glob("*.pt"))}
+
+
+def same(x, y) -> bool:
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+    return torch.equal(x, y) if torch.is_tensor(x) else x == y
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("alg,extra", [
+    ("fedclip", ()),
+    ("fedclip", ("algorithm.optimizer_state=keep", "federation.client_fraction=0.5", "federation.rounds=3")),
+    ("fedavg", ()),
+    ("fedprox", ()),
+    ("promptfl", ()),
+    ("local", ("federation.client_fraction=0.5", "federation.rounds=3")),
+    ("fedclip_ft", ()),
+], ids=["fedclip", "fedclip-keep-half", "fedavg", "fedprox", "promptfl", "local-half", "fedclip_ft"])
+def test_a_run_over_flower_equals_the_fabric_run_bitwise(alg, extra, pacs_mini, cache):
+    """metrics.csv, every saved model and the zero-shot baseline: the same bits through the Grid as in one
+    process (kept Adam state and a local client's own adapter live on the nodes' disks between rounds)."""
+    overrides = base(alg, *extra)
+    a = fabric_run(overrides, pacs_mini, cache / "out")
+    grid = InProcessGrid(client_app, nodes(pacs_mini, cache))
+    b = flower_run(overrides, grid, cache / "out")
+    fa, fb = cache / "out" / "fabric", cache / "out" / "flower"
+    assert (fa / "metrics.csv").read_text() == (fb / "metrics.csv").read_text()
+    sa, sb = states(fa), states(fb)
+    assert sa.keys() == sb.keys() and sa and all(same(sa[k], sb[k]) for k in sa)
+    assert a["final"] == b["final"] and a["zero_shot"] == b["zero_shot"]
+    assert b["clients"] == a["clients"] and b["unseen"] == a["unseen"] == ["sketch"]
+    # The server saw no image: the requests it sent carry hyperparameters and the server's state only.
+    sent = [m.content.config_records["run"]["overrides"] for m in grid.sent]
+    assert all(not any(o.startswith("data.root") for o in s) for s in sent)
+    kinds = {m.metadata.message_type for m in grid.sent}
+    assert kinds == {"query.hello", "train", "evaluate"}
+
+
+def test_a_node_refuses_settings_that_name_its_files(pacs_mini, cache):
+    node = Node({"client": "photo", "data-root": str(pacs_mini), "state-dir": str(cache / "s")})
+    for bad in ("data.root=/etc", "backbone.pretrained=/home/x/evil.pt", "features.dir=/tmp/x", "output_dir=/",
+                "data={root: /etc}", "data.split.official_dir=/srv"):
+        with pytest.raises(ConfigError) as e:
+            node.fit(Request(base("fedclip", bad), "uid", 1, classes=["dog"]), {})
+        assert bad in str(e.value) and "--node-config" in str(e.value)
+    # A pretrained tag is a name, not a file: the node may take it (and fails only for want of the weights).
+    node.config(base("fedclip"))
+    # The run refuses such an override before it sends anything.
+    grid = InProcessGrid(client_app, nodes(pacs_mini, cache))
+    with pytest.raises(ConfigError, match="names a file or folder on the nodes"):
+        flower_run(base("fedclip", f"data.root={pacs_mini}"), grid, cache / "out")
+    assert grid.sent == []
+    with pytest.raises(ConfigError, match="unknown key"):
+        Node({"client": "photo", "data_root": "/x"})
+    with pytest.raises(ConfigError, match="no client"):
+        Node({"data-root": "/x"})
+
+
+def test_a_deployment_refuses_what_only_a_simulation_can_do():
+    for override, what in [("federation.attack.name=sign_flip", "simulated attacks"),
+                           ("federation.unreliable.dropout=0.2", "unreliable clients"),
+                           ("federation.privacy.mode=server", "seeded by the config is for simulation only"),
+                           ("data.partition.scheme=iid", "each node is one client")]:
+        extra = ["federation.attack.fraction=0.25"] if "attack" in override else []
+        with pytest.raises(ConfigError, match=what):
+            check_deployment(load_config([*base("fedclip", override, *extra), "data.root=/x"]))
+    check_deployment(load_config(base("fedclip", "federation.privacy.mode=server", "federation.privacy.secure=true",
+                                      "data.root=/x")))
+
+
+class Silent:
+    """A ClientApp whose node ``name`` stops answering from round ``after`` on (as a killed SuperNode)."""
+
+    def __init__(self, grid_ref: list, node_id: int, after: int):
+        self.grid_ref, self.node_id, self.after = grid_ref, node_id, after
+
+    def __call__(self, msg, context):
+        r = msg.content.config_records["run"]["round"]
+        if msg.metadata.dst_node_id == self.node_id and r >= self.after:
+            self.grid_ref[0].dead.add(self.node_id)
+            return None
+        return client_app(msg, context)
+
+
+def test_a_node_that_stops_answering_is_a_dropout_and_the_run_goes_on(pacs_mini, cache, capsys):
+    ref: list = []
+    grid = InProcessGrid(Silent(ref, node_id=2, after=2), nodes(pacs_mini, cache))
+    ref.append(grid)
+    summary = flower_run(base("fedclip", "federation.rounds=3"), grid, cache / "out", round_timeout=0.0)
+    assert summary["status"] == "finished" and summary["rounds_run"] == 3
+    assert summary["server"]["clients/dropped_total"] == 2  # cartoon, rounds 2 and 3
+    rows = (cache / "out" / "flower" / "metrics.csv").read_text().splitlines()
+    assert any(r.startswith("1,cartoon,train") for r in rows)
+    assert not any(r.startswith(("2,cartoon", "3,cartoon")) for r in rows)
+    out = capsys.readouterr().out
+    assert "no reply from client(s) cartoon: counted as dropped out" in out
+    assert "no evaluation from cartoon" in out
+
+
+def test_a_node_whose_data_changed_stops_the_run_naming_it(pacs_mini, cache, tmp_path):
+    import shutil
+
+    root = tmp_path / "site"  # a site of its own: one domain, copied so that it can change
+    shutil.copytree(pacs_mini / "photo", root / "photo")
+    cfgs = nodes(pacs_mini, cache, ["art_painting", "cartoon"])
+    cfgs[3] = {"client": "photo", "data-root": str(root), "cache-dir": str(cache / "node-cache")}
+
+    def app(msg, context):
+        if msg.metadata.message_type == "train" and msg.content.config_records["run"]["round"] == 2 and \
+                context.node_config["client"] == "photo":
+            victim = sorted((root / "photo").rglob("*.jpg"))[0]
+            victim.write_bytes(victim.read_bytes() + b"\0")
+        return client_app(msg, context)
+
+    grid = InProcessGrid(app, cfgs)
+    overrides = base("fedclip", "data.domains=[art_painting,cartoon,photo]", "data.unseen=[]", "data.check_images=false")
+    with pytest.raises(ConfigError, match="SuperNode 'photo': its data changed since the run started"):
+        flower_run(overrides, grid, cache / "out")
+    summary = json.loads((cache / "out" / "flower" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "photo" in summary["error"]
+
+
+def test_the_server_resumes_from_its_checkpoint_with_the_nodes_states(pacs_mini, cache):
+    """The ServerApp dies after round 2 of 3; run again with resume=auto, it continues from its checkpoint
+    and the nodes from their states of that round: the same numbers as a run that never stopped."""
+    overrides = base("fedclip", "algorithm.optimizer_state=keep", "federation.rounds=3",
+                     "federation.checkpoint_min_seconds=0", "federation.zero_shot_baseline=false")
+    whole = InProcessGrid(client_app, nodes(pacs_mini, cache / "a"))
+    flower_run(overrides, whole, cache / "whole")
+
+    class Killed(Exception):
+        pass
+
+    def dies(msg, context):
+        if msg.metadata.message_type == "train" and msg.content.config_records["run"]["round"] == 3:
+            raise KeyboardInterrupt  # the server process is gone: stands in for its kill
+        return client_app(msg, context)
+
+    cfgs = nodes(pacs_mini, cache / "b")
+    with pytest.raises(KeyboardInterrupt):
+        flower_run(overrides, _Raising(dies, cfgs), cache / "cut")
+    again = flower_run([*overrides, "resume=auto"], InProcessGrid(client_app, cfgs), cache / "cut")
+    assert again["resumed_from"] == 2
+    assert (cache / "whole" / "flower" / "metrics.csv").read_text() == \
+        (cache / "cut" / "flower" / "metrics.csv").read_text()
+    assert same(states(cache / "whole" / "flower"), states(cache / "cut" / "flower"))
+
+
+class _Raising(InProcessGrid):
+    """A grid whose ClientApp may raise past the grid (a crash of the process that runs it)."""
+
+    def _execute(self, msg):
+        return self._client_app(msg, self._contexts[msg.metadata.dst_node_id])
