@@ -174,9 +174,19 @@ class Node:
     # -- building ---------------------------------------------------------------------
     def config(self, overrides: list[str]):
         from ..configure import load_config
+        from ..data.synthetic import ensure_synthetic_dataset
 
         check_overrides(overrides, "the server's message")
-        return load_config([*overrides, *node_overrides(self.settings)])
+        cfg = load_config([*overrides, *node_overrides(self.settings)])
+        d = cfg.data
+        if d.dataset == "synthetic" and not self.settings.get("data-root"):
+            # The demo: the node draws its own domain of the synthetic set into its own folder.
+            root = ensure_synthetic_dataset(_cache_dir(self.settings), per_class=d.synthetic_per_class,
+                                            image_size=d.synthetic_image_size,
+                                            seed=cfg.seed if d.synthetic_seed is None else d.synthetic_seed,
+                                            domains=[self.name])
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, root=str(root)))
+        return cfg
 
     def _scan(self, cfg):
         from ..data.pipeline import scan

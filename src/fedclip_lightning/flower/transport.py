@@ -171,7 +171,7 @@ class FlowerClients:
         unseen = {i.client: range(i.sizes[2]) for i in self.nodes.values() if i.kind == "unseen"}
         task = SimpleNamespace(classes=classes, clients=clients, unseen=unseen)
         manifest = {f"node {i.client}": [i.data_digest, i.weights, 0, i.kind] for i in self.nodes.values()}
-        return task, SimpleNamespace(root="(on the SuperNodes)", skipped=[]), manifest
+        return task, SimpleNamespace(root="on the SuperNodes", skipped=[]), manifest
 
     def transport(self, ctx, algorithm, run_uid: str, outputs) -> "FlowerTransport":
         from ..model.features import weights_fingerprint
