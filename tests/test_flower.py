@@ -180,11 +180,7 @@ def test_the_server_resumes_from_its_checkpoint_with_the_nodes_states(pacs_mini,
     and the nodes from their states of that round: the same numbers as a run that never stopped."""
     overrides = base("fedclip", "algorithm.optimizer_state=keep", "federation.rounds=3",
                      "federation.checkpoint_min_seconds=0", "federation.zero_shot_baseline=false")
-    whole = InProcessGrid(client_app, nodes(pacs_mini, cache / "a"))
-    flower_run(overrides, whole, cache / "whole")
-
-    class Killed(Exception):
-        pass
+    fabric_run(overrides, pacs_mini, cache / "whole")  # the same numbers as over the Grid (tested above)
 
     def dies(msg, context):
         if msg.metadata.message_type == "train" and msg.content.config_records["run"]["round"] == 3:
@@ -196,9 +192,9 @@ def test_the_server_resumes_from_its_checkpoint_with_the_nodes_states(pacs_mini,
         flower_run(overrides, _Raising(dies, cfgs), cache / "cut")
     again = flower_run([*overrides, "resume=auto"], InProcessGrid(client_app, cfgs), cache / "cut")
     assert again["resumed_from"] == 2
-    assert (cache / "whole" / "flower" / "metrics.csv").read_text() == \
+    assert (cache / "whole" / "fabric" / "metrics.csv").read_text() == \
         (cache / "cut" / "flower" / "metrics.csv").read_text()
-    assert same(states(cache / "whole" / "flower"), states(cache / "cut" / "flower"))
+    assert same(states(cache / "whole" / "fabric"), states(cache / "cut" / "flower"))
 
 
 class _Raising(InProcessGrid):
@@ -206,3 +202,54 @@ class _Raising(InProcessGrid):
 
     def _execute(self, msg):
         return self._client_app(msg, self._contexts[msg.metadata.dst_node_id])
+
+
+def test_local_dp_in_a_deployment_noises_each_update_on_its_node(pacs_mini, cache, capsys):
+    """privacy.mode=client: each node clips its update and adds noise from its own entropy; what reaches the
+    server is already private (far from the clipped update), and the run says where the noise comes from."""
+    replies = []
+
+    def app(msg, context):
+        reply = client_app(msg, context)
+        if msg.metadata.message_type == "train":
+            w = msg.content.array_records["state"].to_torch_state_dict()
+            replies.append((torch.cat([v.flatten() for v in w.values()]),
+                            reply.content.array_records["update"].to_torch_state_dict()["row"]))
+        return reply
+
+    overrides = base("fedclip", "federation.rounds=1", "federation.privacy.mode=client", "federation.privacy.secure=true",
+                     "federation.privacy.clip=0.01", "federation.privacy.noise_multiplier=1.0",
+                     "federation.zero_shot_baseline=false")
+    summary = flower_run(overrides, InProcessGrid(app, nodes(pacs_mini, cache)), cache / "out")
+    assert summary["status"] == "finished" and summary["server"]["privacy/epsilon"] > 0
+    assert len(replies) == 3
+    for w, row in replies:
+        # The clipped update has norm <= 0.01; the noise (std 0.01 in each of 8,320 coordinates) about 0.9.
+        assert 0.5 < float((row - w).norm()) < 2.0
+    assert "each node clips its update and adds noise from its operating system's entropy" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="federation.privacy.secure=true"):
+        check_deployment(load_config([*overrides[:-4], "federation.privacy.secure=false", "data.root=/x"]))
+
+
+def test_a_supernode_that_restarts_with_a_new_id_continues_from_its_disk(pacs_mini, cache):
+    """A SuperNode without authentication comes back from a restart with a new node id: the server greets it,
+    knows it by its client name, and its kept Adam state comes from its disk: the Fabric run's numbers."""
+    overrides = base("fedclip", "algorithm.optimizer_state=keep", "federation.rounds=3",
+                     "federation.zero_shot_baseline=false")
+    fabric_run(overrides, pacs_mini, cache / "out")
+    ref: list = []
+
+    def app(msg, context):
+        reply = client_app(msg, context)
+        if msg.metadata.message_type == "evaluate" and msg.metadata.dst_node_id == 2:
+            grid = ref[0]
+            grid._contexts[22] = grid._contexts.pop(2)  # the restart: the same node, a new id
+        return reply
+
+    grid = InProcessGrid(app, nodes(pacs_mini, cache))
+    ref.append(grid)
+    summary = flower_run(overrides, grid, cache / "out")
+    assert summary["server"].get("clients/dropped_total", 0) == 0
+    assert sum(m.metadata.message_type == "query.hello" and m.metadata.dst_node_id == 22 for m in grid.sent) == 1
+    assert (cache / "out" / "fabric" / "metrics.csv").read_text() == (cache / "out" / "flower" / "metrics.csv").read_text()
+    assert same(states(cache / "out" / "fabric"), states(cache / "out" / "flower"))

@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 
 
 class ServerUpdate:
-    def __init__(self, fed, seed: int, num_clients: int, rounds: int):
-        self.fed, self.seed = fed, seed
+    def __init__(self, fed, seed: int, num_clients: int, rounds: int, clients_noise: bool = False):
+        """``clients_noise``: the clients live elsewhere (a deployment) and, with local DP, clip and noise their
+        own updates before they leave them (``noise_update``): the server takes them as they come."""
+        self.fed, self.seed, self.clients_noise = fed, seed, clients_noise
         self.rule = make_rule(fed)
         so = fed.server_optimizer
         self.optimizer = make_server_optimizer(so.name, so.lr, so.beta1, so.beta2, so.tau)
@@ -60,7 +62,9 @@ class ServerUpdate:
         if self.privacy is not None:
             out.append(f"client-level DP ({self.fed.privacy.mode}): clip {self.fed.privacy.clip:g}, noise multiplier "
                        f"{self.privacy.sigma:.4g}, delta {self.fed.privacy.delta:g}; " +
-                       ("noise from the operating system's entropy (federation.privacy.secure)" if self.privacy.secure else
+                       ("each node clips its update and adds noise from its operating system's entropy before the "
+                        "update leaves it" if self.clients_noise and self.privacy.mode == "client" else
+                        "noise from the operating system's entropy (federation.privacy.secure)" if self.privacy.secure else
                         "noise from a stream seeded by the config: a simulation, reproducible by anyone with the "
                         "config (federation.privacy.secure=true draws it from the OS's entropy)"))
         return out
@@ -84,7 +88,7 @@ class ServerUpdate:
         u = row - w
         if client in self.attackers:
             u = corrupt(self.fed.attack.name, u, self.fed.attack.scale, self.seed, server_round, client)
-        if self.privacy is not None:
+        if self.privacy is not None and not (self.privacy.mode == "client" and self.clients_noise):
             u = clip(u, self.privacy.c)
             if self.privacy.mode == "client":
                 g = torch.Generator().manual_seed(stable_seed(self.seed, "dp-client", server_round, client))
@@ -102,3 +106,12 @@ class ServerUpdate:
 
     def load(self, state: dict | None) -> None:
         self.optimizer.load((state or {}).get("optimizer"))
+
+
+def noise_update(fed, rounds: int, row: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Local DP on a client of a deployment: its row ``w + u`` with ``u`` clipped to ``federation.privacy.clip``
+    and Gaussian noise of std ``sigma * C`` from the operating system's entropy added, before it leaves."""
+    privacy = Privacy(fed, rounds)
+    privacy.secure = True  # never a stream the config could reproduce, on a real client
+    u = clip(row - w, privacy.c)
+    return w + u + privacy.noise(u, None)

@@ -304,7 +304,7 @@ class CLIPAlgorithm(Algorithm):
         self._weights: dict[tuple, list[float]] = {}  # aggregation weights by the clients that sent (and sizes)
         if self.communicates:
             self.server_update = ServerUpdate(self.cfg.federation, self.cfg.seed, ctx.num_clients,
-                                              self.cfg.federation.rounds)
+                                              self.cfg.federation.rounds, clients_noise=ctx.remote_clients)
 
     def _setup_adam(self, ctx: RunContext) -> None:
         """Adam's moments: one row per client when kept between rounds, one scratch row shared otherwise."""

@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,6 +283,13 @@ class Node:
         if kept:
             store.save(req.server_round, kept, req.keep_from)
         update = {} if result.update is None else {"row": result.update().detach().cpu().clone()}
+        fed = built["cfg"].federation
+        if update and fed.privacy.mode == "client" and algorithm.communicates:
+            # Local DP: clipped and noised here, from this machine's entropy; the server never sees the update.
+            from ..aggregation.mean import flatten
+            from ..aggregation.update import noise_update
+
+            update["row"] = noise_update(fed, fed.rounds, update["row"], flatten(algorithm.start_state(built["p"])))
         train = {"accuracy": result.train.accuracy, "loss": result.train.loss, "n": result.train.n}
         return train, update, result.num_examples, self.identity(built)
 
@@ -312,14 +317,3 @@ def data_digest(task) -> str:
     return manifest_digest({path: [size, mtime, task.classes[label]]
                             for path, (size, mtime, label, _) in data_manifest(task).items()})
 
-
-def forget_run(state_root: Path, run_uid: str) -> None:
-    """Remove a run's kept client states from a node (a finished run's, when asked)."""
-    shutil.rmtree(Path(state_root) / run_uid, ignore_errors=True)
-
-
-def available() -> bool:
-    """Is Flower installed (the ``[flower]`` extra)?"""
-    import importlib.util
-
-    return importlib.util.find_spec("flwr") is not None and os.environ.get("FEDCLIP_NO_FLOWER") != "1"

@@ -49,11 +49,7 @@ def check_deployment(cfg: Config) -> None:
         problems.append("federation.unreliable.dropout / straggler_fraction simulate unreliable clients; in a "
                         "deployment a node that does not answer in time is counted as dropped out by itself. Fix: "
                         "federation.unreliable.dropout=0 federation.unreliable.straggler_fraction=0")
-    if fed.privacy.mode == "client":
-        problems.append("federation.privacy.mode=client: the noise of local DP must be added on the node before its "
-                        "update leaves it, and this release adds it on the server (a simulation). Fix: "
-                        "federation.privacy.mode=server with federation.privacy.secure=true, or none")
-    if fed.privacy.mode == "server" and not fed.privacy.secure:
+    if fed.privacy.mode != "none" and not fed.privacy.secure:
         problems.append("federation.privacy.secure=false: noise drawn from a stream seeded by the config is for "
                         "simulation only (anyone with the config can subtract it). Fix: federation.privacy.secure=true "
                         "(the noise from the operating system's entropy)")
