@@ -168,11 +168,15 @@ def test_a_node_whose_data_changed_stops_the_run_naming_it(pacs_mini, cache, tmp
         return client_app(msg, context)
 
     grid = InProcessGrid(app, cfgs)
-    overrides = base("fedclip", "data.domains=[art_painting,cartoon,photo]", "data.unseen=[]", "data.check_images=false")
+    overrides = base("fedclip", "data.domains=[art_painting,cartoon,photo]", "data.unseen=[]", "data.check_images=false",
+                     "federation.checkpoint_min_seconds=0")
     with pytest.raises(ConfigError, match="SuperNode 'photo': its data changed since the run started"):
         flower_run(overrides, grid, cache / "out")
     summary = json.loads((cache / "out" / "flower" / "summary.json").read_text())
     assert summary["status"] == "failed" and "photo" in summary["error"]
+    # Resumed from its round-1 checkpoint, the run is refused too, naming the node.
+    with pytest.raises(ConfigError, match="node photo: its images changed"):
+        flower_run([*overrides, "resume=auto"], InProcessGrid(client_app, cfgs), cache / "out")
 
 
 def test_the_server_resumes_from_its_checkpoint_with_the_nodes_states(pacs_mini, cache):

@@ -218,7 +218,10 @@ def data_changes(old: dict[str, list], new: dict[str, list]) -> list[str]:
     out += [f"removed {p}" for p in sorted(set(old) - set(new))]
     for p in sorted(set(old) & set(new)):
         (s0, m0, l0, w0), (s1, m1, l1, w1) = old[p], new[p]
-        if (s0, m0) != (s1, m1):
+        if p.startswith("node "):  # a deployment's node: [digest of its images, of its weights, 0, its kind]
+            out += [f"{p}: its images changed"] * (s0 != s1) + [f"{p}: its backbone weights changed"] * (m0 != m1)
+            out += [f"{p}: was {w0}, is {w1}"] * (w0 != w1)
+        elif (s0, m0) != (s1, m1):
             out.append(f"modified {p} (size {s0} -> {s1})")
         elif w0 != w1:
             out.append(f"moved {p} ({w0} -> {w1})")
