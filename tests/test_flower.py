@@ -84,6 +84,7 @@ def test_a_run_over_flower_equals_the_fabric_run_bitwise(alg, extra, pacs_mini, 
     assert sa.keys() == sb.keys() and sa and all(same(sa[k], sb[k]) for k in sa)
     assert a["final"] == b["final"] and a["zero_shot"] == b["zero_shot"]
     assert b["clients"] == a["clients"] and b["unseen"] == a["unseen"] == ["sketch"]
+    assert b["num_samples"] == a["num_samples"]
     # The server saw no image: the requests it sent carry hyperparameters and the server's state only.
     sent = [m.content.config_records["run"]["overrides"] for m in grid.sent]
     assert all(not any(o.startswith("data.root") for o in s) for s in sent)

@@ -52,6 +52,8 @@ def _key(override: str) -> str:
 
 def _path_like(value: str) -> bool:
     v = value.strip().strip("'\"")
+    if v.startswith("hf-hub:"):  # a model on the Hugging Face hub: a name, fetched into the node's own cache
+        return False
     return "/" in v or "\\" in v or v.startswith(("~", ".", "local-dir:")) or \
         v.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
 
@@ -266,8 +268,9 @@ class Node:
         ds = self._scan(cfg)
         built = self.build(dataclasses.replace(req, classes=list(ds.classes)))
         task = built["ctx"].task
-        sizes = [len(c) for c in (task.clients[0].train, task.clients[0].val, task.clients[0].test)] \
-            if task.clients else [0, 0, len(task.unseen[self.name])]
+        c = task.clients[0]
+        # train/val/test as a client, and every image (what it is evaluated on as an unseen domain)
+        sizes = [len(c.train), len(c.val), len(c.test), len(ds.samples[self.name])]
         return {**self.identity(built), "classes": list(ds.classes), "sizes": sizes}
 
     def fit(self, req: Request, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor], int, dict]:

@@ -164,7 +164,7 @@ class FlowerClients:
         classes = sorted({c for i in self.nodes.values() for c in i.classes})
         clients = [SimpleNamespace(name=i.client, train=range(i.sizes[0]), val=range(i.sizes[1]), test=range(i.sizes[2]))
                    for i in self.nodes.values() if i.kind == "client"]
-        unseen = {i.client: range(i.sizes[2]) for i in self.nodes.values() if i.kind == "unseen"}
+        unseen = {i.client: range(i.sizes[3]) for i in self.nodes.values() if i.kind == "unseen"}
         task = SimpleNamespace(classes=classes, clients=clients, unseen=unseen)
         manifest = {f"node {i.client}": [i.data_digest, i.weights, 0, i.kind] for i in self.nodes.values()}
         return task, SimpleNamespace(root="on the SuperNodes", skipped=[]), manifest
