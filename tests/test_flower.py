@@ -138,11 +138,24 @@ class Silent:
         return client_app(msg, context)
 
 
-def test_a_node_that_stops_answering_is_a_dropout_and_the_run_goes_on(pacs_mini, cache, capsys):
+def test_a_node_that_stops_answering_is_a_dropout_and_the_run_goes_on(pacs_mini, cache, capsys, monkeypatch):
+    """...counted in summary.json, the log and W&B (a deployment's run logs to W&B like any other)."""
+    from fedclip_lightning.wandb_files import find_offline_runs, read_offline_run
+
+    for k, v in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_DISABLE_GIT": "true",
+                 "WANDB_DISABLE_CODE": "true", "WANDB__DISABLE_STATS": "true", "WANDB__DISABLE_META": "true",
+                 "WANDB_DIR": str(cache / "wandb"), "WANDB_CONFIG_DIR": str(cache / "wandb-config")}.items():
+        monkeypatch.setenv(k, v)
     ref: list = []
     grid = InProcessGrid(Silent(ref, node_id=2, after=2), nodes(pacs_mini, cache))
     ref.append(grid)
-    summary = flower_run(base("fedclip", "federation.rounds=3"), grid, cache / "out", round_timeout=0.0)
+    summary = flower_run(base("fedclip", "federation.rounds=3", "logger=wandb"), grid, cache / "out",
+                         round_timeout=0.0)
+    (wandb_run,) = find_offline_runs(cache / "out" / "flower" / "wandb")
+    logged = read_offline_run(wandb_run)
+    assert logged["summary"]["clients/dropped_total"] == 2
+    assert [r.get("client/cartoon/val_acc") is not None for r in logged["history"]
+            if "client/art_painting/val_acc" in r] == [True, False, False]
     assert summary["status"] == "finished" and summary["rounds_run"] == 3
     assert summary["server"]["clients/dropped_total"] == 2  # cartoon, rounds 2 and 3
     rows = (cache / "out" / "flower" / "metrics.csv").read_text().splitlines()
