@@ -1,6 +1,7 @@
 """A FedCLIP round three ways, in one invocation: in one process (Fabric), through the in-process Flower
-Grid (Flower's serialisation, each node rebuilt per message, no network) and over a real SuperLink with
-SuperNodes on loopback (a ClientApp process per message, as Flower 1.42 deploys). Prints the mean time of
+Grid (Flower's serialisation, each node rebuilt per message, no network), and over a real SuperLink with
+SuperNodes on loopback two ways: a ClientApp process per message (Flower 1.42's default) and the package's
+warm worker (``python -m fedclip_lightning.flower worker``: each task forked from a warm process). Prints the mean time of
 a round (fit, aggregation, checkpoint; the last round also evaluates) and each path's overhead over the
 first.
 
@@ -33,7 +34,7 @@ def mean_round(run_dir: Path) -> float:
     return json.loads((run_dir / "summary.json").read_text())["round_seconds_mean"]
 
 
-def loopback(overrides: list[str], root: Path, work: Path, nodes: list[str]) -> Path:
+def loopback(overrides: list[str], root: Path, work: Path, nodes: list[str], warm: bool) -> Path:
     from fedclip_lightning.flower import APP_DIR
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "FLWR_TELEMETRY_ENABLED": "0",
@@ -51,16 +52,22 @@ def loopback(overrides: list[str], root: Path, work: Path, nodes: list[str]) -> 
         while "Uvicorn running" not in (work / "link.log").read_text():
             time.sleep(0.3)
         for n in nodes:
-            start(n, ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(port()),
-                      "--node-config", f'client="{n}" data-root="{root}" cache-dir="{work / "cache" / n}"'])
+            p = port()
+            start(n, ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(p),
+                      "--node-config", f'client="{n}" data-root="{root}" cache-dir="{work / "cache" / n}"',
+                      *(["--isolation", "process"] if warm else [])])
+            if warm:  # the package's warm worker runs the node's ClientApp tasks
+                start(f"{n}-worker", [sys.executable, "-m", "fedclip_lightning.flower", "worker", "--insecure",
+                                      "--runtime-api-address", f"127.0.0.1:{p}"])
         (work / "cli").mkdir(exist_ok=True)
         (work / "cli" / "config.toml").write_text(f'[superlink]\ndefault = "b"\n[superlink.b]\naddress = '
                                                   f'"127.0.0.1:{link}"\ninsecure = true\n')
         out = work / "out"
-        cfg = f'overrides="{" ".join(overrides)} output_dir={out} run_name=loopback" min-nodes={len(nodes)}'
+        name = "warm" if warm else "loopback"
+        cfg = f'overrides="{" ".join(overrides)} output_dir={out} run_name={name}" min-nodes={len(nodes)}'
         subprocess.run(["flwr", "run", str(APP_DIR), "b", "--stream", "--run-config", cfg], cwd=work,
                        env={**env, "FLWR_HOME": str(work / "cli")}, check=True, stdout=subprocess.DEVNULL)
-        return out / "loopback"
+        return out / name
     finally:
         for p in procs:
             os.killpg(p.pid, signal.SIGTERM)
@@ -90,15 +97,15 @@ def main() -> None:
                                    for i, n in enumerate(nodes)})
         run(load_config([*overrides, f"output_dir={work / 'out'}", "run_name=grid"]),
             remote=FlowerClients(grid, overrides, min_nodes=len(nodes), poll=0.0))
-        lb = loopback(overrides, root, work, nodes)
         rows = [("one process (Fabric)", mean_round(work / "out" / "fabric")),
                 ("in-process Flower Grid", mean_round(work / "out" / "grid")),
-                ("loopback SuperLink + 2 SuperNodes", mean_round(lb))]
+                ("loopback, Flower's process per message", mean_round(loopback(overrides, root, work, nodes, False))),
+                ("loopback, the package's warm worker", mean_round(loopback(overrides, root, work, nodes, True)))]
     print(f"\nFedCLIP on PACS_mini, tiny backbone, {len(nodes)} clients, mean of {a.rounds} rounds "
           "(fit + aggregate + checkpoint; the last one also evaluates)")
-    print(f"{'path':36s} {'s/round':>9s} {'overhead s':>11s} {'x':>7s}")
+    print(f"{'path':40s} {'s/round':>9s} {'overhead s':>11s} {'x':>7s}")
     for name, t in rows:
-        print(f"{name:36s} {t:9.3f} {t - rows[0][1]:11.3f} {t / rows[0][1]:7.1f}")
+        print(f"{name:40s} {t:9.3f} {t - rows[0][1]:11.3f} {t / rows[0][1]:7.1f}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """A real deployment on loopback: a SuperLink, SuperNodes (each its own process, its own FLWR_HOME and
 data folder) and ``flwr run`` of the package's app, as the README's "Across institutions" steps run it.
 Slow by Flower's design (each message starts a ClientApp process, which imports torch; nodes poll every
-3 s): about 12 s per exchange here, so each run is as short as its assertion allows."""
+3 s): about 12 s per exchange here, so each run is as short as its assertion allows. The kill test's nodes
+use the package's warm worker (``flower/worker.py``: ClientApp tasks forked from a process that imported
+everything once), about half that."""
 
 from __future__ import annotations
 
@@ -65,10 +67,23 @@ class Cluster:
                                  "--host", "127.0.0.1", "--port", str(self.port), *extra])
         self.wait_for("superlink", "Uvicorn running")
 
-    def supernode(self, name: str, client: str, data_root: Path, *extra: str) -> subprocess.Popen:
+    def supernode(self, name: str, client: str, data_root: Path, *extra: str, warm: bool = False) -> subprocess.Popen:
+        """A SuperNode; ``warm``: in process isolation, its ClientApp tasks run by the package's warm worker."""
         cfg = f'client="{client}" data-root="{data_root}" cache-dir="{self.root / "cache" / name}"'
-        return self.start(name, ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--port",
-                                 str(free_port()), "--node-config", cfg, *extra])
+        port = free_port()
+        isolation = ["--isolation", "process"] if warm else []
+        node = self.start(name, ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--port", str(port),
+                                 "--node-config", cfg, *isolation, *extra])
+        if warm:
+            self.start(f"{name}-worker", [sys.executable, "-m", "fedclip_lightning.flower", "worker", "--insecure",
+                                          "--runtime-api-address", f"127.0.0.1:{port}"])
+        return node
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a node and its worker: the site is gone."""
+        for n in (name, f"{name}-worker"):
+            if n in self.procs:
+                os.killpg(self.procs[n].pid, signal.SIGKILL)
 
     def connection(self, body: str) -> Path:
         cli = self.root / "cli"
@@ -141,12 +156,12 @@ def test_fedclip_over_a_superlink_and_two_supernodes_equals_the_fabric_run(clust
 def test_a_supernode_killed_mid_run_is_a_dropout_and_the_run_finishes(cluster, pacs_mini, tmp_path):
     cluster.superlink("--insecure")
     for name, client in (("node1", "art_painting"), ("node2", "cartoon"), ("node3", "photo")):
-        cluster.supernode(name, client, pacs_mini, "--insecure")
+        cluster.supernode(name, client, pacs_mini, "--insecure", warm=True)
     out = tmp_path / "out"
     cluster.flwr_run(f"{RUN.replace('[art_painting,cartoon]', '[art_painting,cartoon,photo]')} federation.rounds=1 "
-                     f"output_dir={out} run_name=flower", **{"min-nodes": 3, "round-timeout": 30})
+                     f"output_dir={out} run_name=flower", **{"min-nodes": 3, "round-timeout": 20})
     cluster.wait_for("run", "clients: art_painting", timeout=120)  # every node answered its hello
-    os.killpg(cluster.procs["node3"].pid, signal.SIGKILL)
+    cluster.kill("node3")
     log = finish(cluster)
     summary = json.loads((out / "flower" / "summary.json").read_text())
     assert summary["status"] == "finished", log[-3000:]

@@ -45,20 +45,19 @@ def test_a_non_finite_aggregate_stops_the_run(tmp_path, monkeypatch):
 
 def test_evaluation_names_a_split_whose_loss_is_not_finite(tmp_path, monkeypatch):
     """The last local step can leave a model that no training loss saw: its evaluation says so."""
-    from fedclip_lightning.training import SplitResult
-    from fedclip_lightning.federation.evaluation import RoundEvaluator
+    from fedclip_lightning.federation import evaluation
 
-    local = RoundEvaluator._local
+    rows_of = evaluation.table_rows
 
-    def nan_val(self, train):
-        out = local(self, train)
-        n = len(self.parts)
+    def nan_val(parts, results, train, algorithm):
+        out = rows_of(parts, results, train, algorithm)
+        n = len(parts)
         for i, row in out.items():
-            if i // n == 1:  # the val slot
-                out[i] = SplitResult(row[0].item(), float("nan"), int(row[2])).as_row()
+            if i // n == 1:  # the val slot: (accuracy, loss, n, filled)
+                out[i] = torch.tensor([row[0].item(), float("nan"), row[2].item(), 1.0], dtype=torch.float64)
         return out
 
-    monkeypatch.setattr(RoundEvaluator, "_local", nan_val)
+    monkeypatch.setattr(evaluation, "table_rows", nan_val)
     with pytest.raises(DivergedError, match="round 1: the loss is not finite .* for art_painting val"):
         _run(tmp_path, "federation.rounds=1")
 
