@@ -167,7 +167,7 @@ def test_a_supernode_killed_mid_run_is_a_dropout_and_the_run_finishes(cluster, p
         cluster.supernode(name, client, pacs_mini, "--insecure", warm=True)
     out = tmp_path / "out"
     cluster.flwr_run(f"{RUN.replace('[art_painting,cartoon]', '[art_painting,cartoon,photo]')} federation.rounds=1 "
-                     f"output_dir={out} run_name=flower", **{"min-nodes": 3, "round-timeout": 20})
+                     f"output_dir={out} run_name=flower", **{"min-nodes": 3, "round-timeout": 15})
     cluster.wait_for("run", "clients: art_painting", timeout=120)  # every node answered its hello
     cluster.kill("node3")
     log = finish(cluster)

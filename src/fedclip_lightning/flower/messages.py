@@ -14,13 +14,14 @@ HELLO = "query.hello"
 def request_record(req: Request, evaluate_with: str = "") -> ConfigRecord:
     return ConfigRecord({"overrides": list(req.overrides), "run-uid": req.run_uid, "round": int(req.server_round),
                          "kind": req.kind, "classes": list(req.classes), "keep-from": int(req.keep_from),
-                         "evaluate-with": evaluate_with})
+                         "state-round": int(req.state_round), "evaluate-with": evaluate_with})
 
 
 def read_request(msg: Message) -> tuple[Request, str]:
     r = msg.content.config_records["run"]
     return Request(overrides=[str(o) for o in r["overrides"]], run_uid=str(r["run-uid"]), server_round=int(r["round"]),
-                   kind=str(r["kind"]), classes=[str(c) for c in r["classes"]], keep_from=int(r["keep-from"])), \
+                   kind=str(r["kind"]), classes=[str(c) for c in r["classes"]], keep_from=int(r["keep-from"]),
+                   state_round=int(r["state-round"])), \
         str(r["evaluate-with"])
 
 

@@ -124,12 +124,14 @@ class Request:
     kind: str = "client"  # client (trains) or unseen (evaluated only)
     classes: list[str] = dataclasses.field(default_factory=list)  # the run's class vocabulary ([]: hello)
     keep_from: int = 0  # the round of the server's oldest kept checkpoint: older node states may go
+    state_round: int = 0  # the last round whose fit of this client the server took (0: none): its kept state
 
 
 class NodeStore:
-    """A client's kept state on the node's disk, one file per round it was written after: a message of round
-    r reads the newest before r (fit) or up to r (evaluate), so a server resumed from an older checkpoint
-    continues from the state that checkpoint's round left."""
+    """A client's kept state on the node's disk, one file per round whose fit wrote it. A message names the
+    round whose state to read (``Request.state_round``: the client's last fit the server took, restored with
+    the server's checkpoint), so a resumed server, or a reply that was lost, never reads a state from a
+    round that did not happen."""
 
     def __init__(self, root: Path, run_uid: str, client: str):
         self.dir = root / run_uid / client
@@ -139,11 +141,15 @@ class NodeStore:
             return []
         return sorted(int(f.stem.split("-")[1]) for f in self.dir.glob("round-*.pt"))
 
-    def load(self, upto: int) -> dict:
-        rounds = [r for r in self._rounds() if r <= upto]
-        if not rounds:
+    def load(self, server_round: int, client: str) -> dict:
+        if server_round == 0:
             return {}
-        return torch.load(self.dir / f"round-{rounds[-1]}.pt", map_location="cpu", weights_only=False)
+        f = self.dir / f"round-{server_round}.pt"
+        if not f.is_file():
+            raise ConfigError(f"node {client!r}: its kept state of round {server_round} is not in {self.dir} (was "
+                              "the state-dir removed, or the node's state-dir changed?): the client cannot continue "
+                              "as the run left it. Fix: restore that folder, or start the run over (resume=never).")
+        return torch.load(f, map_location="cpu", weights_only=False)
 
     def save(self, server_round: int, state: dict, keep_from: int) -> None:
         from ..files import atomic_save
@@ -172,12 +178,21 @@ class Node:
             _cache_dir(self.settings) / "flower-state"
 
     # -- building ---------------------------------------------------------------------
+    _configs: dict[str, Any] = {}
+
     def config(self, overrides: list[str]):
+        """The run's config on this node: the server's overrides, then the node's own (composed once per process
+        and run: Hydra takes half a second)."""
         from ..configure import load_config
         from ..data.synthetic import ensure_synthetic_dataset
 
         check_overrides(overrides, "the server's message")
-        cfg = load_config([*overrides, *node_overrides(self.settings)])
+        key = json.dumps([overrides, self.settings], sort_keys=True)
+        if key not in self._configs:
+            while len(self._configs) >= 8:
+                self._configs.pop(next(iter(self._configs)))
+            self._configs[key] = load_config([*overrides, *node_overrides(self.settings)])
+        cfg = self._configs[key]
         d = cfg.data
         if d.dataset == "synthetic" and not self.settings.get("data-root"):
             # The demo: the node draws its own domain of the synthetic set into its own folder.
@@ -279,12 +294,10 @@ class Node:
         built = self.build(req)
         store = NodeStore(self.state_root, req.run_uid, self.name)
         algorithm, clients = self._algorithm(built)
-        algorithm.load_client_states({self.name: store.load(req.server_round - 1)})
+        algorithm.load_client_states({self.name: store.load(req.state_round, self.name)})
         algorithm.receive(state)
         result = algorithm.fit_client(clients[0], built["p"], req.server_round)
-        kept = algorithm.client_states().get(self.name)
-        if kept:
-            store.save(req.server_round, kept, req.keep_from)
+        store.save(req.server_round, algorithm.client_states().get(self.name) or {}, req.keep_from)
         update = {} if result.update is None else {"row": result.update().detach().cpu().clone()}
         fed = built["cfg"].federation
         if update and fed.privacy.mode == "client" and algorithm.communicates:
@@ -305,7 +318,7 @@ class Node:
         algorithm, clients = self._algorithm(built, evaluate_with)
         if not evaluate_with:
             store = NodeStore(self.state_root, req.run_uid, self.name)
-            algorithm.load_client_states({self.name: store.load(req.server_round)})
+            algorithm.load_client_states({self.name: store.load(req.state_round, self.name)})
         algorithm.receive(state)
         algorithm.personalize(req.server_round, clients)
         slots = algorithm.evaluate_mine(clients, [built["p"]])[0]

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import torch
 from flwr.app import Message, MessageType
+from flwr.common.constant import ErrorCode
 
 from ..algorithms.base import ClientResult
 from ..config import Config
@@ -90,9 +91,10 @@ class FlowerClients:
     nodes: dict[str, NodeInfo] = field(default_factory=dict)
     run_uid: str = ""
 
-    def _request(self, kind: str, server_round: int = 0, classes=(), keep_from: int = 0) -> Request:
+    def _request(self, kind: str, server_round: int = 0, classes=(), keep_from: int = 0,
+                 state_round: int = 0) -> Request:
         return Request(node_overrides_of(self.overrides), self.run_uid or "hello", server_round, kind, list(classes),
-                       keep_from)
+                       keep_from, state_round)
 
     def send(self, msgs: list[Message], timeout: float) -> dict[str, Message]:
         """Replies by the message id they answer (a reply that does not arrive in ``timeout`` s is absent)."""
@@ -197,13 +199,14 @@ class FlowerTransport:
     def __init__(self, clients: FlowerClients, ctx, algorithm, outputs):
         self.clients, self.ctx, self.algorithm, self.outputs = clients, ctx, algorithm, outputs
         self.classes = list(ctx.task.classes)
+        self.greeted = {i.node_id for i in clients.nodes.values()}  # a node that is not the run's: greeted once
+        self.last_fit: dict[str, int] = {}  # each client's last round whose fit the server took: its state's round
 
     def _node_ids(self) -> dict[str, int]:
         """Each client's node id now: a SuperNode that restarted comes back with a new id, and is greeted."""
         c = self.clients
-        online = set(c.grid.get_node_ids())
-        known = {i.node_id for i in c.nodes.values()}
-        new = sorted(online - known)
+        new = sorted(set(c.grid.get_node_ids()) - self.greeted)
+        self.greeted.update(new)
         if new:
             for info in c._greet(new, self.ctx.cfg).values():
                 old = c.nodes.get(info.client)
@@ -235,22 +238,20 @@ class FlowerTransport:
         from a node stops the run naming it; a missing one is absent)."""
         ids = self._node_ids()
         keep_from = self._keep_from()
-        sent: dict[str, int] = {}
         msgs = []
         for p in parts:
-            req = self.clients._request(p.kind, server_round, self.classes, keep_from)
+            req = self.clients._request(p.kind, server_round, self.classes, keep_from, self.last_fit.get(p.name, 0))
             m = Message(messages.content(req, state, evaluate_with), ids[p.name], message_type,
                         group_id=str(server_round), ttl=self.clients.round_timeout + 60)
             msgs.append(m)
         replies = self.clients.send(msgs, self.clients.round_timeout)
         out = {}
         for p, m in zip(parts, msgs):
-            sent[m.metadata.message_id] = p.index
             r = replies.get(m.metadata.message_id)
             if r is None:
                 continue
             if r.has_error():
-                if r.error.code in (3, 5):  # the SuperLink says the node is gone (unavailable): no reply
+                if r.error.code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE):  # the node is gone
                     continue
                 raise ConfigError(f"round {server_round}: SuperNode {p.name!r} failed: {_reason(r)}")
             node = r.content.config_records["node"]
@@ -268,6 +269,7 @@ class FlowerTransport:
             row = arrays["update"].to_torch_state_dict()["row"] if "update" in arrays else None
             results[i] = ClientResult(SplitResult(float(t["accuracy"]), float(t["loss"]), int(t["n"])),
                                       None if row is None else (lambda row=row: row), int(t["num-examples"]))
+            self.last_fit[self.ctx.parts[i].name] = server_round
         return results
 
     def arrived(self, active: list[int], results: dict[int, ClientResult]) -> list[int]:
@@ -298,8 +300,10 @@ class FlowerTransport:
         return self._evaluate(0, algorithm, {}, evaluate_with=algorithm.name)
 
     def client_states(self) -> dict[str, dict]:
-        """The clients' states stay on their nodes, kept per round (``node.NodeStore``)."""
-        return {}
+        """The clients' states stay on their nodes, one file per round (``node.NodeStore``); the checkpoint keeps
+        which round's each client continues from."""
+        return {name: {"flower_state_round": r} for name, r in self.last_fit.items()}
 
     def load_client_states(self, states: dict[str, dict]) -> None:
-        pass
+        self.last_fit = {name: int(st["flower_state_round"]) for name, st in states.items()
+                         if "flower_state_round" in st}
