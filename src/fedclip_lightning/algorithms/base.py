@@ -20,6 +20,17 @@ An algorithm says, in one class:
 
 The server (``federation.server.Server``) calls these in the same order for
 every algorithm and never asks an algorithm's name.
+
+Where the clients live in other processes than the server (Flower SuperNodes,
+``fedclip_lightning.flower``), one algorithm class serves both sides, each
+using its own half. The **server** calls ``setup`` (its initial state and
+server update), ``aggregate``, ``state_dict``/``load_state_dict``,
+``metrics``, ``final_states``/``selected_state`` and ``broadcast`` (what each
+message carries to a client: the global model; ``local`` adds every client's
+own adapter for unseen domains). A **client** calls ``setup`` (text features),
+``make_client``, ``receive`` (the message's state), ``fit_client``,
+``personalize``, ``evaluate_mine`` and ``client_states``/``load_client_states``
+(kept on the node's disk between messages).
 """
 
 from __future__ import annotations
