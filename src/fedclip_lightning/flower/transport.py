@@ -131,7 +131,7 @@ class FlowerClients:
     # -- what the run asks of its clients' source ---------------------------------------
     def describe(self, cfg: Config):
         """``(task, domains, manifest)`` of the run, from the nodes' replies."""
-        check_overrides(node_overrides_of(self.overrides), "the run's overrides")
+        check_overrides(node_overrides_of(self.overrides), "the run")
         check_deployment(cfg)
         # Every node that connects is greeted (its hello is made for a client; an unseen node's size is all its
         # images), until min-nodes have answered and every domain data.domains names has its node.
