@@ -40,9 +40,9 @@ class Local(CLIPAlgorithm):
 
     def aggregate(self, server_round: int, active: list[int], results: dict[int, ClientResult]) -> None:
         # Nothing is averaged; every rank assembles all clients' own adapters (no bytes counted) because an
-        # unseen domain is scored with each of them: this round's from the replies, the others' kept.
-        # The clients held here that did not fit this round send their kept adapter. Where the clients live
-        # elsewhere (a Flower deployment), one that did not answer keeps its row of the last table.
+        # unseen domain is scored with each of them: this round's from the replies, a client held here that did
+        # not fit its kept one. Where the clients live elsewhere (a Flower deployment), a client that did not
+        # answer keeps its row of the last table.
         rows = {p.index: flatten(self.own.get(p.name, self.global_state)) for p in self.ctx.my_clients}
         rows.update({i: r.update() for i, r in results.items()})
         table = gather_rows(self.ctx.fabric, rows, self.ctx.num_clients, self.num_params)
