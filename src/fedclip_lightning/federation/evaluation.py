@@ -51,8 +51,12 @@ class RoundEvaluator:
         evaluates its own participants, one gather assembles the table."""
         mine = [p for p in self.parts if p.rank == self.fabric.global_rank]
         rows = table_rows(self.parts, self.algorithm.evaluate_mine(self.clients, mine), train, self.algorithm)
-        table = gather_rows(self.fabric, rows, len(SLOTS) * len(self.parts), 4, torch.float64)
-        return assemble(server_round, self.parts, table)
+        return assemble_rows(self.fabric, server_round, self.parts, rows)
+
+
+def assemble_rows(fabric, server_round: int, parts, rows: dict[int, torch.Tensor]) -> tuple[RoundMetrics, list[tuple], dict]:
+    """``assemble`` of the table whose rows each process holds a share of (``table_rows``), gathered."""
+    return assemble(server_round, parts, gather_rows(fabric, rows, len(SLOTS) * len(parts), 4, torch.float64))
 
 
 def assemble(server_round: int, parts, table: torch.Tensor) -> tuple[RoundMetrics, list[tuple], dict]:

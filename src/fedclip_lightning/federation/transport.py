@@ -1,7 +1,7 @@
 """How the server's round loop reaches its clients.
 
 The loop (``Server.fit``: configure, fit, aggregate, evaluate, checkpoint) is one piece of code; what it
-calls to train and evaluate the round's clients is a transport. A transport answers two requests:
+calls to train and evaluate the round's clients is a transport. A transport answers these requests:
 
 * ``fit(server_round, active)``: the active clients it holds fit locally; it returns their replies
   (``ClientResult``: train accuracy and loss, the update, the number of training examples) by client index;
@@ -53,7 +53,6 @@ class FabricTransport:
         for client in self.clients.values():
             park(client)
         return out
-
 
     def evaluate_with(self, algorithm) -> tuple[RoundMetrics, list[tuple], dict]:
         """Every participant evaluated once (round 0) with another algorithm, set up on this run's context

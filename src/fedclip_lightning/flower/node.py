@@ -226,7 +226,9 @@ class Node:
         from ..model.backbone import load_backbone
 
         cfg = self.config(req.overrides)
-        ds = with_classes(self._scan(cfg), req.classes)
+        ds = self._scan(cfg)
+        if req.classes:  # the run's vocabulary (a hello has none yet: the node's own class folders)
+            ds = with_classes(ds, req.classes)
         if req.kind == "client":
             task, _ = split_task(cfg, ds)
         else:
@@ -234,12 +236,12 @@ class Node:
         fabric = Fabric(accelerator=cfg.fabric.accelerator, devices=1, precision="32-true")
         backbone = load_backbone(cfg.backbone, device=fabric.device, seed=cfg.seed)
         p = Participant(0, self.name, req.kind, 0)
-        ctx = RunContext(cfg, fabric, backbone, task, class_prompt_names(task.classes, cfg.data.class_names), [p],
-                         data_digest=data_digest(task))
-        ctx.datasets, features = build_datasets(cfg, fabric, backbone, task, [p])
+        ctx = RunContext(cfg, fabric, backbone, task, class_prompt_names(task.classes, cfg.data.class_names), [p])
+        ctx.datasets, _ = build_datasets(cfg, fabric, backbone, task, [p])
         ctx.loader = _loader_factory(cfg, fabric)
         ctx.prepare_eval_loaders()
-        built = {"cfg": cfg, "ctx": ctx, "p": p, "features": features, "weights": self.fingerprint(backbone, cfg)}
+        built = {"cfg": cfg, "ctx": ctx, "p": p, "images": len(ds.samples[self.name]),
+                 "weights": self.fingerprint(backbone, cfg)}
         while len(self._built) >= 8:  # a process serves one run's few clients (in-process tests: several)
             self._built.pop(next(iter(self._built)))
         self._built[key] = built
@@ -279,14 +281,12 @@ class Node:
     def hello(self, req: Request) -> dict[str, Any]:
         """Who this node is: its client, its class folders, its split sizes, the digests of its data and
         weights (for the run's overrides)."""
-        cfg = self.config(req.overrides)
-        ds = self._scan(cfg)
-        built = self.build(dataclasses.replace(req, classes=list(ds.classes)))
+        built = self.build(dataclasses.replace(req, classes=[]))
         task = built["ctx"].task
         c = task.clients[0]
         # train/val/test as a client, and every image (what it is evaluated on as an unseen domain)
-        sizes = [len(c.train), len(c.val), len(c.test), len(ds.samples[self.name])]
-        return {**self.identity(built), "classes": list(ds.classes), "sizes": sizes}
+        sizes = [len(c.train), len(c.val), len(c.test), built["images"]]
+        return {**self.identity(built), "classes": list(task.classes), "sizes": sizes}
 
     def fit(self, req: Request, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor], int, dict]:
         """The client's local fit of ``req.server_round`` from the server's ``state``: ``(train result as

@@ -17,17 +17,17 @@ import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-import torch
+import torch  # noqa: F401  (ArrayRecord's torch conversions look torch up in sys.modules)
 from flwr.app import Message, MessageType
 from flwr.common.constant import ErrorCode
 
 from ..algorithms.base import ClientResult
 from ..config import Config
 from ..errors import ConfigError
-from ..federation.evaluation import SLOTS, assemble, table_rows
+from ..federation.evaluation import assemble_rows, table_rows
 from ..training import SplitResult
 from . import messages
-from .node import Request, check_overrides
+from .node import Request, _key, check_overrides
 
 # Keys the server keeps for itself (its output folder, its logger, its device): never sent to a node.
 SERVER_ONLY = ("output_dir", "run_name", "resume", "logger", "progress", "note", "label", "fabric")
@@ -35,9 +35,7 @@ SERVER_ONLY = ("output_dir", "run_name", "resume", "logger", "progress", "note",
 
 def node_overrides_of(overrides: list[str]) -> list[str]:
     """The run's overrides a node receives: its hyperparameters, not the server's own settings."""
-    def key(o: str) -> str:
-        return o.split("=", 1)[0].lstrip("+~").strip()
-    return [o for o in overrides if key(o).split(".")[0] not in SERVER_ONLY]
+    return [o for o in overrides if _key(o).split(".")[0] not in SERVER_ONLY]
 
 
 def check_deployment(cfg: Config) -> None:
@@ -110,7 +108,7 @@ class FlowerClients:
                 return {i: got[i] for i in ids if i in got}
             time.sleep(self.poll)
 
-    def _greet(self, node_ids: list[int], cfg: Config, timeout: float | None = None) -> dict[int, NodeInfo]:
+    def greet(self, node_ids: list[int], cfg: Config, timeout: float | None = None) -> dict[int, NodeInfo]:
         """The hellos of ``node_ids`` that answer within ``timeout`` (default: a round's)."""
         msgs = [Message(messages.content(self._request("client")), nid, messages.HELLO) for nid in node_ids]
         replies = self.send(msgs, self.round_timeout if timeout is None else timeout)
@@ -141,7 +139,7 @@ class FlowerClients:
         while True:
             new = sorted(set(self.grid.get_node_ids()) - set(infos))
             if new:
-                infos.update(self._greet(new, cfg, max(1.0, min(self.round_timeout, deadline - time.monotonic()))))
+                infos.update(self.greet(new, cfg, max(1.0, min(self.round_timeout, deadline - time.monotonic()))))
             held = {i.client for i in infos.values()}
             if len(infos) >= self.min_nodes and wanted <= held:
                 break
@@ -216,7 +214,7 @@ class FlowerTransport:
         new = sorted(set(c.grid.get_node_ids()) - self.greeted)
         self.greeted.update(new)
         if new:
-            for info in c._greet(new, self.ctx.cfg).values():
+            for info in c.greet(new, self.ctx.cfg).values():
                 old = c.nodes.get(info.client)
                 if old is None:
                     continue  # not part of this run
@@ -294,11 +292,7 @@ class FlowerTransport:
         if lost:
             self.outputs.warn(f"round {server_round}: no evaluation from {', '.join(lost)} (no reply in "
                               f"{self.clients.round_timeout:g} s): left out of this round's means.")
-        rows = table_rows(parts, results, train, algorithm)
-        table = torch.zeros(len(SLOTS) * len(parts), 4, dtype=torch.float64)
-        for j, v in rows.items():
-            table[j] = v
-        return assemble(server_round, parts, table)
+        return assemble_rows(self.ctx.fabric, server_round, parts, table_rows(parts, results, train, algorithm))
 
     def evaluate(self, server_round: int, train: dict[int, SplitResult]):
         """Personalisation and evaluation run on the nodes (the evaluate message); the table is assembled here."""
