@@ -107,6 +107,10 @@ def run_task(launch: str, overrides: list[str]) -> str:
     rc = subprocess.run(["bash", launch, *overrides], env=env).returncode
     if rc == 3:  # preempted: the run checkpointed and requeued this job, which continues it
         return "preempted"
+    if rc == 143:  # SLURM ended the step (a requeue racing the run's own exit, a cancel, the time limit): the
+        # run's SIGTERM handler checkpoints first, and the job's state says which it was; not a failed run.
+        print("array task: the step was terminated by SLURM (SIGTERM); the job's state says why", flush=True)
+        return "terminated"
     if rc != 0:
         raise RuntimeError(f"the run exited with status {rc}; its output is above")
     return "finished"
