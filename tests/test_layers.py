@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("data",)),
     ("model", ("model",)),
     ("server maths", ("aggregation",)),
-    ("client", ("fit_plan", "client", "optim", "training")),
+    ("client", ("fit_plan", "client", "optim", "training", "batched")),
     ("algorithms", ("algorithms",)),
     ("outputs", ("report", "tables", "plots", "loggers")),
     ("loading", ("configure",)),

@@ -20,6 +20,7 @@ FEATURE_CACHE_MODES = ("auto", "on", "off")
 LOSSES = ("contrastive", "prototype")
 AGGREGATIONS = ("uniform", "samples")
 OPTIMIZER_STATES = ("reset", "keep")
+CLIENT_BATCHING = ("auto", "on", "off")
 SPLIT_MODES = ("random", "official")
 ON_CORRUPT = ("error", "skip")
 CLASS_NAME_STYLES = ("verbatim", "spaces")
@@ -203,6 +204,12 @@ class FederationConfig:
     # After training, evaluate zero-shot CLIP (the frozen model and the class prompts) on the same splits:
     # the end-of-run table's baseline column and summary.json's zero_shot block (one evaluation pass).
     zero_shot_baseline: bool = True
+    # How a process trains and evaluates its clients on cached features: auto (side by side, in batched
+    # products, wherever the algorithm trains the attention adapter with Adam; one at a time elsewhere, and
+    # the run says so once), on (side by side or refuse), off (one after another: bitwise the numbers of
+    # earlier releases, which the golden cases record). Side by side equals one at a time to float rounding
+    # (docs/many_clients.md).
+    client_batching: str = "auto"
     # -- the server side, in groups; the defaults are the reference's plain averaging.
     server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
     aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)

@@ -19,7 +19,7 @@ from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseExceptio
 from .aggregation.checks import check_config as check_server_side, server_options_set
 from .algorithms import registry
 from .algorithms.base import check_config as check_algorithm
-from .config import (ACCELERATORS, LOGGERS, RENAMED_CHOOSERS, RENAMED_KEYS, WANDB_MODES, AlgorithmConfig, Config,
+from .config import (ACCELERATORS, CLIENT_BATCHING, LOGGERS, RENAMED_CHOOSERS, RENAMED_KEYS, WANDB_MODES, AlgorithmConfig, Config,
                      conf_dir)
 from .data.pipeline import check_config as check_data
 from .errors import ConfigError, Problems
@@ -129,6 +129,7 @@ def _check_run(cfg: Config, p: Problems) -> None:
     if not f.checkpoint_min_seconds >= 0:
         bad("federation.checkpoint_min_seconds", f.checkpoint_min_seconds, "must be >= 0",
             "e.g. federation.checkpoint_min_seconds=10 (0: every checkpoint_interval rounds, however fast)")
+    p.choice("federation.client_batching", f.client_batching, CLIENT_BATCHING)
     if not 0 < f.client_fraction <= 1:
         bad("federation.client_fraction", f.client_fraction, "must be in (0, 1]", "e.g. federation.client_fraction=0.5")
     if cfg.resume not in ("never", "auto") and not Path(cfg.resume).expanduser().is_dir():

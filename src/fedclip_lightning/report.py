@@ -217,6 +217,8 @@ class Summary:
     wandb_id: str | None = None  # the W&B run of this training run (kept across resumes)
     slurm: dict[str, str] = field(default_factory=dict)  # the SLURM job as rank 0 saw it (empty outside SLURM)
     numerics: dict[str, Any] = field(default_factory=dict)  # a CPU run's kernels and threads (numerics.describe)
+    # How each process trained its clients: "side by side" (batched products) or "one at a time" (and why).
+    client_training: str = ""
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -252,6 +254,7 @@ class Summary:
             "wandb_id": self.wandb_id,
             "slurm": self.slurm,
             "numerics": self.numerics,
+            "client_training": self.client_training,
             "skipped_images": self.skipped_images,
             "features": self.features,
             "error": self.error,

@@ -65,6 +65,12 @@ def place(fabric: Fabric, client: CLIPClient) -> CLIPClient:
     return client
 
 
+def park(client) -> None:
+    """A client's state waits off the accelerator between turns (a no-op on a CPU run)."""
+    if client.device.type != "cpu":
+        client.to("cpu")
+
+
 def local_fit(fabric: Fabric, client: CLIPClient, loader: DataLoader,
               plan: FitPlan) -> tuple[SplitResult, torch.optim.Optimizer]:
     """``plan.epochs`` passes of ``training_step`` + ``fabric.backward`` + ``optimizer.step()``.

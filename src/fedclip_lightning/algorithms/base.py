@@ -48,12 +48,12 @@ from ..config import LOSSES, OPTIMIZER_STATES, AlgorithmConfig, Config
 from ..data.partition import stable_seed
 from ..errors import Problems
 from ..fit_plan import FitPlan
-from ..training import SplitResult, evaluate, local_fit
+from ..training import SplitResult, evaluate, local_fit, park
 from ..aggregation.update import ServerUpdate
 from ..aggregation.mean import aggregation_weights, flatten, state_bytes, unflatten
 from ..aggregation.rows import gather_rows
 from ..model.adapter import AttentionAdapter
-from ..optim import AdamStateArena
+from ..optim import AdamStateArena, build_optimizer
 
 State = dict[str, torch.Tensor]
 
@@ -188,6 +188,11 @@ class Algorithm:
         """Said once at the start of the run (rank 0)."""
         return []
 
+    def client_training(self) -> str:
+        """How this process trains its clients (summary.json): one at a time (``fit_client`` each), or side by
+        side."""
+        return "one at a time"
+
     def metrics(self, rounds_run: int) -> dict[str, float]:
         """Server-side figures logged with each evaluated round and kept in summary.json (privacy spent...)."""
         return {}
@@ -207,6 +212,17 @@ class Algorithm:
 
     def fit_client(self, client: CLIPClient, p: Participant, server_round: int) -> ClientResult:
         raise NotImplementedError
+
+    def fit_many(self, clients: dict[int, CLIPClient], parts: list[Participant],
+                 server_round: int) -> dict[int, ClientResult]:
+        """The local fits of ``parts`` (this process's active clients of the round): ``fit_client`` of each,
+        one after another, each client's state off the accelerator after its turn. An algorithm may train
+        them side by side instead (``CLIPAlgorithm``: batched products)."""
+        replies = {}
+        for p in parts:
+            replies[p.index] = self.fit_client(clients[p.index], p, server_round)
+            park(clients[p.index])
+        return replies
 
     def aggregate(self, server_round: int, active: list[int], results: dict[int, ClientResult]) -> None:
         """Turn the clients' results into the server's new state (every rank computes the same)."""
@@ -310,6 +326,135 @@ class CLIPAlgorithm(Algorithm):
         self.trains_head = head is not None
         self._setup_adam(ctx)
         self._setup_server(ctx)
+        self._setup_side_by_side(head)
+
+    # -- clients side by side ----------------------------------------------------------------------
+    def _setup_side_by_side(self, head) -> None:
+        """Whether this process trains and evaluates its clients side by side (``federation.client_batching``):
+        ``self.batched``, the adapter's row layout where the clients train side by side (else None, and
+        ``self.one_at_a_time`` says why), and ``self.side_by_side_eval`` (evaluation, with ``self.layout``)."""
+        from ..algorithms.registry import uses_feature_cache
+        from ..batched import AdapterLayout, RowAdam
+
+        mode = self.cfg.federation.client_batching
+        eval_why = why = None
+        if mode == "off":
+            eval_why = "federation.client_batching=off"
+        elif head is not None and type(head) is not AttentionAdapter:
+            eval_why = f"algorithm={self.name} trains {self.what_trains(self.config)}, not the attention adapter"
+        elif not uses_feature_cache(self.cfg):
+            eval_why = "the encoder runs in every step (no cached features)"
+        if eval_why is None and head is not None:
+            if getattr(self.config, "optimizer", "adam") != "adam":
+                why = f"algorithm.optimizer={self.config.optimizer} (side by side is Adam's)"
+            elif not type(self).side_by_side and any(
+                    getattr(type(self), m) is not getattr(CLIPAlgorithm, m)
+                    for m in ("fit_client", "make_client", "upload", "start_state", "fit_many")):
+                why = f"algorithm={self.name} fits its clients its own way"
+        why = eval_why or why
+        self.side_by_side_eval = eval_why is None
+        self.layout = AdapterLayout.of(self.template) if head is not None and eval_why is None else None
+        self.one_at_a_time = why if head is not None else None
+        self.batched = self.layout if why is None else None
+        if self.batched is not None:
+            a = self.config
+            self.row_adam = RowAdam(a.betas, a.eps, a.weight_decay)
+        if mode == "on" and why is not None:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"federation.client_batching=on: this run's clients cannot train side by side: {why}. "
+                              "Fix: federation.client_batching=auto (side by side where it applies) or off.")
+
+    # An algorithm whose ``fit_client``/``make_client``/``upload``/``start_state`` differ from these says
+    # here that side by side still computes what they do (its differences are in ``fit_many`` overrides).
+    side_by_side: ClassVar[bool] = False
+
+    def warnings(self) -> list[str]:
+        out = self.server_update.warnings() if self.communicates else []
+        if self.cfg.federation.client_batching == "auto" and self.one_at_a_time and self.trains and \
+                len(self.ctx.my_clients) > 1:
+            out.append(f"clients train one at a time, not side by side: {self.one_at_a_time}")
+        return out
+
+    def client_training(self) -> str:
+        if self.batched is not None:
+            return "side by side"
+        return f"one at a time ({self.one_at_a_time})" if self.one_at_a_time else "one at a time"
+
+    def fit_many(self, clients: dict[int, CLIPClient], parts: list[Participant],
+                 server_round: int) -> dict[int, ClientResult]:
+        """The round's local fits: side by side where ``federation.client_batching`` allows it (the adapter
+        rows of a chunk of clients in batched products, ``batched.fit_side_by_side``), else one at a time."""
+        if self.batched is None:
+            return super().fit_many(clients, parts, server_round)
+        replies = {}
+        for chunk in self._chunks(parts):
+            jobs = []
+            for p in chunk:
+                loader = self.ctx.train_loader(p, "train", server_round)
+                plan = self.fit_plan(p, server_round, loader)
+                jobs.append((p, loader, plan, self._start_row(self.start_state(p))))
+            outcome = self._fit_rows([(j[1], j[2], j[3], self.adam_states.get(j[0].name) if self.keep_adam else None)
+                                      for j in jobs])
+            for j, (p, loader, plan, _) in enumerate(jobs):
+                if self.keep_adam:
+                    self.adam_states[p.name] = self.arena.stash(self._adam_state_dict(outcome, j),
+                                                                self.arena_row[p.index])
+                replies[p.index] = ClientResult(_train_result(outcome, j), _row_getter(outcome.rows, j),
+                                                len(loader.dataset))
+        return replies
+
+    def _chunks(self, parts: list[Participant]) -> list[list[Participant]]:
+        """The clients in chunks whose rows (adapter, gradient, two moments, the proximal anchor) fit in about
+        64 MiB: memory bounded by bytes, whatever the number of clients."""
+        per = max(1, (64 << 20) // (5 * 4 * max(1, self.num_params)))
+        return [parts[i : i + per] for i in range(0, len(parts), per)]
+
+    def _start_row(self, state: State) -> torch.Tensor:
+        """A start state as a flat row; the global model's is flattened once per round, not per client."""
+        if state is not self.global_state:
+            return flatten(state)
+        cached = getattr(self, "_global_row", None)
+        if cached is None or cached[0] is not state:
+            self._global_row = cached = (state, flatten(state))
+        return cached[1]
+
+    def _fit_rows(self, jobs):
+        """``fit_side_by_side`` of ``(loader, plan, start row, kept Adam state or None)`` per client."""
+        from ..batched import ClientFit, fit_side_by_side
+
+        fits = []
+        for loader, plan, start, kept in jobs:
+            anchor = None
+            if plan.anchor is not None and plan.mu > 0:
+                anchor = self._start_row(plan.anchor) if plan.anchor is self.global_state else flatten(plan.anchor)
+            moments = None
+            if kept is not None:
+                st = kept["state"]
+                moments = (torch.cat([st[i]["exp_avg"].reshape(-1) for i in sorted(st)]),
+                           torch.cat([st[i]["exp_avg_sq"].reshape(-1) for i in sorted(st)]),
+                           float(st[min(st)]["step"]))
+            fits.append(ClientFit(_steps(loader, plan), start, self.config.lr * plan.lr_factor, anchor,
+                                  plan.mu, moments))
+        return fit_side_by_side(fits, self.batched, self.config.loss, float(self.ctx.backbone.logit_scale),
+                                self.text, self.row_adam, self.ctx.device)
+
+    def _adam_state_dict(self, outcome, j: int) -> dict[str, Any]:
+        """Client ``j``'s Adam state after a side-by-side fit, as ``torch.optim.Adam.state_dict()`` lays it
+        out (a kept state continues one at a time too)."""
+        if not hasattr(self, "_adam_groups"):
+            probe = [torch.zeros(t.shape, device=self.ctx.device, requires_grad=True) for t in self.template.values()]
+            self._adam_groups = build_optimizer(probe, self.config, FitPlan(epochs=1)).state_dict()["param_groups"]
+            self._adam_step_dtype = torch.float32
+            self._adam_step_device = self.ctx.device if self._adam_groups[0].get("fused") else torch.device("cpu")
+        state, offset = {}, 0
+        step = torch.tensor(float(outcome.steps[j]), dtype=self._adam_step_dtype, device=self._adam_step_device)
+        for i, t in enumerate(self.template.values()):
+            n = t.numel()
+            state[i] = {"step": step.clone(), "exp_avg": outcome.m[j, offset : offset + n].view(t.shape),
+                        "exp_avg_sq": outcome.v[j, offset : offset + n].view(t.shape)}
+            offset += n
+        return {"state": state, "param_groups": [dict(g) for g in self._adam_groups]}
 
     def _setup_server(self, ctx: RunContext) -> None:
         self._weights: dict[tuple, list[float]] = {}  # aggregation weights by the clients that sent (and sizes)
@@ -376,9 +521,6 @@ class CLIPAlgorithm(Algorithm):
                                  lambda: flatten(self.global_state), self.num_params)
         self.global_state = unflatten(row, self.template)
 
-    def warnings(self) -> list[str]:
-        return self.server_update.warnings() if self.communicates else []
-
     def metrics(self, rounds_run: int) -> dict[str, float]:
         return self.server_update.metrics(rounds_run) if self.communicates else {}
 
@@ -397,31 +539,81 @@ class CLIPAlgorithm(Algorithm):
             client.set_state(self.global_state)
         return self.ctx.evaluate(client, p, "unseen")
 
+    def evaluation_plan(self, p: Participant) -> dict[str, list[tuple[State | torch.Tensor | None, str]]]:
+        """What participant ``p`` is evaluated on: per result slot, the ``(model, split)`` pairs whose mean
+        accuracy and loss fill it (a model: a state dict, a flat row, or None for the frozen model as it
+        is). A client: ``val``/``test`` with the model it holds; an unseen domain: ``test`` with the global
+        model on its ``unseen`` split."""
+        if p.kind == "client":
+            held = self.held_state(p)
+            return {"val": [(held, "val")], "test": [(held, "test")]}
+        return {"test": [(self.global_state, "unseen")]}
+
     def evaluate_mine(self, clients: dict[int, CLIPClient], parts: list[Participant]) -> dict[int, dict[str, SplitResult]]:
-        """The participants that hold the same model are evaluated together: one ``set_state`` and one
-        placement for all their splits, each split in the batches ``evaluate`` would use (the same
-        numbers, bitwise). What an algorithm evaluates its own way (an overridden
-        ``evaluate_client``/``evaluate_unseen``) goes through that."""
+        """Every participant's slots as ``evaluation_plan`` says: side by side in batched products where the
+        clients train side by side (``batched.evaluate_side_by_side``), else one model at a time, the
+        participants that hold the same model together (one ``set_state`` and one placement for all their
+        splits, each split in the batches ``evaluate`` would use: the same numbers, bitwise). What an algorithm
+        evaluates its own way (an overridden ``evaluate_client``/``evaluate_unseen``) goes through that."""
         own_client = type(self).evaluate_client is CLIPAlgorithm.evaluate_client
         own_unseen = type(self).evaluate_unseen is CLIPAlgorithm.evaluate_unseen
-        groups: dict[int, tuple[State | None, list[tuple[Participant, str]]]] = {}
-        rest = []
-        for p in parts:
-            splits = ("val", "test") if p.kind == "client" else ("unseen",)
-            batched = own_client if p.kind == "client" else own_unseen
-            if not batched:
-                rest.append(p)
-                continue
-            held = self.held_state(p) if p.kind == "client" else self.global_state
-            groups.setdefault(id(held), (held, []))[1].extend((p, s) for s in splits)
-        out = super().evaluate_mine(clients, rest)
-        for held, jobs in groups.values():
-            client = clients[jobs[0][0].index]
-            if held is not None:
-                client.set_state(held)
-            for (p, split), res in zip(jobs, self._evaluate_together(client, jobs)):
-                out.setdefault(p.index, {})["test" if split == "unseen" else split] = res
+        planned = [p for p in parts if (own_client if p.kind == "client" else own_unseen)]
+        out = super().evaluate_mine(clients, [p for p in parts if not (own_client if p.kind == "client" else own_unseen)])
+        plans = {p.index: self.evaluation_plan(p) for p in planned}
+        models: dict[int, State | torch.Tensor | None] = {}
+        jobs: dict[tuple[int, int, str], Participant] = {}
+        for p in planned:
+            for pairs in plans[p.index].values():
+                for model, split in pairs:
+                    models.setdefault(id(model), model)
+                    jobs[(id(model), p.index, split)] = p
+        if self.side_by_side_eval:
+            results = self._evaluate_side_by_side(models, list(jobs))
+        else:
+            results = {}
+            by_model: dict[int, list[tuple[Participant, str]]] = {}
+            for (m, _, split), p in jobs.items():
+                by_model.setdefault(m, []).append((p, split))
+            for m, group in by_model.items():
+                client = clients[group[0][0].index]
+                if models[m] is not None:
+                    model = models[m]
+                    client.set_state(unflatten(model, self.template) if isinstance(model, torch.Tensor) else model)
+                for (p, split), res in zip(group, self._evaluate_together(client, group)):
+                    results[(m, p.index, split)] = res
+        for p in planned:
+            slots = out.setdefault(p.index, {})
+            for slot, pairs in plans[p.index].items():
+                got = [results[(id(model), p.index, split)] for model, split in pairs]
+                slots[slot] = got[0] if len(got) == 1 else SplitResult(
+                    accuracy=sum(r.accuracy for r in got) / len(got), loss=sum(r.loss for r in got) / len(got),
+                    n=got[0].n)
         return out
+
+    def _evaluate_side_by_side(self, models: dict[int, Any], jobs: list[tuple[int, int, str]]) -> dict:
+        """Every ``(model, participant, split)`` job in batched products: ``{job: SplitResult}``."""
+        from ..batched import evaluate_side_by_side
+
+        keys = list(models)
+        trained = [k for k in keys if models[k] is not None]
+        if trained and len(trained) < len(keys):
+            raise RuntimeError("side-by-side evaluation of trained and untrained models together")
+        rows = None
+        if trained:
+            rows = torch.stack([m if isinstance(m, torch.Tensor) else flatten(m) for m in (models[k] for k in keys)])
+        row_of = {k: i for i, k in enumerate(keys)}
+        sets = []
+        for m, i, split in jobs:
+            ds = self.ctx.eval_loaders[(i, split)].dataset
+            sets.append((row_of[m], ds.features, ds.labels))
+        scored = evaluate_side_by_side(rows, self.layout, sets, float(self.ctx.backbone.logit_scale), self.text,
+                                       self.ctx.device)
+        # The accuracy as torchmetrics computes it (float32 correct / total), for every job in one division.
+        acc = (torch.tensor([c for c, _, _ in scored], dtype=torch.float32) /
+               torch.tensor([n for _, _, n in scored], dtype=torch.float32)).tolist()
+        return {job: (SplitResult(accuracy=a, loss=loss / n, n=n) if n else
+                      SplitResult(accuracy=float("nan"), loss=float("nan"), n=0))
+                for job, a, (c, loss, n) in zip(jobs, acc, scored)}
 
     def _evaluate_together(self, client: CLIPClient, jobs: list[tuple[Participant, str]]) -> list[SplitResult]:
         """Each split through the client's ``validation_step``/``test_step`` in the batches ``evaluate``
@@ -455,6 +647,32 @@ class CLIPAlgorithm(Algorithm):
                 # Into the client's row, like a live one.
                 self.adam_states[p.name] = self.arena.stash(st, self.arena_row[p.index]) \
                     if self.arena.rows is not None else st
+
+
+def _steps(loader, plan: FitPlan) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches ``local_fit`` takes its optimiser steps on, in its order: ``plan.epochs`` passes over the
+    loader, batches of one skipped, stopped after ``plan.max_steps`` steps."""
+    from ..training import batches
+
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for _ in range(plan.epochs):
+        for x, y in batches(loader):
+            if plan.max_steps is not None and len(out) >= plan.max_steps:
+                return out
+            if y.numel() >= 2:
+                out.append((x, y))
+    return out
+
+
+def _train_result(outcome, j: int) -> SplitResult:
+    if outcome.batches[j] == 0:
+        return SplitResult(accuracy=float("nan"), loss=float("nan"), n=0)
+    return SplitResult(accuracy=outcome.correct[j] / outcome.seen[j], loss=outcome.loss_sum[j] / outcome.batches[j],
+                       n=outcome.seen[j])
+
+
+def _row_getter(rows: torch.Tensor, j: int) -> Callable[[], torch.Tensor]:
+    return lambda: rows[j]
 
 
 def check_config(a: AlgorithmConfig, p: Problems) -> None:

@@ -37,6 +37,7 @@ class FedAvgConfig(AlgorithmConfig):
 class FedAvg(CLIPAlgorithm):
     name = "fedavg"
     config_class = FedAvgConfig
+    side_by_side = True  # trainable=adapter: make_client and upload are FedCLIP's
 
     @classmethod
     def encoder_frozen(cls, config: FedAvgConfig) -> bool:
@@ -78,6 +79,7 @@ class FedAvg(CLIPAlgorithm):
         self.global_state = {k: v.clone() for k, v in self.template.items()}
         self._setup_adam(ctx)
         self._setup_server(ctx)
+        self._setup_side_by_side(self.work)  # one at a time: the working copy of CLIP trains
 
     def make_client(self, p: Participant) -> CLIPClient:
         if not self.full_model:

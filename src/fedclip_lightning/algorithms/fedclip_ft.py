@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..fit_plan import FitPlan
-from ..training import SplitResult, local_fit
+from ..training import local_fit
 from .base import AdapterConfig, Participant, State, check_adapter_hidden
 from .fedclip import FedCLIP
 from .registry import register
@@ -36,18 +36,31 @@ class Personalized:
 
     def personalize(self, server_round: int, clients: dict) -> None:
         self.personal = {}
-        for p in self.ctx.my_clients:
+        mine = self.ctx.my_clients
+        if self.batched is not None:  # side by side: every client's fine-tuning in batched products
+            start = self._start_row(self.global_state)
+            for chunk in self._chunks(mine):
+                loaders = [self.ctx.train_loader(p, "personal", server_round) for p in chunk]
+                outcome = self._fit_rows([(loader, self.personal_plan(p), start, None)
+                                          for p, loader in zip(chunk, loaders)])
+                for j, p in enumerate(chunk):
+                    self.personal[p.name] = outcome.rows[j].clone()
+            return
+        for p in mine:
             client = clients[p.index]
             client.set_state(self.global_state)
             local_fit(self.ctx.fabric, client, self.ctx.train_loader(p, "personal", server_round),
                       self.personal_plan(p))
             self.personal[p.name] = {k: v.cpu() for k, v in client.get_state().items()}
 
-    def evaluate_client(self, client, p: Participant) -> dict[str, SplitResult]:
-        out = {f"{split}_global": res for split, res in super().evaluate_client(client, p).items()}
-        client.set_state(self.personal[p.name])
-        out.update({"val": self.ctx.evaluate(client, p, "val"), "test": self.ctx.evaluate(client, p, "test")})
-        return out
+    def evaluation_plan(self, p: Participant):
+        """A client: its personal model (``val``/``test``) and the global one (``val_global``/``test_global``)."""
+        plan = super().evaluation_plan(p)
+        if p.kind != "client":
+            return plan
+        personal = self.personal[p.name]
+        return {**{f"{slot}_global": pairs for slot, pairs in plan.items()},
+                "val": [(personal, "val")], "test": [(personal, "test")]}
 
 
 def check_personal_epochs(config, bad) -> None:

@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from ..training import SplitResult
 from ..aggregation.rows import gather_rows
 from ..aggregation.mean import flatten, unflatten
 from .base import CLIPAlgorithm, AdapterConfig, ClientResult, Participant, State, check_adapter_hidden
@@ -19,6 +18,7 @@ class Local(CLIPAlgorithm):
     name = "local"
     config_class = AdapterConfig
     communicates = False
+    side_by_side = True  # its own adapters are the rows fit_many returns
 
     @classmethod
     def check(cls, config: AdapterConfig, bad) -> None:
@@ -32,11 +32,14 @@ class Local(CLIPAlgorithm):
     def start_state(self, p: Participant) -> State:
         return self.own.get(p.name, self.global_state)
 
-    def fit_client(self, client, p: Participant, server_round: int) -> ClientResult:
-        result = super().fit_client(client, p, server_round)
-        own = self.own[p.name] = {k: v.cpu() for k, v in client.get_state().items()}
-        # Not an update (nothing is averaged, no bytes are counted): the adapter an unseen domain is scored with.
-        return ClientResult(result.train, lambda: flatten(own), result.num_examples)
+    def fit_many(self, clients, parts: list[Participant], server_round: int) -> dict[int, ClientResult]:
+        results = super().fit_many(clients, parts, server_round)
+        for p in parts:
+            r = results[p.index]
+            own = self.own[p.name] = unflatten(r.update().cpu(), self.template)
+            # Not an update (nothing is averaged, no bytes are counted): the adapter an unseen domain is scored with.
+            results[p.index] = ClientResult(r.train, lambda own=own: flatten(own), r.num_examples)
+        return results
 
     def aggregate(self, server_round: int, active: list[int], results: dict[int, ClientResult]) -> None:
         # Nothing is averaged; every rank assembles all clients' own adapters (no bytes counted) because an
@@ -76,13 +79,13 @@ class Local(CLIPAlgorithm):
     def held_state(self, p: Participant) -> State:
         return self.own.get(p.name, self.global_state)
 
-    def evaluate_unseen(self, client, p: Participant) -> SplitResult:
-        results = []
-        for row in self.table:
-            client.set_state(unflatten(row, self.template))
-            results.append(self.ctx.evaluate(client, p, "unseen"))
-        return SplitResult(accuracy=sum(r.accuracy for r in results) / len(results),
-                           loss=sum(r.loss for r in results) / len(results), n=results[0].n)
+    def evaluation_plan(self, p: Participant):
+        """An unseen domain: the mean accuracy and loss of every client's own adapter on it."""
+        if p.kind == "client":
+            return super().evaluation_plan(p)
+        if getattr(self, "_rows", (None,))[0] is not self.table:  # the same row objects for every unseen domain
+            self._rows = (self.table, list(self.table))
+        return {"test": [(row, "unseen") for row in self._rows[1]]}
 
     def final_states(self) -> dict[str, State]:
         names = [c.name for c in self.ctx.task.clients]

@@ -267,6 +267,7 @@ def make_summary(cfg: Config, fabric, backbone, task, domains, algorithm, random
         skipped_images=list(domains.skipped),
         slurm=slurm_job(),
         numerics=numerics.describe() if fabric.device.type == "cpu" else {},
+        client_training=algorithm.client_training(),
     )
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from ..algorithms.base import ClientResult
 from ..report import RoundMetrics
-from ..training import SplitResult
+from ..training import SplitResult, park
 from .evaluation import RoundEvaluator
 
 
@@ -33,13 +33,11 @@ class FabricTransport:
         self.evaluator = RoundEvaluator(ctx.fabric, ctx.parts, clients, algorithm)
 
     def fit(self, server_round: int, active: list[int]) -> dict[int, ClientResult]:
-        """Each of this rank's active clients fits locally, one after another; their replies."""
-        replies = {}
-        for p in self.ctx.my_clients:
-            if p.index in active:
-                replies[p.index] = self.algorithm.fit_client(self.clients[p.index], p, server_round)
-                park(self.clients[p.index])
-        return replies
+        """This rank's active clients fit locally (``algorithm.fit_many``: one after another, or side by
+        side); their replies."""
+        chosen = set(active)
+        return self.algorithm.fit_many(self.clients, [p for p in self.ctx.my_clients if p.index in chosen],
+                                       server_round)
 
     def arrived(self, active: list[int], results: dict[int, ClientResult]) -> list[int]:
         """The active clients whose reply arrived: in this job, every one (each rank holds only its own)."""
@@ -67,8 +65,3 @@ class FabricTransport:
     def load_client_states(self, states: dict[str, dict]) -> None:
         self.algorithm.load_client_states(states)
 
-
-def park(client) -> None:
-    """A client's state waits off the accelerator between turns (a no-op on a CPU run)."""
-    if client.device.type != "cpu":
-        client.to("cpu")

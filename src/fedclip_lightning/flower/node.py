@@ -296,7 +296,8 @@ class Node:
         algorithm, clients = self._algorithm(built)
         algorithm.load_client_states({self.name: store.load(req.state_round, self.name)})
         algorithm.receive(state)
-        result = algorithm.fit_client(clients[0], built["p"], req.server_round)
+        p = built["p"]
+        result = algorithm.fit_many({p.index: clients[0]}, [p], req.server_round)[p.index]
         store.save(req.server_round, algorithm.client_states().get(self.name) or {}, req.keep_from)
         update = {} if result.update is None else {"row": result.update().detach().cpu().clone()}
         fed = built["cfg"].federation
