@@ -53,11 +53,11 @@ class AdapterLayout:
         return (rows[:, :o1].view(g, h, d), rows[:, o1:o2], rows[:, o2:o3].view(g, d, h), rows[:, o3:])
 
 
-def adapter_features(rows: torch.Tensor, layout: AdapterLayout, x: torch.Tensor):
-    """``normalize(softmax(W2 tanh(W1 x + b1) + b2) * x)`` of each row's adapter on its own ``x [G,b,d]``
-    (``x`` may be expanded over the rows: one set of images, every adapter). Returns the features and what
-    the backward needs."""
-    w1, b1, w2, b2 = layout.views(rows)
+def adapter_features(parts, x: torch.Tensor):
+    """``normalize(softmax(W2 tanh(W1 x + b1) + b2) * x)`` of each row's adapter ``parts = (W1 [G,h,d], b1 [G,h],
+    W2 [G,d,h], b2 [G,d])`` on its own ``x [G,b,d]`` (``x`` may be expanded over the rows: one set of images,
+    every adapter). Returns the features and what the backward needs."""
+    w1, b1, w2, b2 = parts
     h = torch.tanh(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))
     a = torch.softmax(torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2)), dim=-1)
     u = a * x
@@ -65,21 +65,16 @@ def adapter_features(rows: torch.Tensor, layout: AdapterLayout, x: torch.Tensor)
     return u / n, (h, a, n)
 
 
-def adapter_backward(rows: torch.Tensor, layout: AdapterLayout, x: torch.Tensor, f: torch.Tensor, saved,
-                     grad_f: torch.Tensor, out: torch.Tensor) -> None:
-    """``AdapterFunction.backward`` per row: the gradient of each row's loss with respect to its adapter,
-    written into ``out [G, width]``."""
+def adapter_backward(parts, x: torch.Tensor, f: torch.Tensor, saved, grad_f: torch.Tensor) -> list[torch.Tensor]:
+    """``AdapterFunction.backward`` per row: the gradients of each row's loss with respect to its adapter's
+    four tensors (``grad_f`` is overwritten)."""
     h, a, n = saved
-    _, _, w2, _ = layout.views(rows)
-    gw1, gb1, gw2, gb2 = layout.views(out)
+    w2 = parts[2]
     du = (grad_f - f * (f * grad_f).sum(-1, keepdim=True)).div_(n)
     da = du.mul_(x)
     dz2 = a * (da - (a * da).sum(-1, keepdim=True))
-    gw2.copy_(torch.bmm(dz2.transpose(1, 2), h))
-    gb2.copy_(dz2.sum(1))
     dz1 = torch.bmm(dz2, w2).mul_(1 - h * h)
-    gw1.copy_(torch.bmm(dz1.transpose(1, 2), x))
-    gb1.copy_(dz1.sum(1))
+    return [torch.bmm(dz1.transpose(1, 2), x), dz1.sum(1), torch.bmm(dz2.transpose(1, 2), h), dz2.sum(1)]
 
 
 def loss_and_grad(kind: str, scale: float, f: torch.Tensor, text: torch.Tensor,
@@ -107,26 +102,45 @@ def loss_and_grad(kind: str, scale: float, f: torch.Tensor, text: torch.Tensor,
 
 
 class RowAdam:
-    """``torch.optim.Adam``'s update (coupled L2 weight decay, no amsgrad) on rows of parameters side by side,
-    each row with its own step count and learning rate."""
+    """``torch.optim.Adam``'s update (coupled L2 weight decay, no amsgrad) on tensors whose first dimension is
+    the clients side by side. Rows that share their step count and learning rate (every row, when the state
+    is reset each round) take one call of torch's own Adam (``torch.optim.adam.adam``: fused where the device
+    has the fused kernel, as ``optim.make_adam`` chooses), elementwise, so a row's bits do not depend on the
+    others; rows with their own counts (kept states of clients that trained in different rounds) take the
+    same formula written out, each row with its own bias corrections."""
 
     def __init__(self, betas: Sequence[float], eps: float, weight_decay: float):
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
         self.eps, self.weight_decay = float(eps), float(weight_decay)
 
-    def step(self, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: torch.Tensor,
-             lr: torch.Tensor) -> None:
-        """One update of the rows ``p`` with gradients ``g`` (overwritten), moments ``m``, ``v`` (in place);
-        ``step`` ``[G]`` float64 counts after this step, ``lr`` ``[G]`` float64."""
-        if self.weight_decay != 0:
-            g.add_(p, alpha=self.weight_decay)
-        m.lerp_(g, 1 - self.beta1)
-        v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+    def step(self, params: list[torch.Tensor], grads: list[torch.Tensor], ms: list[torch.Tensor],
+             vs: list[torch.Tensor], count: torch.Tensor, lr: torch.Tensor) -> None:
+        """One update, in place, of ``params`` (gradients ``grads``, overwritten; moments ``ms``, ``vs``);
+        ``count`` ``[G]`` float64: each row's step counter *before* this step; ``lr`` ``[G]`` float64."""
+        c0, l0 = float(count[0]), float(lr[0])
+        if bool((count == c0).all()) and bool((lr == l0).all()):
+            from torch.optim.adam import adam
+
+            from .optim import _fused_supported
+
+            fused = _fused_supported(params[0].device, params[0].dtype)
+            steps = [torch.tensor(c0, dtype=torch.float32, device=p.device if fused else "cpu") for p in params]
+            adam(params, grads, ms, vs, [], steps, foreach=False, fused=fused, capturable=False,
+                 differentiable=False, grad_scale=None, found_inf=None, has_complex=False, amsgrad=False,
+                 beta1=self.beta1, beta2=self.beta2, lr=l0, weight_decay=self.weight_decay, eps=self.eps,
+                 maximize=False)
+            return
+        step = count + 1
         bias1 = 1 - self.beta1 ** step
         bias2_sqrt = (1 - self.beta2 ** step).sqrt()
-        step_size = (lr / bias1).to(p.dtype).unsqueeze(1)
-        denom = v.sqrt().div_(bias2_sqrt.to(p.dtype).unsqueeze(1)).add_(self.eps)
-        p.sub_(m.div(denom).mul_(step_size))
+        for p, g, m, v in zip(params, grads, ms, vs):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            if self.weight_decay != 0:
+                g.add_(p, alpha=self.weight_decay)
+            m.lerp_(g, 1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            denom = v.sqrt().div_(bias2_sqrt.to(p.dtype).view(shape)).add_(self.eps)
+            p.sub_(m.div(denom).mul_((lr / bias1).to(p.dtype).view(shape)))
 
 
 @dataclass
@@ -143,7 +157,7 @@ class ClientFit:
 
 @dataclass
 class FitOutcome:
-    """The chunk's trained adapters and Adam moments (rows in the clients' order), and per client its
+    """The chunk's trained adapters and Adam moments (flat rows in the clients' order), and per client its
     number of steps, images seen, correct predictions and summed batch loss."""
 
     rows: torch.Tensor
@@ -156,29 +170,41 @@ class FitOutcome:
     loss_sum: list[float]
 
 
+def _split(rows: torch.Tensor, layout: AdapterLayout) -> list[torch.Tensor]:
+    """Flat rows ``[K, width]`` as the adapter's four stacked tensors, each contiguous (a copy)."""
+    return [t.contiguous() for t in layout.views(rows)]
+
+
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(t.shape[0], -1) for t in parts], dim=1)
+
+
 def fit_side_by_side(fits: list[ClientFit], layout: AdapterLayout, loss: str, scale: float, text: torch.Tensor,
                      adam: RowAdam, device: torch.device) -> FitOutcome:
     """Train every client of ``fits`` on its own batches, side by side: at each step, the clients that take a
-    step of the same batch size go through one batched forward, backward and Adam update."""
+    step of the same batch size go through one batched forward, backward and Adam update. The adapters, their
+    gradients and moments live as the adapter's four tensors stacked over the clients."""
     k = len(fits)
-    w = torch.stack([f.start for f in fits]).to(device=device, dtype=torch.float32)
-    m = torch.zeros_like(w)
-    v = torch.zeros_like(w)
+    start = torch.stack([f.start for f in fits]).to(device=device, dtype=torch.float32)
+    w = _split(start, layout)
+    m = [torch.zeros_like(t) for t in w]
+    v = [torch.zeros_like(t) for t in w]
     count = torch.zeros(k, dtype=torch.float64, device=device)
-    for j, f in enumerate(fits):
-        if f.moments is not None:
-            m[j].copy_(f.moments[0])
-            v[j].copy_(f.moments[1])
-            count[j] = f.moments[2]
+    kept = [j for j, f in enumerate(fits) if f.moments is not None]
+    if kept:
+        idx = torch.tensor(kept, device=device)
+        for stacked, rows in ((m, [fits[j].moments[0] for j in kept]), (v, [fits[j].moments[1] for j in kept])):
+            for t, part in zip(stacked, layout.views(torch.stack(rows).to(device=device, dtype=torch.float32))):
+                t.index_copy_(0, idx, part.contiguous())
+        count[idx] = torch.tensor([fits[j].moments[2] for j in kept], dtype=torch.float64, device=device)
     lr = torch.tensor([f.lr for f in fits], dtype=torch.float64, device=device)
     prox = [j for j, f in enumerate(fits) if f.anchor is not None and f.mu > 0]
     anchors = mus = None
     if prox:
-        anchors = torch.zeros_like(w)
-        mus = torch.zeros(k, dtype=torch.float32, device=device)
-        for j in prox:
-            anchors[j].copy_(fits[j].anchor)
-            mus[j] = fits[j].mu
+        anchor_rows = torch.stack([f.anchor if f.anchor is not None else f.start for f in fits])
+        anchors = _split(anchor_rows.to(device=device, dtype=torch.float32), layout)
+        mus = torch.tensor([f.mu if j in prox else 0.0 for j, f in enumerate(fits)], dtype=torch.float32,
+                           device=device)
     text = text.to(device=device, dtype=torch.float32)
     loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
     correct = torch.zeros(k, dtype=torch.long, device=device)
@@ -192,30 +218,35 @@ def fit_side_by_side(fits: list[ClientFit], layout: AdapterLayout, loss: str, sc
         for ids in groups.values():
             whole = len(ids) == k
             idx = everyone if whole else torch.tensor(ids, device=device)
+
+            def rows(ts):
+                return ts if whole else [t.index_select(0, idx) for t in ts]
+
             x = torch.stack([fits[j].steps[s][0] for j in ids]).to(device=device, dtype=torch.float32)
-            y = torch.stack([fits[j].steps[s][1] for j in ids]).to(device=device)
-            p = w if whole else w.index_select(0, idx)
-            feats, saved = adapter_features(p, layout, x)
+            y = torch.stack([fits[j].steps[s][1] for j in ids]).to(device)
+            p = rows(w)
+            feats, saved = adapter_features(p, x)
             batch_loss, grad_f = loss_and_grad(loss, scale, feats, text, y)
-            grad = torch.empty_like(p)
-            adapter_backward(p, layout, x, feats, saved, grad_f, grad)
+            grads = adapter_backward(p, x, feats, saved, grad_f)
             if anchors is not None:
-                a, mu = (anchors, mus) if whole else (anchors.index_select(0, idx), mus.index_select(0, idx))
-                diff = p - a
-                batch_loss = batch_loss + (mu / 2) * (diff * diff).sum(1)
-                grad.add_(diff.mul_(mu.unsqueeze(1)))
-            with torch.no_grad():
-                hits = (torch.matmul(feats, text.T).argmax(dim=-1) == y).sum(1)
-            mm, vv = (m, v) if whole else (m.index_select(0, idx), v.index_select(0, idx))
+                mu = mus if whole else mus.index_select(0, idx)
+                prox_sum = torch.zeros_like(batch_loss)
+                for t, a, g in zip(p, rows(anchors), grads):
+                    diff = t - a
+                    prox_sum += (diff * diff).reshape(len(ids), -1).sum(1)
+                    g.add_(diff.mul_(mu.view((-1,) + (1,) * (t.dim() - 1))))
+                batch_loss = batch_loss + (mu / 2) * prox_sum
+            hits = (torch.matmul(feats, text.T).argmax(dim=-1) == y).sum(1)
+            mm, vv = rows(m), rows(v)
+            adam.step(p, grads, mm, vv, count.index_select(0, idx), lr.index_select(0, idx))
             count.index_add_(0, idx, torch.ones(len(ids), dtype=torch.float64, device=device))
-            adam.step(p, grad, mm, vv, count[idx], lr[idx])
             if not whole:
-                w.index_copy_(0, idx, p)
-                m.index_copy_(0, idx, mm)
-                v.index_copy_(0, idx, vv)
-            loss_sum.index_add_(0, idx, batch_loss.detach().to(torch.float64))
+                for dst, src in ((w, p), (m, mm), (v, vv)):
+                    for t, part in zip(dst, src):
+                        t.index_copy_(0, idx, part)
+            loss_sum.index_add_(0, idx, batch_loss.to(torch.float64))
             correct.index_add_(0, idx, hits)
-    return FitOutcome(rows=w, m=m, v=v, steps=count, batches=[len(f.steps) for f in fits],
+    return FitOutcome(rows=_join(w), m=_join(m), v=_join(v), steps=count, batches=[len(f.steps) for f in fits],
                       seen=[sum(int(yb.numel()) for _, yb in f.steps) for f in fits],
                       correct=correct.tolist(), loss_sum=loss_sum.tolist())
 
@@ -290,7 +321,7 @@ def _score(rows, layout, x, y, scale, text):
     if rows is None:
         f = F.normalize(x, dim=-1)
     else:
-        f = adapter_features(rows, layout, x)[0]
+        f = adapter_features(layout.views(rows), x)[0]
     logits = scale * torch.matmul(f, text.T)
     loss = -logits.log_softmax(dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
     return loss, logits.argmax(dim=-1) == y
