@@ -223,6 +223,55 @@ def test_gather_rows_dtype_and_empty(fabric):
     assert torch.equal(gather_rows(fabric, {}, num_rows=3, width=2), torch.zeros(3, 2))
 
 
+def _peak_growth(fn):
+    """``(bytes the resident set rose to above where it stood, fn's result)``: the peak reset first, and large
+    blocks always mapped and unmapped by malloc (a fixed mmap threshold), so freed rows leave the resident set
+    and the peak is what was live, not what the allocator kept."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB, no longer adjusted on free
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the peak resident set size
+
+    def field(name: str) -> int:
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(name))
+
+    base = field("VmRSS:")
+    out = fn()
+    return field("VmHWM:") - base, out
+
+
+def _stream_on_two(fabric, width: int, n: int, budget: int):
+    from fedclip_lightning.aggregation.rows import stream_rows
+
+    rows = {i: torch.full((width,), float(i + 1)) for i in range(n) if i % 2 == fabric.global_rank}
+
+    def total():
+        acc = torch.zeros(width)
+        for _, row in stream_rows(fabric, rows.get, list(range(n)), width, budget=budget):
+            acc.add_(row)
+        return float(acc[0]), float(acc[-1])
+
+    return _peak_growth(total)
+
+
+def test_rows_travel_between_two_processes_in_bounded_memory():
+    """Two real processes (Fabric, forked, gloo): eight 16 MiB rows stream to every rank through all_reduces
+    of at most 4 MiB (each row in pieces), so a rank's memory rises by about a row for the sum and one for the
+    row in flight, not by the eight rows of a buffer sized by clients (measured too, so the measure is seen to
+    tell the two apart)."""
+    from fedclip_lightning.aggregation.rows import BUFFER_BYTES
+
+    width, n, row = 4 << 20, 8, 16 << 20
+    assert BUFFER_BYTES <= 64 << 20
+    two = Fabric(accelerator="cpu", devices=2, strategy="ddp_fork")
+    grew, sums = two.launch(_stream_on_two, width, n, 4 << 20)
+    assert sums == (36.0, 36.0)  # 1 + ... + 8, every row arrived whole
+    assert grew < 4 * row, f"peak rose by {grew / row:.1f} rows"
+    grew_unbounded, _ = two.launch(_stream_on_two, width, n, 1 << 40)
+    assert grew_unbounded > n * row > 2 * grew
+
+
 # -- aggregation rules -----------------------------------------------------------------------------
 
 def test_aggregate_rows_streams_a_linear_rule_and_gathers_for_one_that_needs_every_row(fabric):
