@@ -293,3 +293,29 @@ def test_plot_run_on_a_real_run(tmp_path: Path, pacs_mini: Path):
     path = plots.plot_run(run)
     assert path == run / "accuracy.png"
     check_png(path)
+
+
+def test_end_of_run_table_gives_the_spread_of_many_clients():
+    """Up to report.MAX_CLIENT_ROWS clients, a row each; beyond, min / median / max of each column and the mean
+    (10,000 rows would bury the table)."""
+    from fedclip_lightning.report import MAX_CLIENT_ROWS, RoundMetrics, Summary, format_table
+
+    def table(n: int) -> str:
+        names = [f"c{i:05d}" for i in range(n)]
+        m = RoundMetrics(5, {c: i / n for i, c in enumerate(names)}, {c: 1 - i / n for i, c in enumerate(names)},
+                         {"photo": 0.9})
+        s = Summary(algorithm="fedclip", backbone={}, dataset="synthetic", data_root="", clients=names,
+                    unseen=["photo"], classes=[], num_samples={}, trainable_params=0, communicated_params=0,
+                    bytes_per_client_per_round=0, world_size=1, config={})
+        s.selected = s.final = m
+        return format_table(s)
+
+    few = table(MAX_CLIENT_ROWS)
+    assert "c00000" in few and "c00011" in few and "median" not in few
+    many = table(1001).splitlines()
+    assert not any(line.startswith("c0") for line in many) and len(many) < 12
+    rows = {line.split("(")[0].strip(): line.split(")")[-1].split() for line in many if "clients)" in line}
+    # val rises 0 .. 1000/1001 with the client, test falls: each column's own min / median / max
+    assert rows["min"][:2] == ["0.00", "0.10"] and rows["max"][:2] == ["99.90", "100.00"]
+    assert rows["median"][:2] == ["49.95", "50.05"]
+    assert rows["mean"][:2] == ["49.95", "50.05"]

@@ -281,13 +281,24 @@ def _pct(x: float | None) -> str:
     return "   -  " if x is None or not math.isfinite(x) else f"{100 * x:6.2f}"
 
 
+# Above this many clients the end-of-run table gives their spread (min, median, max), not a row each.
+MAX_CLIENT_ROWS = 12
+
+
+def _quantile(values, q: float) -> float | None:
+    """The ``q`` quantile of the finite values (the lower middle one for the median of an even count)."""
+    xs = sorted(v for v in values if v is not None and math.isfinite(v))
+    return xs[int(q * (len(xs) - 1))] if xs else None
+
+
 def format_table(s: Summary) -> str:
     """The end-of-run table: per-client and unseen-domain accuracy (%), selected and final round, and
     zero-shot CLIP on the same splits where the run evaluated it (the left column group)."""
     sel, fin, zs = s.selected, s.final, s.zero_shot
     if fin is None:
         return "no round was evaluated"
-    name_w = max([len(n) for n in s.clients + s.unseen] + [len("mean (unseen)")]) + 2
+    shown = s.clients if len(s.clients) <= MAX_CLIENT_ROWS else [f"median ({len(s.clients)} clients)"]
+    name_w = max([len(n) for n in shown + s.unseen] + [len("mean (unseen)")]) + 2
     groups = ([("zero-shot", zs)] if zs is not None else []) + \
         [(f"selected round {sel.round}" if sel else "", sel), (f"final round {fin.round}", fin)]
     gap = " " * 8
@@ -298,9 +309,15 @@ def format_table(s: Summary) -> str:
     head = f"{'':{name_w}}  " + gap.join(f"{title:>17}" for title, _ in groups)
     sub = row("domain", [("val", "test")] * len(groups))
     lines = [head, sub, "-" * len(sub)]
-    for c in s.clients:
-        lines.append(row(c, [(_pct(m.client_val_acc.get(c) if m else None),
-                              _pct(m.client_test_acc.get(c) if m else None)) for _, m in groups]))
+    if len(s.clients) <= MAX_CLIENT_ROWS:
+        for c in s.clients:
+            lines.append(row(c, [(_pct(m.client_val_acc.get(c) if m else None),
+                                  _pct(m.client_test_acc.get(c) if m else None)) for _, m in groups]))
+    else:  # thousands of clients: their spread, each column on its own (metrics.csv has every client)
+        for label, q in (("min", 0.0), ("median", 0.5), ("max", 1.0)):
+            lines.append(row(f"{label} ({len(s.clients)} clients)",
+                             [(_pct(_quantile(m.client_val_acc.values(), q) if m else None),
+                               _pct(_quantile(m.client_test_acc.values(), q) if m else None)) for _, m in groups]))
     lines.append(row("mean (clients)", [(_pct(m.mean_client_val_acc if m else None),
                                          _pct(m.mean_client_test_acc if m else None)) for _, m in groups]))
     if s.unseen:
