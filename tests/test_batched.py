@@ -147,11 +147,12 @@ def test_evaluation_side_by_side_equals_the_clients_step(setup):
 
 # -- whole runs ------------------------------------------------------------------------------------------
 
-# The golden cases the side-by-side path serves: both losses, kept Adam state, sample weights, half the clients,
-# FedProx's term, local training, personalisation, a bottleneck adapter, heterogeneous epochs and stragglers,
-# DP on the clients.
-SIDE_BY_SIDE = ("fedclip", "fedclip_prototype", "fedclip_keep", "fedclip_samples", "fedclip_half", "fedprox_adapter",
-                "local", "local_keep", "fedclip_ft", "fedclip_hidden8", "server_adam_unreliable", "dp_client_target")
+# Every golden case the side-by-side path serves: both losses, kept Adam state, sample weights, half the clients,
+# FedAvg and FedProx's term on the adapter, local training, personalisation, a bottleneck adapter, heterogeneous
+# epochs with stragglers and dropouts, attacks with robust rules, DP on the server and on the clients.
+SIDE_BY_SIDE = ("fedclip", "fedclip_prototype", "fedclip_keep", "fedclip_samples", "fedclip_half", "fedavg_adapter",
+                "fedprox_adapter", "local", "local_keep", "fedclip_ft", "fedclip_hidden8", "server_adam_unreliable",
+                "trimmed_mean_gaussian_attack", "krum_sign_flip", "dp_server_momentum", "dp_client_target")
 
 
 @pytest.mark.parametrize("name", SIDE_BY_SIDE)
