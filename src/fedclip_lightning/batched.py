@@ -53,13 +53,32 @@ class AdapterLayout:
         return (rows[:, :o1].view(g, h, d), rows[:, o1:o2], rows[:, o2:o3].view(g, d, h), rows[:, o3:])
 
 
+def bmm(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` (plus ``add``) per row, ``[G, n, k] @ [G, k, m]``, by the batched kernel for every ``G``: a
+    batch of one is computed as the first of two (torch's CPU ``bmm`` gives a batch of one to another kernel,
+    whose last bits differ for some sizes), so a row's result does not depend on how many rows share the
+    product."""
+    one = a.shape[0] == 1
+    if one:
+        a, b = a.expand(2, -1, -1), b.expand(2, -1, -1)
+        add = None if add is None else add.expand(2, -1, -1)
+    out = torch.bmm(a, b) if add is None else torch.baddbmm(add, a, b)
+    return out[:1] if one else out
+
+
+def class_logits(f: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``f [G,n,d] @ text^T`` as one product per row (``matmul`` would fold the rows into one matrix whose
+    blocking follows ``G``)."""
+    return bmm(f, text.T.expand(f.shape[0], -1, -1))
+
+
 def adapter_features(parts, x: torch.Tensor):
     """``normalize(softmax(W2 tanh(W1 x + b1) + b2) * x)`` of each row's adapter ``parts = (W1 [G,h,d], b1 [G,h],
     W2 [G,d,h], b2 [G,d])`` on its own ``x [G,b,d]`` (``x`` may be expanded over the rows: one set of images,
     every adapter). Returns the features and what the backward needs."""
     w1, b1, w2, b2 = parts
-    h = torch.tanh(torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2)))
-    a = torch.softmax(torch.baddbmm(b2.unsqueeze(1), h, w2.transpose(1, 2)), dim=-1)
+    h = torch.tanh(bmm(x, w1.transpose(1, 2), b1.unsqueeze(1)))
+    a = torch.softmax(bmm(h, w2.transpose(1, 2), b2.unsqueeze(1)), dim=-1)
     u = a * x
     n = u.norm(dim=-1, keepdim=True).clamp_min_(_NORMALIZE_EPS)
     return u / n, (h, a, n)
@@ -73,8 +92,8 @@ def adapter_backward(parts, x: torch.Tensor, f: torch.Tensor, saved, grad_f: tor
     du = (grad_f - f * (f * grad_f).sum(-1, keepdim=True)).div_(n)
     da = du.mul_(x)
     dz2 = a * (da - (a * da).sum(-1, keepdim=True))
-    dz1 = torch.bmm(dz2, w2).mul_(1 - h * h)
-    return [torch.bmm(dz1.transpose(1, 2), x), dz1.sum(1), torch.bmm(dz2.transpose(1, 2), h), dz2.sum(1)]
+    dz1 = bmm(dz2, w2).mul_(1 - h * h)
+    return [bmm(dz1.transpose(1, 2), x), dz1.sum(1), bmm(dz2.transpose(1, 2), h), dz2.sum(1)]
 
 
 def loss_and_grad(kind: str, scale: float, f: torch.Tensor, text: torch.Tensor,
@@ -85,29 +104,28 @@ def loss_and_grad(kind: str, scale: float, f: torch.Tensor, text: torch.Tensor,
     b = y.shape[1]
     if kind == "contrastive":
         t = text[y]
-        logits = scale * torch.bmm(f, t.transpose(1, 2))
+        logits = scale * bmm(f, t.transpose(1, 2))
         rows, cols = logits.log_softmax(dim=2), logits.log_softmax(dim=1)
         loss = -(rows.diagonal(dim1=1, dim2=2).mean(1) + cols.diagonal(dim1=1, dim2=2).mean(1)) / 2
         g = rows.exp_().add_(cols.exp_())
         g.diagonal(dim1=1, dim2=2).sub_(2.0)
-        return loss, torch.bmm(g, t).mul_(scale / (2 * b))
+        return loss, bmm(g, t).mul_(scale / (2 * b))
     if kind == "prototype":
-        logits = scale * torch.matmul(f, text.T)
+        logits = scale * class_logits(f, text)
         logp = logits.log_softmax(dim=-1)
         loss = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1).mean(1)
         g = logp.exp_()
         g.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(y, -1, dtype=g.dtype).unsqueeze(-1))
-        return loss, torch.matmul(g, text).mul_(scale / b)
+        return loss, bmm(g, text.expand(g.shape[0], -1, -1)).mul_(scale / b)
     raise ValueError(f"unknown loss {kind!r}")
 
 
 class RowAdam:
     """``torch.optim.Adam``'s update (coupled L2 weight decay, no amsgrad) on tensors whose first dimension is
-    the clients side by side. Rows that share their step count and learning rate (every row, when the state
-    is reset each round) take one call of torch's own Adam (``torch.optim.adam.adam``: fused where the device
-    has the fused kernel, as ``optim.make_adam`` chooses), elementwise, so a row's bits do not depend on the
-    others; rows with their own counts (kept states of clients that trained in different rounds) take the
-    same formula written out, each row with its own bias corrections."""
+    the clients side by side: torch's own Adam (``torch.optim.adam.adam``, fused where the device has the
+    fused kernel, as ``optim.make_adam`` chooses) over the rows that share a step count and learning rate
+    (every row, when the state is reset each round). Elementwise, so a row's bits do not depend on the
+    others."""
 
     def __init__(self, betas: Sequence[float], eps: float, weight_decay: float):
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
@@ -115,32 +133,32 @@ class RowAdam:
 
     def step(self, params: list[torch.Tensor], grads: list[torch.Tensor], ms: list[torch.Tensor],
              vs: list[torch.Tensor], count: torch.Tensor, lr: torch.Tensor) -> None:
-        """One update, in place, of ``params`` (gradients ``grads``, overwritten; moments ``ms``, ``vs``);
-        ``count`` ``[G]`` float64: each row's step counter *before* this step; ``lr`` ``[G]`` float64."""
-        c0, l0 = float(count[0]), float(lr[0])
-        if bool((count == c0).all()) and bool((lr == l0).all()):
-            from torch.optim.adam import adam
-
-            from .optim import _fused_supported
-
-            fused = _fused_supported(params[0].device, params[0].dtype)
-            steps = [torch.tensor(c0, dtype=torch.float32, device=p.device if fused else "cpu") for p in params]
-            adam(params, grads, ms, vs, [], steps, foreach=False, fused=fused, capturable=False,
-                 differentiable=False, grad_scale=None, found_inf=None, has_complex=False, amsgrad=False,
-                 beta1=self.beta1, beta2=self.beta2, lr=l0, weight_decay=self.weight_decay, eps=self.eps,
-                 maximize=False)
+        """One update, in place, of ``params`` (gradients ``grads``; moments ``ms``, ``vs``); ``count``
+        ``[G]`` float64: each row's step counter *before* this step; ``lr`` ``[G]`` float64. Rows that share
+        their counter and learning rate take one call of torch's Adam; each other set of rows, its own."""
+        keys = torch.stack([count, lr], dim=1)
+        if bool((keys == keys[0]).all()):
+            self._adam(params, grads, ms, vs, float(count[0]), float(lr[0]))
             return
-        step = count + 1
-        bias1 = 1 - self.beta1 ** step
-        bias2_sqrt = (1 - self.beta2 ** step).sqrt()
-        for p, g, m, v in zip(params, grads, ms, vs):
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            if self.weight_decay != 0:
-                g.add_(p, alpha=self.weight_decay)
-            m.lerp_(g, 1 - self.beta1)
-            v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-            denom = v.sqrt().div_(bias2_sqrt.to(p.dtype).view(shape)).add_(self.eps)
-            p.sub_(m.div(denom).mul_((lr / bias1).to(p.dtype).view(shape)))
+        uniq, which = torch.unique(keys, dim=0, return_inverse=True)
+        for u in range(len(uniq)):
+            idx = (which == u).nonzero().flatten()
+            sub = [[t.index_select(0, idx) for t in ts] for ts in (params, grads, ms, vs)]
+            self._adam(*sub, float(uniq[u, 0]), float(uniq[u, 1]))
+            for dst, src in zip((params, ms, vs), (sub[0], sub[2], sub[3])):
+                for t, part in zip(dst, src):
+                    t.index_copy_(0, idx, part)
+
+    def _adam(self, params, grads, ms, vs, count: float, lr: float) -> None:
+        from torch.optim.adam import adam
+
+        from .optim import _fused_supported
+
+        fused = _fused_supported(params[0].device, params[0].dtype)
+        steps = [torch.tensor(count, dtype=torch.float32, device=p.device if fused else "cpu") for p in params]
+        adam(params, grads, ms, vs, [], steps, foreach=False, fused=fused, capturable=False, differentiable=False,
+             grad_scale=None, found_inf=None, has_complex=False, amsgrad=False, beta1=self.beta1,
+             beta2=self.beta2, lr=lr, weight_decay=self.weight_decay, eps=self.eps, maximize=False)
 
 
 @dataclass
@@ -236,7 +254,7 @@ def fit_side_by_side(fits: list[ClientFit], layout: AdapterLayout, loss: str, sc
                     prox_sum += (diff * diff).reshape(len(ids), -1).sum(1)
                     g.add_(diff.mul_(mu.view((-1,) + (1,) * (t.dim() - 1))))
                 batch_loss = batch_loss + (mu / 2) * prox_sum
-            hits = (torch.matmul(feats, text.T).argmax(dim=-1) == y).sum(1)
+            hits = (class_logits(feats, text).argmax(dim=-1) == y).sum(1)
             mm, vv = rows(m), rows(v)
             adam.step(p, grads, mm, vv, count.index_select(0, idx), lr.index_select(0, idx))
             count.index_add_(0, idx, torch.ones(len(ids), dtype=torch.float64, device=device))
@@ -254,74 +272,37 @@ def fit_side_by_side(fits: list[ClientFit], layout: AdapterLayout, loss: str, sc
 # -- evaluation --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate_side_by_side(rows: torch.Tensor | None, layout: AdapterLayout | None, sets: list[tuple[int, torch.Tensor, torch.Tensor]],
-                          scale: float, text: torch.Tensor, device: torch.device,
-                          budget: int = 1 << 24) -> list[tuple[int, float, int]]:
-    """``(correct, summed cross-entropy, n)`` of each evaluation set ``(row, features [n,d], labels [n])``:
-    scored by the adapter in row ``row`` of ``rows`` (``rows`` None: zero-shot, the features as they are),
-    with the loss and prediction of ``CLIPClient.validation_step``. Sets scored by the same row go through
-    one product; sets of different rows, through batched products of sets of about the same size (padded
-    to the longest of their group, the padding masked out). ``budget``: values per product."""
+def evaluate_side_by_side(rows: torch.Tensor | None, layout: AdapterLayout | None,
+                          sets: list[tuple[int | None, torch.Tensor, torch.Tensor]], scale: float, text: torch.Tensor,
+                          device: torch.device, budget: int = 1 << 24) -> list[tuple[int, float, int]]:
+    """``(correct, summed cross-entropy, n)`` of each evaluation set ``(row, features [n,d], labels [n])``,
+    scored by the adapter in row ``row`` of ``rows`` (``row`` None: the frozen model, the features as they
+    are) with the loss and prediction of ``CLIPClient.validation_step``. The sets of one length go through
+    one batched product (as many as ``budget`` values hold), each set on its own adapter: nothing padded,
+    and a set's result does not depend on the others."""
     text = text.to(device=device, dtype=torch.float32)
-    out: list[tuple[int, float, int] | None] = [None] * len(sets)
-    if rows is None or rows.shape[0] == 1:
-        # One model for every set: the sets concatenated, scored in pieces of the budget.
-        sizes = [int(y.numel()) for _, _, y in sets]
-        x = torch.cat([xs for _, xs, _ in sets]) if sets else torch.empty(0)
-        y = torch.cat([ys for _, _, ys in sets]) if sets else torch.empty(0, dtype=torch.long)
-        per = max(1, budget // (int(x.shape[-1]) + (layout.h if layout else 0) + int(text.shape[0])))
-        losses, hits = [], []
-        for i in range(0, len(y), per):
-            xb = x[i : i + per].to(device=device, dtype=torch.float32)
-            yb = y[i : i + per].to(device)
-            lo, hi = _score(None if rows is None else rows[:1].to(device), layout, xb.unsqueeze(0), yb.unsqueeze(0),
-                            scale, text)
-            losses.append(lo[0].double())
-            hits.append(hi[0])
-        loss = torch.cat(losses) if losses else torch.empty(0, dtype=torch.float64)
-        hit = torch.cat(hits) if hits else torch.empty(0, dtype=torch.bool)
-        start = 0
-        for j, n in enumerate(sizes):
-            out[j] = (int(hit[start : start + n].sum()), float(loss[start : start + n].sum()), n)
-            start += n
-        return out  # type: ignore[return-value]
-    order = sorted(range(len(sets)), key=lambda j: int(sets[j][2].numel()))
-    j = 0
-    while j < len(order):
-        longest = max(1, int(sets[order[j]][2].numel()))
-        # As many sets as the budget holds at the length of the longest (the last of the sorted group).
-        group = [order[j]]
-        while j + len(group) < len(order):
-            nxt = order[j + len(group)]
-            longest = max(1, int(sets[nxt][2].numel()))
-            if (len(group) + 1) * longest * (layout.h + layout.d + text.shape[0]) > budget:
-                break
-            group.append(nxt)
-        longest = max(1, max(int(sets[i][2].numel()) for i in group))
-        x = torch.zeros(len(group), longest, layout.d, device=device)
-        y = torch.zeros(len(group), longest, dtype=torch.long, device=device)
-        mask = torch.zeros(len(group), longest, dtype=torch.bool, device=device)
-        for g, i in enumerate(group):
-            n = int(sets[i][2].numel())
-            x[g, :n] = sets[i][1].to(device=device, dtype=torch.float32)
-            y[g, :n] = sets[i][2].to(device)
-            mask[g, :n] = True
-        idx = torch.tensor([sets[i][0] for i in group], device=rows.device)
-        lo, hi = _score(rows.index_select(0, idx).to(device), layout, x, y, scale, text)
-        lo = lo.double().masked_fill_(~mask, 0).sum(1)
-        hi = (hi & mask).sum(1)
-        for g, i in enumerate(group):
-            out[i] = (int(hi[g]), float(lo[g]), int(sets[i][2].numel()))
-        j += len(group)
-    return out  # type: ignore[return-value]
-
-
-def _score(rows, layout, x, y, scale, text):
-    """Per image: cross-entropy of ``scale * f @ text^T`` against its label, and whether its argmax is it."""
-    if rows is None:
-        f = F.normalize(x, dim=-1)
-    else:
-        f = adapter_features(layout.views(rows), x)[0]
-    logits = scale * torch.matmul(f, text.T)
-    loss = -logits.log_softmax(dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    return loss, logits.argmax(dim=-1) == y
+    out: list[tuple[int, float, int]] = [(0, 0.0, 0)] * len(sets)
+    groups: dict[tuple[bool, int], list[int]] = {}
+    for j, (r, _, y) in enumerate(sets):
+        if y.numel():
+            groups.setdefault((r is None, int(y.numel())), []).append(j)
+    width = 0 if rows is None else rows.shape[1]
+    for (frozen, n), ids in groups.items():
+        d = sets[ids[0]][1].shape[-1]
+        per = max(1, budget // (n * (2 * d + (0 if layout is None else layout.h) + text.shape[0]) + width))
+        for i in range(0, len(ids), per):
+            part = ids[i : i + per]
+            x = torch.stack([sets[j][1] for j in part]).to(device=device, dtype=torch.float32)
+            y = torch.stack([sets[j][2] for j in part]).to(device)
+            if frozen:
+                f = F.normalize(x, dim=-1)
+            else:
+                idx = torch.tensor([sets[j][0] for j in part], device=rows.device)
+                f = adapter_features(layout.views(rows.index_select(0, idx).to(device)), x)[0]
+            logits = scale * class_logits(f, text)
+            loss = -logits.log_softmax(dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            hits = (logits.argmax(dim=-1) == y).sum(1).tolist()
+            sums = loss.double().sum(1).tolist()
+            for j, c, lo in zip(part, hits, sums):
+                out[j] = (c, lo, n)
+    return out

@@ -46,6 +46,7 @@ import torch
 from ..client import AdapterClient, CLIPClient
 from ..config import LOSSES, OPTIMIZER_STATES, AlgorithmConfig, Config
 from ..data.partition import stable_seed
+from ..data.pipeline import FeatureDataset
 from ..errors import Problems
 from ..fit_plan import FitPlan
 from ..training import SplitResult, evaluate, local_fit, park
@@ -334,14 +335,15 @@ class CLIPAlgorithm(Algorithm):
         ``self.batched``, the adapter's row layout where the clients train side by side (else None, and
         ``self.one_at_a_time`` says why), and ``self.side_by_side_eval`` (evaluation, with ``self.layout``)."""
         from ..algorithms.registry import uses_feature_cache
-        from ..batched import AdapterLayout, RowAdam
+        from ..batched import ADAPTER_KEYS, AdapterLayout, RowAdam
 
         mode = self.cfg.federation.client_batching
         eval_why = why = None
         if mode == "off":
             eval_why = "federation.client_batching=off"
-        elif head is not None and type(head) is not AttentionAdapter:
-            eval_why = f"algorithm={self.name} trains {self.what_trains(self.config)}, not the attention adapter"
+        elif head is not None and (type(head) is not AttentionAdapter or tuple(self.template) != ADAPTER_KEYS):
+            eval_why = (f"algorithm={self.name} trains {self.what_trains(self.config)}, not the attention adapter's "
+                        "four tensors")
         elif not uses_feature_cache(self.cfg):
             eval_why = "the encoder runs in every step (no cached features)"
         if eval_why is None and head is not None:
@@ -385,7 +387,7 @@ class CLIPAlgorithm(Algorithm):
                  server_round: int) -> dict[int, ClientResult]:
         """The round's local fits: side by side where ``federation.client_batching`` allows it (the adapter
         rows of a chunk of clients in batched products, ``batched.fit_side_by_side``), else one at a time."""
-        if self.batched is None:
+        if not self.fits_side_by_side(parts):
             return super().fit_many(clients, parts, server_round)
         replies = {}
         for chunk in self._chunks(parts):
@@ -403,6 +405,12 @@ class CLIPAlgorithm(Algorithm):
                 replies[p.index] = ClientResult(_train_result(outcome, j), _row_getter(outcome.rows, j),
                                                 len(loader.dataset))
         return replies
+
+    def fits_side_by_side(self, parts: list[Participant]) -> bool:
+        """Whether these clients' local fits run side by side: the algorithm allows it and their training
+        data are cached features."""
+        return self.batched is not None and all(isinstance(self.ctx.datasets[(p.index, "train")], FeatureDataset)
+                                                for p in parts)
 
     def _chunks(self, parts: list[Participant]) -> list[list[Participant]]:
         """The clients in chunks whose rows (adapter, gradient, two moments, the proximal anchor) fit in about
@@ -567,7 +575,8 @@ class CLIPAlgorithm(Algorithm):
                 for model, split in pairs:
                     models.setdefault(id(model), model)
                     jobs[(id(model), p.index, split)] = p
-        if self.side_by_side_eval:
+        if self.side_by_side_eval and all(isinstance(self.ctx.eval_loaders[(i, split)].dataset, FeatureDataset)
+                                          for _, i, split in jobs):
             results = self._evaluate_side_by_side(models, list(jobs))
         else:
             results = {}
@@ -594,18 +603,15 @@ class CLIPAlgorithm(Algorithm):
         """Every ``(model, participant, split)`` job in batched products: ``{job: SplitResult}``."""
         from ..batched import evaluate_side_by_side
 
-        keys = list(models)
-        trained = [k for k in keys if models[k] is not None]
-        if trained and len(trained) < len(keys):
-            raise RuntimeError("side-by-side evaluation of trained and untrained models together")
-        rows = None
-        if trained:
-            rows = torch.stack([m if isinstance(m, torch.Tensor) else flatten(m) for m in (models[k] for k in keys)])
-        row_of = {k: i for i, k in enumerate(keys)}
+        # A model with no tensors (None, or an empty state: nothing trains) is the frozen model as it is.
+        trained = [k for k, m in models.items() if m is not None and len(m) > 0]
+        row_of = {k: i for i, k in enumerate(trained)}
+        rows = torch.stack([m if isinstance(m, torch.Tensor) else flatten(m) for m in (models[k] for k in trained)]) \
+            if trained else None
         sets = []
         for m, i, split in jobs:
             ds = self.ctx.eval_loaders[(i, split)].dataset
-            sets.append((row_of[m], ds.features, ds.labels))
+            sets.append((row_of.get(m), ds.features, ds.labels))
         scored = evaluate_side_by_side(rows, self.layout, sets, float(self.ctx.backbone.logit_scale), self.text,
                                        self.ctx.device)
         # The accuracy as torchmetrics computes it (float32 correct / total), for every job in one division.

@@ -37,7 +37,7 @@ class Personalized:
     def personalize(self, server_round: int, clients: dict) -> None:
         self.personal = {}
         mine = self.ctx.my_clients
-        if self.batched is not None:  # side by side: every client's fine-tuning in batched products
+        if self.fits_side_by_side(mine):  # side by side: every client's fine-tuning in batched products
             start = self._start_row(self.global_state)
             for chunk in self._chunks(mine):
                 loaders = [self.ctx.train_loader(p, "personal", server_round) for p in chunk]
