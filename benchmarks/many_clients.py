@@ -2,10 +2,10 @@
 (``federation.client_batching=auto``: the clients' adapters in batched products) and one at a time
 (``off``), for 3 to 10,000 clients.
 
-The images are the same for every size: the synthetic demo set drawn large enough that 10,000 clients each
-get at least 2 training images (``data.synthetic_per_class=2500``: 3 styles x 5 shapes x 2,500, 60% of
-them, 22,500, for training), split IID among the clients, the demo's small CLIP (64-d features, an adapter
-of 8,320 values). Each run is a fresh process, after a run of the same size that fills the feature cache
+The images are the same for every size: the demo's three client styles drawn large enough that 10,000
+clients each get at least 2 training images (``data.synthetic_per_class=3500``: 3 styles x 5 shapes x
+3,500 = 52,500 images, 5 or 6 a client at 10,000, 3 of them for training), split IID among the clients, no
+unseen domain, the demo's small CLIP (64-d features, an adapter of 8,320 values). Each run is a fresh process, after a run of the same size that fills the feature cache
 (one file per client, so each size encodes once: a measured run that encoded images would count the encoder
 pass), ``federation.rounds`` rounds evaluated at the end only.
 
@@ -37,12 +37,14 @@ print("RESULT " + json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SE
     "rounds": s["rounds_run"], "total": s["round_seconds_total"], "phases": s["phase_seconds"],
     "setup": s["setup_seconds"], "adapter_bytes": s["bytes_per_client_per_round"],
     "encoded": s["features"].get("encoded_images", 0), "clients": len(s["clients"]),
-    "training": s["client_training"], "test": s["final"]["mean_client_test_acc"]}))
+    "training": s["client_training"], "test": s["final"]["mean_client_test_acc"],
+    "min_train": min(v["train"] for v in s["num_samples"].values() if "train" in v)}))
 """
 
 
 def run(n: int, mode: str, rounds: int, args, out: Path, env: dict) -> dict:
-    ov = [f"data.synthetic_per_class={args.per_class}", "data.partition.scheme=iid",
+    ov = [f"data.synthetic_per_class={args.per_class}", "data.check_images=false", "data.domains=[sketch,chalk,neon]",
+          "data.unseen=[]", "data.partition.scheme=iid",
           f"data.partition.num_clients={n}", "data.partition.min_size=2", f"federation.rounds={rounds}",
           f"federation.eval_interval={rounds}", "federation.zero_shot_baseline=false", "logger=none",
           "progress=false", f"federation.client_batching={mode}", f"output_dir={out}", f"run_name=n{n}-{mode}"]
@@ -59,7 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[3, 30, 300, 3000, 10000])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--per-class", type=int, default=2500)
+    ap.add_argument("--per-class", type=int, default=3500)
     ap.add_argument("--modes", nargs="+", default=["auto", "off"], choices=["auto", "off"])
     args = ap.parse_args()
     out = Path(tempfile.mkdtemp(prefix="fedclip-many-"))
@@ -70,6 +72,7 @@ def main() -> None:
         for mode in args.modes:
             r = rows[(n, mode)] = run(n, mode, args.rounds, args, out, env)
             assert r["encoded"] == 0, "a measured run encoded images: its peak is not the rounds'"
+            assert r["min_train"] >= 2, f"{n} clients: a client has {r['min_train']} training image(s)"
             assert (r["training"] == "side by side") == (mode == "auto"), r["training"]
             print(f"{n:>6} clients {('side by side' if mode == 'auto' else 'one at a time'):>13}: "
                   f"round {r['round_s']:7.3f} s, evaluation {r['phases']['evaluate']:6.2f} s, "

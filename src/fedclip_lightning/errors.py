@@ -14,6 +14,13 @@ import sys
 from collections.abc import Callable, Iterable
 
 
+def named(names: Iterable[str], limit: int = 8) -> str:
+    """Names for a message, at most ``limit`` of them: ``a, b, c and 9,997 more``."""
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit:,} more"
+
+
 class UserError(Exception):
     """One or more problems with the user's input.
 

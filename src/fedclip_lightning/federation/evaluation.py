@@ -9,7 +9,7 @@ import torch
 
 import math
 
-from ..errors import DivergedError
+from ..errors import DivergedError, named
 from ..training import SplitResult
 from ..report import RoundMetrics
 from ..aggregation.rows import gather_rows
@@ -94,7 +94,7 @@ def assemble(server_round: int, parts, table: torch.Tensor) -> tuple[RoundMetric
             logd[f"unseen/{p.name}/acc"] = te.accuracy
             logd[f"unseen/{p.name}/loss"] = te.loss
     if bad:
-        raise DivergedError(f"round {server_round}: the loss is not finite (NaN or inf) for {', '.join(bad)}: "
+        raise DivergedError(f"round {server_round}: the loss is not finite (NaN or inf) for {named(bad)}: "
                             "the model "
                             "diverged, and its accuracies are not results. The run stopped (summary.json: "
                             "failed). Fix: lower algorithm.lr, or the server-side settings that scale the "

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .. import numerics
 from ..config import Config
+from ..errors import named
 from ..loggers import wandb_mode
 from .tracking import WandbTracking, wandb_logger
 from ..files import atomic_save, atomic_write_text
@@ -197,7 +198,12 @@ def print_header(cfg: Config, s: Summary, run_dir: Path, random_init: bool, fabr
     print(f"fedclip-lightning: {s.algorithm} on {s.dataset} ({s.data_root})")
     print(f"  backbone {s.backbone['name']} ({'random init' if random_init else s.backbone['weights_file'] or s.backbone['name']}),"
           f" {s.trainable_params:,} trainable parameters, {s.bytes_per_client_per_round:,} bytes per client per round")
-    listed = ", ".join(f"{c} ({s.num_samples[c]['train']} train)" for c in s.clients)
+    if len(s.clients) <= 12:
+        listed = ", ".join(f"{c} ({s.num_samples[c]['train']} train)" for c in s.clients)
+    else:
+        train = sorted(s.num_samples[c]["train"] for c in s.clients)
+        listed = (f"{len(s.clients):,} ({named(s.clients, 3)}), {sum(train):,} training images, "
+                  f"{train[0]} to {train[-1]} a client")
     print(f"  clients: {listed}")
     print(f"  unseen:  {', '.join(s.unseen) or '-'}")
     shown = ", ".join(s.classes[:12]) + (f", ... ({len(s.classes) - 12} more: summary.json)" if len(s.classes) > 12 else "")

@@ -25,7 +25,7 @@ import torch
 from ..algorithms import registry
 from ..checkpoint import CheckpointWriter, write_checkpoint
 from ..configure import algorithm_config
-from ..errors import DivergedError
+from ..errors import DivergedError, named
 from ..data.partition import sample_clients, stable_seed
 from ..training import SplitResult
 from ..report import ModelSelection, RoundMetrics, Summary
@@ -95,9 +95,12 @@ class Server:
         if len(arrived) < len(active):
             self.unreliable["dropped_total"] += len(active) - len(arrived)
             lost = [self.ctx.parts[i].name for i in active if i not in arrived]
-            self.outputs.warn(f"round {server_round}: no reply from client(s) {', '.join(lost)}: counted as "
+            self.outputs.warn(f"round {server_round}: no reply from client(s) {named(lost)}: counted as "
                               "dropped out; the round aggregates the others.")
-        self._stop_if_diverged(server_round, [i for i, r in results.items() if not math.isfinite(r.train.loss)], "loss")
+        # A client that took no step (its images fewer than two: batches of one are skipped) has no loss, not a
+        # diverged one.
+        self._stop_if_diverged(server_round, [i for i, r in results.items()
+                                              if r.train.n > 0 and not math.isfinite(r.train.loss)], "loss")
         self.phase_seconds["fit"] += time.perf_counter() - t
         return results, arrived
 
@@ -110,7 +113,7 @@ class Server:
         if flags.any():
             names = [self.ctx.parts[i].name for i in flags.nonzero().flatten().tolist()]
             raise DivergedError(
-                f"round {server_round}: the local training {what} of client(s) {', '.join(names)} is not finite "
+                f"round {server_round}: the local training {what} of client(s) {named(names)} is not finite "
                 f"(NaN or inf): "
                 f"training diverged, and its accuracies would not be results. The run stopped (summary.json: "
                 f"failed). Fix: lower algorithm.lr (now {self.cfg.algorithm.lr:g}).")
