@@ -184,3 +184,28 @@ def test_where_side_by_side_cannot_apply(tmp_path, capsys):
     assert out.count("WARNING: clients train one at a time, not side by side: algorithm=promptfl trains") == 1
     with pytest.raises(ConfigError, match="client_batching=on: .*cannot train side by side.*Fix"):
         run_one_process("fedavg", tmp_path / "on", ("federation.client_batching=on",))
+
+
+def test_many_small_clients_run_side_by_side_and_one_too_small_to_step_is_no_divergence(tmp_path, capsys):
+    """All of PACS_mini split IID among 13 clients: most hold a single training image (a batch of one is skipped, as
+    the reference skips it), so they take no step. The run finishes (no step is no divergence), side by side
+    and one at a time alike, with the same accuracies; the header counts the clients instead of listing 13."""
+    from golden import COMMON
+
+    from fedclip_lightning.configure import load_config
+    from fedclip_lightning.federation.orchestrator import run
+
+    out = {}
+    for mode in ("on", "off"):
+        out[mode] = run(load_config([*COMMON, "algorithm=fedclip", "data.partition.scheme=iid",
+                                     "data.partition.num_clients=13", "data.partition.min_size=3", "data.unseen=[]",
+                                     f"federation.client_batching={mode}", f"output_dir={tmp_path}",
+                                     f"run_name={mode}", f"features.dir={tmp_path / 'features'}"]))
+    on, off = out["on"], out["off"]
+    train = [v["train"] for v in on["num_samples"].values()]
+    assert min(train) == 1 and max(train) >= 2
+    assert on["status"] == off["status"] == "finished" and on["client_training"] == "side by side"
+    assert on["final"]["client_test_acc"] == off["final"]["client_test_acc"]
+    printed = capsys.readouterr().out
+    assert "clients: 13 (client00, client01, client02 and 10 more)" in printed
+    assert "min (13 clients)" in printed
