@@ -209,3 +209,22 @@ def test_many_small_clients_run_side_by_side_and_one_too_small_to_step_is_no_div
     printed = capsys.readouterr().out
     assert "clients: 13 (client00, client01, client02 and 10 more)" in printed
     assert "min (13 clients)" in printed
+
+
+@pytest.mark.parametrize("n,batch", [(1, 4), (7, 4), (8, 4), (37, 32), (3, 32)])
+def test_feature_batches_are_the_loaders(n, batch):
+    """Side by side reads a client's shuffled batches without a DataLoader: the same batches, epoch after epoch,
+    as the loader ``make_loader`` builds (its RandomSampler draws once more as each epoch ends)."""
+    from fedclip_lightning.data.pipeline import FeatureBatches, FeatureDataset, make_loader
+    from fedclip_lightning.training import batches
+
+    ds = FeatureDataset(torch.randn(n, 3), torch.arange(n))
+    seed = (0, "train", 4, "client07")
+    loader = make_loader(ds, batch, num_workers=0, shuffle_seed=seed)
+    direct = FeatureBatches(ds, batch, seed)
+    assert len(direct) == len(loader)
+    for _ in range(3):
+        want, got = list(batches(loader)), list(direct)
+        assert len(want) == len(got)
+        for (wx, wy), (gx, gy) in zip(want, got):
+            assert torch.equal(wx, gx) and torch.equal(wy, gy)

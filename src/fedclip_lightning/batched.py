@@ -179,8 +179,8 @@ class FitOutcome:
     number of steps, images seen, correct predictions and summed batch loss."""
 
     rows: torch.Tensor
-    m: torch.Tensor
-    v: torch.Tensor
+    m: torch.Tensor | None
+    v: torch.Tensor | None
     steps: torch.Tensor  # float64: Adam's step counters after the fit
     batches: list[int]
     seen: list[int]
@@ -198,10 +198,11 @@ def _join(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def fit_side_by_side(fits: list[ClientFit], layout: AdapterLayout, loss: str, scale: float, text: torch.Tensor,
-                     adam: RowAdam, device: torch.device) -> FitOutcome:
+                     adam: RowAdam, device: torch.device, moments: bool = True) -> FitOutcome:
     """Train every client of ``fits`` on its own batches, side by side: at each step, the clients that take a
     step of the same batch size go through one batched forward, backward and Adam update. The adapters, their
-    gradients and moments live as the adapter's four tensors stacked over the clients."""
+    gradients and moments live as the adapter's four tensors stacked over the clients. ``moments=False``: the
+    outcome leaves Adam's moments out (``m``, ``v`` None: a state reset each round is not kept)."""
     k = len(fits)
     start = torch.stack([f.start for f in fits]).to(device=device, dtype=torch.float32)
     w = _split(start, layout)
@@ -264,7 +265,7 @@ def fit_side_by_side(fits: list[ClientFit], layout: AdapterLayout, loss: str, sc
                         t.index_copy_(0, idx, part)
             loss_sum.index_add_(0, idx, batch_loss.to(torch.float64))
             correct.index_add_(0, idx, hits)
-    return FitOutcome(rows=_join(w), m=_join(m), v=_join(v), steps=count, batches=[len(f.steps) for f in fits],
+    return FitOutcome(rows=_join(w), m=_join(m) if moments else None, v=_join(v) if moments else None, steps=count, batches=[len(f.steps) for f in fits],
                       seen=[sum(int(yb.numel()) for _, yb in f.steps) for f in fits],
                       correct=correct.tolist(), loss_sum=loss_sum.tolist())
 

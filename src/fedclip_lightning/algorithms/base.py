@@ -46,7 +46,7 @@ import torch
 from ..client import AdapterClient, CLIPClient
 from ..config import LOSSES, OPTIMIZER_STATES, AlgorithmConfig, Config
 from ..data.partition import stable_seed
-from ..data.pipeline import FeatureDataset
+from ..data.pipeline import FeatureBatches, FeatureDataset
 from ..errors import Problems
 from ..fit_plan import FitPlan
 from ..training import SplitResult, evaluate, local_fit, park
@@ -118,6 +118,11 @@ class RunContext:
         """Client ``p``'s training split, shuffled by (seed, tag, round, client) alone."""
         return self.loader(self.datasets[(p.index, "train")], self.cfg.data.batch_size,
                            shuffle_seed=(self.cfg.seed, tag, server_round, p.name))
+
+    def train_batches(self, p: Participant, tag: str, server_round: int) -> FeatureBatches:
+        """``train_loader``'s batches of a cached-feature split, without a DataLoader (side by side)."""
+        return FeatureBatches(self.datasets[(p.index, "train")], self.cfg.data.batch_size,
+                              (self.cfg.seed, tag, server_round, p.name))
 
     def evaluate(self, client: CLIPClient, p: Participant, split: str) -> SplitResult:
         stage = "validation" if split == "val" else "test"
@@ -393,7 +398,7 @@ class CLIPAlgorithm(Algorithm):
         for chunk in self._chunks(parts):
             jobs = []
             for p in chunk:
-                loader = self.ctx.train_loader(p, "train", server_round)
+                loader = self.ctx.train_batches(p, "train", server_round)
                 plan = self.fit_plan(p, server_round, loader)
                 jobs.append((p, loader, plan, self._start_row(self.start_state(p))))
             outcome = self._fit_rows([(j[1], j[2], j[3], self.adam_states.get(j[0].name) if self.keep_adam else None)
@@ -445,7 +450,7 @@ class CLIPAlgorithm(Algorithm):
             fits.append(ClientFit(_steps(loader, plan), start, self.config.lr * plan.lr_factor, anchor,
                                   plan.mu, moments))
         return fit_side_by_side(fits, self.batched, self.config.loss, float(self.ctx.backbone.logit_scale),
-                                self.text, self.row_adam, self.ctx.device)
+                                self.text, self.row_adam, self.ctx.device, moments=self.keep_adam)
 
     def _adam_state_dict(self, outcome, j: int) -> dict[str, Any]:
         """Client ``j``'s Adam state after a side-by-side fit, as ``torch.optim.Adam.state_dict()`` lays it
@@ -662,7 +667,7 @@ def _steps(loader, plan: FitPlan) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     for _ in range(plan.epochs):
-        for x, y in batches(loader):
+        for x, y in (loader if isinstance(loader, FeatureBatches) else batches(loader)):
             if plan.max_steps is not None and len(out) >= plan.max_steps:
                 return out
             if y.numel() >= 2:

@@ -40,7 +40,7 @@ class Personalized:
         if self.fits_side_by_side(mine):  # side by side: every client's fine-tuning in batched products
             start = self._start_row(self.global_state)
             for chunk in self._chunks(mine):
-                loaders = [self.ctx.train_loader(p, "personal", server_round) for p in chunk]
+                loaders = [self.ctx.train_batches(p, "personal", server_round) for p in chunk]
                 outcome = self._fit_rows([(loader, self.personal_plan(p), start, None)
                                           for p, loader in zip(chunk, loaders)])
                 for j, p in enumerate(chunk):

@@ -143,6 +143,31 @@ class FeatureDataset(Dataset):
         return self.features[idx], self.labels[idx]
 
 
+class FeatureBatches:
+    """A cached-feature data set's shuffled batches exactly as ``make_loader(dataset, batch_size,
+    shuffle_seed=...)`` gives them (through ``training.batches``), without building a DataLoader: the sampler's
+    generator seeded the same, the same permutation each epoch, cut into the same batches. ``len()`` is the
+    loader's; each iteration is one epoch, as for the loader. For many small clients the DataLoader's set-up
+    would cost more than their steps (``tests/test_batched.py`` checks the batches are the loader's)."""
+
+    def __init__(self, dataset: FeatureDataset, batch_size: int, shuffle_seed: tuple):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.order = torch.Generator()
+        self.order.manual_seed(stable_seed(*shuffle_seed))
+        self.epochs = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.dataset)
+        if self.epochs:  # RandomSampler draws once more as an epoch's iteration ends (and discards it)
+            torch.randperm(n, generator=self.order)
+        self.epochs += 1
+        for idx in torch.randperm(n, generator=self.order).split(self.batch_size):
+            yield self.dataset.features[idx], self.dataset.labels[idx]
+
+
 def _batched(batch):
     return batch
 

@@ -35,7 +35,7 @@ from .datasets import build_datasets
 from .outputs import RunOutputs
 from .placement import assign
 from .preemption import Preempted, Preemption, requeue
-from .transport import FabricTransport
+from .transport import Clients, FabricTransport
 from .server import Server
 from ..runlock import RunLock
 
@@ -309,7 +309,7 @@ def _run_rounds(cfg: Config, fabric: Fabric, task, domains, run_dir: Path, start
     summary.wandb_id = wandb_id
     outputs = RunOutputs(cfg, fabric, run_dir, summary, started)
     if remote is None:
-        transport = FabricTransport(ctx, algorithm, {p.index: algorithm.make_client(p) for p in ctx.mine})
+        transport = FabricTransport(ctx, algorithm, Clients(algorithm.make_client, ctx.mine))
     else:
         transport = remote.transport(ctx, algorithm, wandb_id, outputs)
     server = Server(ctx, algorithm, transport, summary, outputs, run_dir, preemption, wandb_id)

@@ -55,8 +55,7 @@ class FabricTransport:
     def evaluate_with(self, algorithm) -> tuple[RoundMetrics, list[tuple], dict]:
         """Every participant evaluated once (round 0) with another algorithm, set up on this run's context
         (the zero-shot baseline): its own clients, built here."""
-        clients = {p.index: algorithm.make_client(p) for p in self.ctx.mine}
-        return FabricTransport(self.ctx, algorithm, clients).evaluate(0, {})
+        return FabricTransport(self.ctx, algorithm, Clients(algorithm.make_client, self.ctx.mine)).evaluate(0, {})
 
     def client_states(self) -> dict[str, dict]:
         """What this rank's clients keep between rounds (kept Adam state, own adapters), by client name."""
@@ -65,3 +64,15 @@ class FabricTransport:
     def load_client_states(self, states: dict[str, dict]) -> None:
         self.algorithm.load_client_states(states)
 
+
+class Clients(dict):
+    """This rank's clients by participant index, each made (``make(p)``) when first asked for: clients trained
+    and evaluated side by side are never asked for, so ten thousand of them cost no LightningModules."""
+
+    def __init__(self, make, parts):
+        super().__init__()
+        self._make, self._parts = make, {p.index: p for p in parts}
+
+    def __missing__(self, index: int):
+        client = self[index] = self._make(self._parts[index])
+        return client
