@@ -201,73 +201,83 @@ def fit_side_by_side(fits: list[ClientFit], layout: AdapterLayout, loss: str, sc
                      adam: RowAdam, device: torch.device, moments: bool = True) -> FitOutcome:
     """Train every client of ``fits`` on its own batches, side by side: at each step, the clients that take a
     step of the same batch size go through one batched forward, backward and Adam update. The adapters, their
-    gradients and moments live as the adapter's four tensors stacked over the clients. ``moments=False``: the
-    outcome leaves Adam's moments out (``m``, ``v`` None: a state reset each round is not kept)."""
+    gradients and moments live as the adapter's four tensors stacked over the clients, the clients ordered by
+    their batch sizes so that a step's group is a run of neighbours, trained in place on views (no gathering).
+    ``moments=False``: the outcome leaves Adam's moments out (``m``, ``v`` None: a state reset each round is
+    not kept)."""
     k = len(fits)
-    start = torch.stack([f.start for f in fits]).to(device=device, dtype=torch.float32)
-    w = _split(start, layout)
+    sizes = [[int(y.numel()) for _, y in f.steps] for f in fits]
+    order = sorted(range(k), key=lambda j: sizes[j])
+    fs, sz = [fits[j] for j in order], [sizes[j] for j in order]
+    w = _stack([f.start for f in fs], layout, device)
     m = [torch.zeros_like(t) for t in w]
     v = [torch.zeros_like(t) for t in w]
     count = torch.zeros(k, dtype=torch.float64, device=device)
-    kept = [j for j, f in enumerate(fits) if f.moments is not None]
-    if kept:
-        idx = torch.tensor(kept, device=device)
-        for stacked, rows in ((m, [fits[j].moments[0] for j in kept]), (v, [fits[j].moments[1] for j in kept])):
-            for t, part in zip(stacked, layout.views(torch.stack(rows).to(device=device, dtype=torch.float32))):
-                t.index_copy_(0, idx, part.contiguous())
-        count[idx] = torch.tensor([fits[j].moments[2] for j in kept], dtype=torch.float64, device=device)
-    lr = torch.tensor([f.lr for f in fits], dtype=torch.float64, device=device)
-    prox = [j for j, f in enumerate(fits) if f.anchor is not None and f.mu > 0]
+    for j, f in enumerate(fs):
+        if f.moments is not None:
+            for stacked, row in ((m, f.moments[0]), (v, f.moments[1])):
+                for t, part in zip(stacked, layout.views(row.unsqueeze(0).to(device=device, dtype=torch.float32))):
+                    t[j].copy_(part[0])
+            count[j] = f.moments[2]
+    lr = torch.tensor([f.lr for f in fs], dtype=torch.float64, device=device)
     anchors = mus = None
-    if prox:
-        anchor_rows = torch.stack([f.anchor if f.anchor is not None else f.start for f in fits])
-        anchors = _split(anchor_rows.to(device=device, dtype=torch.float32), layout)
-        mus = torch.tensor([f.mu if j in prox else 0.0 for j, f in enumerate(fits)], dtype=torch.float32,
-                           device=device)
+    if any(f.anchor is not None and f.mu > 0 for f in fs):
+        anchors = _stack([f.anchor if f.anchor is not None else f.start for f in fs], layout, device)
+        mus = torch.tensor([f.mu if f.anchor is not None else 0.0 for f in fs], dtype=torch.float32, device=device)
     text = text.to(device=device, dtype=torch.float32)
     loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
     correct = torch.zeros(k, dtype=torch.long, device=device)
-    n_steps = max((len(f.steps) for f in fits), default=0)
-    everyone = torch.arange(k, device=device)
-    for s in range(n_steps):
-        groups: dict[int, list[int]] = {}
-        for j, f in enumerate(fits):
-            if s < len(f.steps):
-                groups.setdefault(int(f.steps[s][1].numel()), []).append(j)
-        for ids in groups.values():
-            whole = len(ids) == k
-            idx = everyone if whole else torch.tensor(ids, device=device)
+    for s in range(max((len(z) for z in sz), default=0)):
+        j = 0
+        while j < k:
+            if s >= len(sz[j]):
+                j += 1
+                continue
+            a, b = j, sz[j][s]
+            while j < k and s < len(sz[j]) and sz[j][s] == b:
+                j += 1
+            _step(fs[a:j], s, [t[a:j] for t in w], [t[a:j] for t in m], [t[a:j] for t in v],
+                  None if anchors is None else ([t[a:j] for t in anchors], mus[a:j]), count[a:j], lr[a:j],
+                  loss_sum[a:j], correct[a:j], loss, scale, text, adam, device)
+    back = torch.tensor(order, device=device)
 
-            def rows(ts):
-                return ts if whole else [t.index_select(0, idx) for t in ts]
+    def unsort(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(t).index_copy_(0, back, t)
 
-            x = torch.stack([fits[j].steps[s][0] for j in ids]).to(device=device, dtype=torch.float32)
-            y = torch.stack([fits[j].steps[s][1] for j in ids]).to(device)
-            p = rows(w)
-            feats, saved = adapter_features(p, x)
-            batch_loss, grad_f = loss_and_grad(loss, scale, feats, text, y)
-            grads = adapter_backward(p, x, feats, saved, grad_f)
-            if anchors is not None:
-                mu = mus if whole else mus.index_select(0, idx)
-                prox_sum = torch.zeros_like(batch_loss)
-                for t, a, g in zip(p, rows(anchors), grads):
-                    diff = t - a
-                    prox_sum += (diff * diff).reshape(len(ids), -1).sum(1)
-                    g.add_(diff.mul_(mu.view((-1,) + (1,) * (t.dim() - 1))))
-                batch_loss = batch_loss + (mu / 2) * prox_sum
-            hits = (class_logits(feats, text).argmax(dim=-1) == y).sum(1)
-            mm, vv = rows(m), rows(v)
-            adam.step(p, grads, mm, vv, count.index_select(0, idx), lr.index_select(0, idx))
-            count.index_add_(0, idx, torch.ones(len(ids), dtype=torch.float64, device=device))
-            if not whole:
-                for dst, src in ((w, p), (m, mm), (v, vv)):
-                    for t, part in zip(dst, src):
-                        t.index_copy_(0, idx, part)
-            loss_sum.index_add_(0, idx, batch_loss.to(torch.float64))
-            correct.index_add_(0, idx, hits)
-    return FitOutcome(rows=_join(w), m=_join(m) if moments else None, v=_join(v) if moments else None, steps=count, batches=[len(f.steps) for f in fits],
-                      seen=[sum(int(yb.numel()) for _, yb in f.steps) for f in fits],
-                      correct=correct.tolist(), loss_sum=loss_sum.tolist())
+    return FitOutcome(rows=unsort(_join(w)), m=unsort(_join(m)) if moments else None,
+                      v=unsort(_join(v)) if moments else None, steps=unsort(count),
+                      batches=[len(z) for z in sizes], seen=[sum(z) for z in sizes],
+                      correct=unsort(correct).tolist(), loss_sum=unsort(loss_sum).tolist())
+
+
+def _stack(rows: list[torch.Tensor], layout: AdapterLayout, device) -> list[torch.Tensor]:
+    """Flat rows as the adapter's four tensors stacked over the clients (one row shared by all: expanded)."""
+    if all(r is rows[0] for r in rows):
+        one = layout.views(rows[0].unsqueeze(0).to(device=device, dtype=torch.float32))
+        return [t.expand(len(rows), *t.shape[1:]).contiguous() for t in one]
+    return _split(torch.stack(rows).to(device=device, dtype=torch.float32), layout)
+
+
+def _step(fits, s: int, p, m, v, prox, count, lr, loss_sum, correct, loss: str, scale: float, text, adam, device):
+    """Step ``s`` of a run of clients whose step ``s`` has the same batch size, in place on their rows' views."""
+    x = torch.stack([f.steps[s][0] for f in fits]).to(device=device, dtype=torch.float32)
+    y = torch.stack([f.steps[s][1] for f in fits]).to(device)
+    feats, saved = adapter_features(p, x)
+    batch_loss, grad_f = loss_and_grad(loss, scale, feats, text, y)
+    grads = adapter_backward(p, x, feats, saved, grad_f)
+    if prox is not None:
+        anchors, mu = prox
+        prox_sum = torch.zeros_like(batch_loss)
+        for t, a, g in zip(p, anchors, grads):
+            diff = t - a
+            prox_sum += (diff * diff).reshape(len(fits), -1).sum(1)
+            g.add_(diff.mul_(mu.view((-1,) + (1,) * (t.dim() - 1))))
+        batch_loss = batch_loss + (mu / 2) * prox_sum
+    hits = (class_logits(feats, text).argmax(dim=-1) == y).sum(1)
+    adam.step(p, grads, m, v, count, lr)
+    count += 1
+    loss_sum += batch_loss.to(torch.float64)
+    correct += hits
 
 
 # -- evaluation --------------------------------------------------------------------------------------------
