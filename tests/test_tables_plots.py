@@ -319,3 +319,21 @@ def test_end_of_run_table_gives_the_spread_of_many_clients():
     assert rows["min"][:2] == ["0.00", "0.10"] and rows["max"][:2] == ["99.90", "100.00"]
     assert rows["median"][:2] == ["49.95", "50.05"]
     assert rows["mean"][:2] == ["49.95", "50.05"]
+
+
+def test_the_logger_gets_the_spread_of_many_clients_not_a_series_each():
+    from fedclip_lightning.federation.outputs import LOGGED_CLIENTS, spread_of_many
+    from fedclip_lightning.report import RoundMetrics
+
+    def logged(n: int) -> dict:
+        names = [f"c{i}" for i in range(n)]
+        m = RoundMetrics(3, {c: i / n for i, c in enumerate(names)}, {c: 1 - i / n for i, c in enumerate(names)}, {})
+        logd = {f"client/{c}/{s}_acc": 0.5 for c in names for s in ("val", "test")}
+        return spread_of_many({**logd, "unseen/photo/acc": 0.9}, m)
+
+    few = logged(LOGGED_CLIENTS)
+    assert len([k for k in few if k.startswith("client/")]) == 2 * LOGGED_CLIENTS
+    many = logged(1000)
+    assert not any(k.startswith("client/") for k in many) and many["unseen/photo/acc"] == 0.9
+    assert many["clients/val_acc_min"] == 0.0 and many["clients/val_acc_max"] == 0.999
+    assert many["clients/test_acc_median"] == pytest.approx(0.5)  # the lower middle of 0.001 .. 1.0
