@@ -424,9 +424,13 @@ class CLIPAlgorithm(Algorithm):
         return [parts[i : i + per] for i in range(0, len(parts), per)]
 
     def _start_row(self, state: State) -> torch.Tensor:
-        """A start state as a flat row; the global model's is flattened once per round, not per client."""
-        if state is not self.global_state:
+        """A start state as a flat row; the global model's (the state, or a dict of its very tensors, such as
+        FedProx's anchor) is flattened once per round, not per client, and is the same row object for all."""
+        g = self.global_state
+        if state is not g and not (g is not None and state.keys() == g.keys() and
+                                   all(state[k] is v for k, v in g.items())):
             return flatten(state)
+        state = g
         cached = getattr(self, "_global_row", None)
         if cached is None or cached[0] is not state:
             self._global_row = cached = (state, flatten(state))
@@ -440,7 +444,7 @@ class CLIPAlgorithm(Algorithm):
         for loader, plan, start, kept in jobs:
             anchor = None
             if plan.anchor is not None and plan.mu > 0:
-                anchor = self._start_row(plan.anchor) if plan.anchor is self.global_state else flatten(plan.anchor)
+                anchor = self._start_row(plan.anchor)
             moments = None
             if kept is not None:
                 st = kept["state"]
