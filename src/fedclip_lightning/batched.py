@@ -2,16 +2,17 @@
 
 On cached features a client's local fit is a few small products per batch, so cut into one client at a
 time, a round of thousands of clients costs its Python and kernel launches, not its arithmetic. Here the
-clients of a round that train the same adapter shape train together: their adapters are the rows of one
-``[K, P]`` tensor, each step's forward and written-out backward are ``bmm`` over the clients that take a
-step of the same batch size, and Adam's update runs over their rows at once. Each client still sees
-exactly its own batches, in its own order, for its own number of steps (a client with fewer batches simply
-takes no part in the later steps); nothing is padded into a result.
+clients of a round train together: their adapters are the adapter's four tensors stacked over the clients
+(a client's flat row, ``[P]``, is what travels), each step's forward and written-out backward are ``bmm``
+over the clients that take a step of the same batch size, and torch's Adam updates their rows at once.
+Each client still sees exactly its own batches, in its own order, for its own number of steps (a client
+with fewer batches simply takes no part in the later steps); nothing is padded into a result.
 
 The arithmetic is the one-at-a-time fit's (``AdapterFunction``, ``ContrastiveLoss``/``PrototypeLoss``,
 ``torch.optim.Adam`` with coupled L2 weight decay), in batched kernels: equal to float rounding, not
 bitwise (``docs/many_clients.md`` states the tolerance and ``tests/test_batched.py`` holds it). A row's
-result does not depend on which other clients share its products: the same on 1 or 2 processes.
+result does not depend on which other clients share its products (``bmm`` below), so 1 or 2 processes,
+or a Flower node holding one client, compute the same bits.
 
 Evaluation likewise: every client's val and test on its own adapter (or one shared one) in batched
 products, summed per client.
