@@ -403,11 +403,12 @@ class CLIPAlgorithm(Algorithm):
                 jobs.append((p, loader, plan, self._start_row(self.start_state(p))))
             outcome = self._fit_rows([(j[1], j[2], j[3], self.adam_states.get(j[0].name) if self.keep_adam else None)
                                       for j in jobs])
+            rows = outcome.rows.cpu()  # the trained rows wait for the server off the accelerator, as parked clients do
             for j, (p, loader, plan, _) in enumerate(jobs):
                 if self.keep_adam:
                     self.adam_states[p.name] = self.arena.stash(self._adam_state_dict(outcome, j),
                                                                 self.arena_row[p.index])
-                replies[p.index] = ClientResult(_train_result(outcome, j), _row_getter(outcome.rows, j),
+                replies[p.index] = ClientResult(_train_result(outcome, j), _row_getter(rows, j),
                                                 len(loader.dataset))
         return replies
 
@@ -615,8 +616,8 @@ class CLIPAlgorithm(Algorithm):
         # A model with no tensors (None, or an empty state: nothing trains) is the frozen model as it is.
         trained = [k for k, m in models.items() if m is not None and len(m) > 0]
         row_of = {k: i for i, k in enumerate(trained)}
-        rows = torch.stack([m if isinstance(m, torch.Tensor) else flatten(m) for m in (models[k] for k in trained)]) \
-            if trained else None
+        rows = torch.stack([(m if isinstance(m, torch.Tensor) else flatten(m)).cpu()
+                            for m in (models[k] for k in trained)]) if trained else None
         sets = []
         for m, i, split in jobs:
             ds = self.ctx.eval_loaders[(i, split)].dataset

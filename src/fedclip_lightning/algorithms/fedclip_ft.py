@@ -43,8 +43,9 @@ class Personalized:
                 loaders = [self.ctx.train_batches(p, "personal", server_round) for p in chunk]
                 outcome = self._fit_rows([(loader, self.personal_plan(p), start, None)
                                           for p, loader in zip(chunk, loaders)])
+                rows = outcome.rows.cpu()  # off the accelerator, as one at a time keeps them
                 for j, p in enumerate(chunk):
-                    self.personal[p.name] = outcome.rows[j].clone()
+                    self.personal[p.name] = rows[j].clone()
             return
         for p in mine:
             client = clients[p.index]
