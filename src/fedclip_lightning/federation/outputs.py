@@ -221,8 +221,8 @@ def print_header(cfg: Config, s: Summary, run_dir: Path, random_init: bool, fabr
         listed = ", ".join(f"{c} ({s.num_samples[c]['train']} train)" for c in s.clients)
     else:
         train = sorted(s.num_samples[c]["train"] for c in s.clients)
-        listed = (f"{len(s.clients):,} ({named(s.clients, 3)}), {sum(train):,} training images, "
-                  f"{train[0]} to {train[-1]} a client")
+        each = f"{train[0]}" if train[0] == train[-1] else f"{train[0]} to {train[-1]}"
+        listed = f"{len(s.clients):,} ({named(s.clients, 3)}), {sum(train):,} training images, {each} a client"
     print(f"  clients: {listed}")
     print(f"  unseen:  {', '.join(s.unseen) or '-'}")
     shown = ", ".join(s.classes[:12]) + (f", ... ({len(s.classes) - 12} more: summary.json)" if len(s.classes) > 12 else "")
