@@ -86,14 +86,15 @@ class RunOutputs:
 
     # -- each evaluated round ------------------------------------------------------------
     def evaluated(self, metrics: RoundMetrics, csv_rows: list[tuple], logd: dict) -> None:
+        unseen = {"unseen": f"{metrics.mean_unseen_acc:.3f}"} if metrics.unseen_acc else {}
         self.bar.set_postfix(val=f"{metrics.mean_client_val_acc:.3f}", test=f"{metrics.mean_client_test_acc:.3f}",
-                             unseen=f"{metrics.mean_unseen_acc:.3f}")
+                             **unseen)
         if not self.rank0:
             return
         if self.lines:
             print(f"  round {metrics.round}/{self.rounds}: val {metrics.mean_client_val_acc:.3f}, test "
-                  f"{metrics.mean_client_test_acc:.3f}, unseen {metrics.mean_unseen_acc:.3f} "
-                  f"({time.perf_counter() - self.started:.1f} s since the start)", flush=True)
+                  f"{metrics.mean_client_test_acc:.3f}" + "".join(f", {k} {v}" for k, v in unseen.items()) +
+                  f" ({time.perf_counter() - self.started:.1f} s since the start)", flush=True)
         s = self.summary
         s.wall_time_s = time.perf_counter() - self.started
         self.rounds_csv.write(metrics, s.bytes_up_total - self.last_bytes[0], s.bytes_down_total - self.last_bytes[1],
