@@ -285,7 +285,7 @@ def _pct(x: float | None) -> str:
 MAX_CLIENT_ROWS = 12
 
 
-def _quantile(values, q: float) -> float | None:
+def quantile(values, q: float) -> float | None:
     """The ``q`` quantile of the finite values (the lower middle one for the median of an even count)."""
     xs = sorted(v for v in values if v is not None and math.isfinite(v))
     return xs[int(q * (len(xs) - 1))] if xs else None
@@ -316,8 +316,8 @@ def format_table(s: Summary) -> str:
     else:  # thousands of clients: their spread, each column on its own (metrics.csv has every client)
         for label, q in (("min", 0.0), ("median", 0.5), ("max", 1.0)):
             lines.append(row(f"{label} ({len(s.clients)} clients)",
-                             [(_pct(_quantile(m.client_val_acc.values(), q) if m else None),
-                               _pct(_quantile(m.client_test_acc.values(), q) if m else None)) for _, m in groups]))
+                             [(_pct(quantile(m.client_val_acc.values(), q) if m else None),
+                               _pct(quantile(m.client_test_acc.values(), q) if m else None)) for _, m in groups]))
     lines.append(row("mean (clients)", [(_pct(m.mean_client_val_acc if m else None),
                                          _pct(m.mean_client_test_acc if m else None)) for _, m in groups]))
     if s.unseen:

@@ -21,7 +21,7 @@ from ..errors import named
 from ..loggers import wandb_mode
 from .tracking import WandbTracking, wandb_logger
 from ..files import atomic_save, atomic_write_text
-from ..report import MetricsCSV, RoundMetrics, RoundsCSV, Summary, format_table, keep_rows_up_to
+from ..report import MetricsCSV, RoundMetrics, RoundsCSV, Summary, format_table, keep_rows_up_to, quantile
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +206,10 @@ def spread_of_many(logd: dict, metrics: RoundMetrics) -> dict:
         return logd
     out = {k: v for k, v in logd.items() if not k.startswith("client/")}
     for split, accs in (("val", metrics.client_val_acc), ("test", metrics.client_test_acc)):
-        xs = sorted(v for v in accs.values() if math.isfinite(v))
-        if xs:
-            out.update({f"clients/{split}_acc_min": xs[0], f"clients/{split}_acc_median": xs[(len(xs) - 1) // 2],
-                        f"clients/{split}_acc_max": xs[-1]})
+        for label, q in (("min", 0.0), ("median", 0.5), ("max", 1.0)):
+            v = quantile(accs.values(), q)
+            if v is not None:
+                out[f"clients/{split}_acc_{label}"] = v
     return out
 
 
