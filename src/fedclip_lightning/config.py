@@ -206,8 +206,8 @@ class FederationConfig:
     zero_shot_baseline: bool = True
     # How a process trains and evaluates its clients on cached features: auto (side by side, in batched
     # products, wherever the algorithm trains the attention adapter with Adam; one at a time elsewhere, and
-    # the run says so once), on (side by side or refuse), off (one after another: bitwise the numbers of
-    # earlier releases, which the golden cases record). Side by side equals one at a time to float rounding
+    # the run says so once), on (side by side or refuse), off (one after another: bit for bit the numbers the
+    # golden cases record). Side by side equals one at a time to float rounding
     # (docs/many_clients.md).
     client_batching: str = "auto"
     # -- the server side, in groups; the defaults are the reference's plain averaging.
