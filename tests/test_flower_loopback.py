@@ -24,6 +24,9 @@ if sys.version_info < (3, 11):
 
 from fedclip_lightning.flower import APP_DIR  # noqa: E402
 
+# One worker under pytest-xdist: the two runs share the module's SuperLink and sites.
+pytestmark = pytest.mark.xdist_group("flower_loopback")
+
 BIN = str(Path(sys.executable).parent)
 
 

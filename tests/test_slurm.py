@@ -29,7 +29,9 @@ def _slurm_up() -> bool:
         return False
 
 
-pytestmark = pytest.mark.skipif(not _slurm_up(), reason="no SLURM cluster answers (CI starts one: .ci/slurm-up.sh)")
+# One after the other under pytest-xdist: each job takes both CPUs of the one-node cluster.
+pytestmark = [pytest.mark.skipif(not _slurm_up(), reason="no SLURM cluster answers (CI starts one: .ci/slurm-up.sh)"),
+              pytest.mark.xdist_group("slurm")]
 
 SBATCH = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
           "--time=15:00"]

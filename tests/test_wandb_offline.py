@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from fedclip_lightning.wandb_files import find_offline_runs, read_offline_run
@@ -100,5 +102,10 @@ def test_unfinished_run_has_no_exit_code(offline_wandb):
     got = read_offline_run(run_dir)
     assert got["exit_code"] is None and got["id"] in (None, run.id)
     run.finish(exit_code=3)
-    got = read_offline_run(run_dir)
+    # wandb-core (another process) may close the file a moment after finish() returns when the machine is busy
+    # (two test workers): the reader is read again until the exit record is there, as a sweep reads a run's
+    # files after its process ended.
+    deadline = time.monotonic() + 30
+    while (got := read_offline_run(run_dir))["exit_code"] is None and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert got["exit_code"] == 3 and got["history"][0]["x"] == 1
