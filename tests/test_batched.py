@@ -21,6 +21,7 @@ from fedclip_lightning.batched import (AdapterLayout, ClientFit, RowAdam, evalua
                                        fit_side_by_side)
 from fedclip_lightning.model.adapter import AttentionAdapter
 from fedclip_lightning.model.losses import clip_loss, proximal_term
+from fedclip_lightning.training import confusion_matrix
 
 D, C, SCALE = 64, 5, 100.0  # the small CLIP's width
 BETAS, EPS, WD = (0.9, 0.98), 1e-6, 0.2
@@ -99,8 +100,9 @@ def test_a_rows_bits_do_not_depend_on_its_companions(setup, kind):
     sets = [(k, x, y) for k, f in enumerate(fits) for x, y in f.steps]
     everyone = evaluate_side_by_side(together.rows, layout, sets, SCALE, text, torch.device("cpu"))
     for j, (k, x, y) in enumerate(sets):
-        assert evaluate_side_by_side(together.rows[k : k + 1], layout, [(0, x, y)], SCALE, text,
-                                     torch.device("cpu")) == [everyone[j]]
+        (alone,) = evaluate_side_by_side(together.rows[k : k + 1], layout, [(0, x, y)], SCALE, text,
+                                         torch.device("cpu"))
+        assert alone[:3] == everyone[j][:3] and torch.equal(alone[3], everyone[j][3])
 
 
 def test_kept_moments_continue(setup):
@@ -138,18 +140,20 @@ def test_evaluation_side_by_side_equals_the_clients_step(setup):
                           zip(client.adapter.state_dict().items(), row.split([D * D, D, D * D, D]))})
         with torch.no_grad():
             out = client.validation_step((x, y), 0)
-        return int((out["preds"] == y).sum()), float(out["loss_sum"]), len(y)
+        return (int((out["preds"] == y).sum()), float(out["loss_sum"]), len(y),
+                confusion_matrix(out["preds"], y, C))
 
     for budget in (1 << 24, 600):  # one product per group, and groups cut small
         got = evaluate_side_by_side(rows, layout, sets, SCALE, text, torch.device("cpu"), budget=budget)
-        for (r, x, y), (c, loss, n) in zip(sets, got):
-            wc, wl, wn = want(rows[r], x, y)
+        for (r, x, y), (c, loss, n, conf) in zip(sets, got):
+            wc, wl, wn, wconf = want(rows[r], x, y)
             assert (c, n) == (wc, wn) and loss == pytest.approx(wl, rel=1e-5, abs=1e-6)
+            assert torch.equal(conf, wconf) and int(conf.trace()) == c
     shared = evaluate_side_by_side(rows[:1], layout, [(0, x, y) for _, x, y in sets], SCALE, text,
                                    torch.device("cpu"), budget=700)
-    for (_, x, y), (c, loss, n) in zip(sets, shared):
-        wc, wl, wn = want(rows[0], x, y)
-        assert (c, n) == (wc, wn) and loss == pytest.approx(wl, rel=1e-5, abs=1e-6)
+    for (_, x, y), (c, loss, n, conf) in zip(sets, shared):
+        wc, wl, wn, wconf = want(rows[0], x, y)
+        assert (c, n) == (wc, wn) and loss == pytest.approx(wl, rel=1e-5, abs=1e-6) and torch.equal(conf, wconf)
 
 
 # -- whole runs ------------------------------------------------------------------------------------------

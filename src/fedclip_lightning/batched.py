@@ -286,14 +286,15 @@ def _step(fits, s: int, p, m, v, prox, count, lr, loss_sum, correct, loss: str, 
 @torch.no_grad()
 def evaluate_side_by_side(rows: torch.Tensor | None, layout: AdapterLayout | None,
                           sets: list[tuple[int | None, torch.Tensor, torch.Tensor]], scale: float, text: torch.Tensor,
-                          device: torch.device, budget: int = 1 << 24) -> list[tuple[int, float, int]]:
-    """``(correct, summed cross-entropy, n)`` of each evaluation set ``(row, features [n,d], labels [n])``,
+                          device: torch.device, budget: int = 1 << 24) -> list[tuple[int, float, int, torch.Tensor]]:
+    """``(correct, summed cross-entropy, n, confusion [C, C])`` of each evaluation set ``(row, features [n,d], labels [n])``,
     scored by the adapter in row ``row`` of ``rows`` (``row`` None: the frozen model, the features as they
     are) with the loss and prediction of ``CLIPClient.validation_step``. The sets of one length go through
     one batched product (as many as ``budget`` values hold), each set on its own adapter: nothing padded,
     and a set's result does not depend on the others."""
     text = text.to(device=device, dtype=torch.float32)
-    out: list[tuple[int, float, int]] = [(0, 0.0, 0)] * len(sets)
+    c = text.shape[0]
+    out: list[tuple[int, float, int, torch.Tensor]] = [(0, 0.0, 0, torch.zeros(c, c, dtype=torch.long))] * len(sets)
     groups: dict[tuple[bool, int], list[int]] = {}
     for j, (r, _, y) in enumerate(sets):
         if y.numel():
@@ -313,8 +314,10 @@ def evaluate_side_by_side(rows: torch.Tensor | None, layout: AdapterLayout | Non
                 f = adapter_features(layout.views(rows.index_select(0, idx).to(device)), x)[0]
             logits = scale * class_logits(f, text)
             loss = -logits.log_softmax(dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-            hits = (logits.argmax(dim=-1) == y).sum(1).tolist()
+            pred = logits.argmax(dim=-1)
+            hits = (pred == y).sum(1).tolist()
             sums = loss.double().sum(1).tolist()
-            for j, c, lo in zip(part, hits, sums):
-                out[j] = (c, lo, n)
+            flat = (y * c + pred).cpu()
+            for k, (j, h, lo) in enumerate(zip(part, hits, sums)):
+                out[j] = (h, lo, n, torch.bincount(flat[k], minlength=c * c).reshape(c, c))
     return out

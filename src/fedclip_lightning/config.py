@@ -74,6 +74,17 @@ class PartitionConfig:
 
 
 @dataclass
+class ClassesConfig:
+    # The classes a run uses (the rest of the images are left out everywhere): by folder name
+    # (keep=[dog,horse]), or a seeded random choice of `count` of them (of `keep` where both are given).
+    # null/null: every class. Labels follow the kept classes in sorted order.
+    keep: list[str] | None = None
+    count: int | None = None
+    # The seed of the `count` choice: its own, so that repeats over the run's seed use the same classes.
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
     # Preset name (pacs, vlcs, office_home, domainnet, pacs_mini, synthetic,
     # custom); informational except ``synthetic``, which generates the demo set.
@@ -88,6 +99,10 @@ class DataConfig:
     num_workers: int = 0
     # Use at most this many images per domain (a seeded subset); null: all.
     max_per_domain: int | None = None
+    # Few-shot clients: each client trains on at most this many images of each class (seeded, CoOp's k-shot
+    # protocol: 1, 2, 4, 8, 16); its validation and test images are untouched. null: every training image.
+    shots: int | None = None
+    classes: ClassesConfig = field(default_factory=ClassesConfig)
     on_corrupt: str = "error"
     check_images: bool = True
     single_domain_classes: bool = False  # accept a class folder that only one of 3+ domains has

@@ -301,7 +301,41 @@ def plot_sweep(sweep_dir: str | Path) -> list[Path]:
     _legend_below(fig, axes)
     written.append(_save(fig, sweep_dir / "accuracy_vs_bytes.png"))
     written.append(plot_pareto(sweep_dir))
-    return written
+    shots = plot_shots(sweep_dir)
+    return written + ([shots] if shots else [])
+
+
+def plot_shots(sweep_dir: Path) -> Path | None:
+    """``accuracy_vs_shots.png`` (a sweep over ``data.shots``): each method's mean test accuracy against the
+    training images per class (log scale), clients (left) and unseen domains (right); ``all`` (every image)
+    drawn as a dashed level. None when the sweep has fewer than two shot settings."""
+    from .tables import shots_table
+
+    got = shots_table(collect_runs(sweep_dir))
+    if got is None:
+        return None
+    header, rows = got
+    shots = [int(h.split("-")[0]) if h != "all" else None for h in header[2:]]
+    colors = _colors(sorted({r[0] for r in rows}))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for ax, split, title in zip(axes, ("clients", "unseen"), ("clients (personalisation)", "unseen domains")):
+        for r in (r for r in rows if r[1] == split):
+            pts = [(k, v) for k, v in zip(shots, r[2:]) if k is not None and v is not None]
+            if pts:
+                ax.plot([k for k, _ in pts], [v for _, v in pts], marker="o", color=colors[r[0]], label=r[0])
+            every = [v for k, v in zip(shots, r[2:]) if k is None and v is not None]
+            if every:
+                ax.axhline(every[0], color=colors[r[0]], linestyle="--", alpha=0.6, label=f"{r[0]} (all images)")
+        ax.set_xscale("log", base=2)
+        ticks = [k for k in shots if k is not None]
+        ax.set_xticks(ticks, [str(k) for k in ticks])
+        ax.set_title(title)
+        ax.set_xlabel("training images per class per client (data.shots)")
+        ax.set_ylabel("mean test accuracy (%), selected model")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"{sweep_dir.name}: accuracy against shots")
+    _legend_below(fig, axes)
+    return _save(fig, sweep_dir / "accuracy_vs_shots.png")
 
 
 def plot_pareto(sweep_dir: Path) -> Path:
@@ -354,3 +388,47 @@ def _legend_below(fig, axes) -> None:
     if handles:
         fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
                    ncol=min(len(labels), 3), frameon=False)
+
+
+def plot_confusion(run_dir: str | Path) -> Path:
+    """``confusion.png`` from per_class.csv: the selected round's confusion matrices, the participating clients'
+    test images together (left) and the unseen domains' (right), each row (a true class) as the share of its
+    images predicted as each class, the counts written in the cells where there are at most 20 classes."""
+    import numpy as np
+
+    run_dir = Path(run_dir)
+    rows = [r for r in _read_csv(run_dir / "per_class.csv") if r["model"] == "selected"]
+    if not rows:
+        raise ValueError(f"{run_dir / 'per_class.csv'} has no rows of the selected round")
+    classes = [k[3:] for k in rows[0] if k.startswith("as ")]
+    index = {c: i for i, c in enumerate(classes)}
+    panels = []
+    for split, title in (("test", "participating clients (test)"), ("unseen", "unseen domains")):
+        m = np.zeros((len(classes), len(classes)), dtype=np.int64)
+        for r in rows:
+            if r["split"] == split:
+                m[index[r["class"]]] += [int(r[f"as {c}"]) for c in classes]
+        if m.any():
+            panels.append((title, m))
+    size = max(4.0, 0.45 * len(classes) + 2.5)
+    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
+    for ax, (title, m) in zip(axes[0], panels):
+        support = m.sum(axis=1, keepdims=True)
+        share = np.divide(m, support, out=np.zeros(m.shape, dtype=float), where=support > 0)
+        ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
+        if len(classes) <= 20:
+            for i in range(len(classes)):
+                for j in range(len(classes)):
+                    if m[i, j]:
+                        ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=8,
+                                color="white" if share[i, j] > 0.6 else "black")
+            ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right")
+            ax.set_yticks(range(len(classes)), classes)
+        total = int(m.sum())
+        ax.set_title(f"{title}: {100 * np.trace(m) / total:.1f}% of {total} images, "
+                     f"balanced {100 * np.mean(np.diag(share)[support[:, 0] > 0]):.1f}% (pooled)", fontsize=9)
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+    fig.suptitle(f"{run_dir.name}: confusion at the selected round {rows[0]['round']}")
+    fig.tight_layout()
+    return _save(fig, run_dir / "confusion.png")

@@ -16,7 +16,7 @@ from typing import Any
 
 from .files import atomic_write_text
 
-METRIC_COLUMNS = ["round", "client", "split", "accuracy", "loss"]
+METRIC_COLUMNS = ["round", "client", "split", "accuracy", "loss", "balanced_accuracy"]
 
 
 def _clean(x: Any) -> Any:
@@ -46,6 +46,13 @@ class RoundMetrics:
     # fedclip_ft: each client's accuracy with the global adapter, before personalisation.
     client_val_acc_global: dict[str, float] = field(default_factory=dict)
     client_test_acc_global: dict[str, float] = field(default_factory=dict)
+    # Balanced accuracy (the mean of the per-class accuracies) of the same splits, where they were scored per class.
+    client_val_balanced: dict[str, float] = field(default_factory=dict)
+    client_test_balanced: dict[str, float] = field(default_factory=dict)
+    unseen_balanced: dict[str, float] = field(default_factory=dict)
+    # (participant, split) -> [C, C] counts of (true, predicted) class: this round's per-class results, for
+    # per_class.csv and the confusion figure of the selected round (not in summary.json).
+    confusions: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RoundMetrics":
@@ -55,7 +62,8 @@ class RoundMetrics:
             return {k: (nan if v is None else float(v)) for k, v in (d.get(key) or {}).items()}
 
         return cls(int(d["round"]), acc("client_val_acc"), acc("client_test_acc"), acc("unseen_acc"),
-                   acc("client_val_acc_global"), acc("client_test_acc_global"))
+                   acc("client_val_acc_global"), acc("client_test_acc_global"), acc("client_val_balanced_acc"),
+                   acc("client_test_balanced_acc"), acc("unseen_balanced_acc"))
 
     @property
     def mean_client_val_acc(self) -> float:
@@ -68,6 +76,18 @@ class RoundMetrics:
     @property
     def mean_unseen_acc(self) -> float:
         return _mean(list(self.unseen_acc.values()))
+
+    @property
+    def mean_client_val_balanced(self) -> float:
+        return _mean(list(self.client_val_balanced.values()))
+
+    @property
+    def mean_client_test_balanced(self) -> float:
+        return _mean(list(self.client_test_balanced.values()))
+
+    @property
+    def mean_unseen_balanced(self) -> float:
+        return _mean(list(self.unseen_balanced.values()))
 
     @property
     def mean_client_test_acc_global(self) -> float:
@@ -83,6 +103,14 @@ class RoundMetrics:
             "mean_client_val_acc": self.mean_client_val_acc,
             "mean_unseen_acc": self.mean_unseen_acc,
         }
+        if self.client_test_balanced or self.unseen_balanced:
+            out.update({
+                "client_val_balanced_acc": dict(self.client_val_balanced),
+                "client_test_balanced_acc": dict(self.client_test_balanced),
+                "unseen_balanced_acc": dict(self.unseen_balanced),
+                "mean_client_test_balanced_acc": self.mean_client_test_balanced,
+                "mean_unseen_balanced_acc": self.mean_unseen_balanced,
+            })
         if self.client_test_acc_global:
             out.update({
                 "client_val_acc_global": dict(self.client_val_acc_global),
@@ -120,9 +148,9 @@ class MetricsCSV:
             self._w.writerow(METRIC_COLUMNS)
             self._f.flush()
 
-    def write(self, rows: list[tuple[int, str, str, float, float]]) -> None:
-        for r, client, split, acc, loss in rows:
-            self._w.writerow([r, client, split, _fmt(acc), _fmt(loss)])
+    def write(self, rows: list[tuple[int, str, str, float, float, float]]) -> None:
+        for r, client, split, acc, loss, balanced in rows:
+            self._w.writerow([r, client, split, _fmt(acc), _fmt(loss), _fmt(balanced)])
         self._f.flush()  # on disk as far as a crash of this process goes
 
     def close(self) -> None:
@@ -298,9 +326,10 @@ def format_table(s: Summary) -> str:
     if fin is None:
         return "no round was evaluated"
     shown = s.clients if len(s.clients) <= MAX_CLIENT_ROWS else [f"median ({len(s.clients)} clients)"]
-    name_w = max([len(n) for n in shown + s.unseen] + [len("mean (unseen)")]) + 2
     groups = ([("zero-shot", zs)] if zs is not None else []) + \
         [(f"selected round {sel.round}" if sel else "", sel), (f"final round {fin.round}", fin)]
+    per_class = any(m is not None and m.client_test_balanced for _, m in groups)
+    name_w = max([len(n) for n in shown + s.unseen] + [len("balanced (clients)" if per_class else "mean (unseen)")]) + 2
     gap = " " * 8
 
     def row(name: str, cells) -> str:
@@ -320,10 +349,17 @@ def format_table(s: Summary) -> str:
                                _pct(quantile(m.client_test_acc.values(), q) if m else None)) for _, m in groups]))
     lines.append(row("mean (clients)", [(_pct(m.mean_client_val_acc if m else None),
                                          _pct(m.mean_client_test_acc if m else None)) for _, m in groups]))
+    if per_class:  # the mean of the per-class accuracies, each client's, then their mean
+        lines.append(row("balanced (clients)", [(_pct(m.mean_client_val_balanced if m else None),
+                                                 _pct(m.mean_client_test_balanced if m else None))
+                                                for _, m in groups]))
     if s.unseen:
         lines.append("-" * len(sub))
         for u in s.unseen:
             lines.append(row(f"{u} (unseen)", [("", _pct(m.unseen_acc.get(u) if m else None)) for _, m in groups]))
         if len(s.unseen) > 1:
             lines.append(row("mean (unseen)", [("", _pct(m.mean_unseen_acc if m else None)) for _, m in groups]))
+        if per_class:
+            lines.append(row("balanced (unseen)", [("", _pct(m.mean_unseen_balanced if m else None))
+                                                   for _, m in groups]))
     return "\n".join(lines)

@@ -25,7 +25,17 @@ METRICS = {
     # metric name -> (key in a summary block, what it measures)
     "unseen": ("mean_unseen_acc", "generalisation: accuracy (%) on the held-out domain"),
     "clients": ("mean_client_test_acc", "personalisation: mean test accuracy (%) of the participating clients"),
+    "unseen_balanced": ("mean_unseen_balanced_acc", "generalisation, balanced: the mean of the per-class accuracies "
+                        "(%) on the held-out domain"),
+    "clients_balanced": ("mean_client_test_balanced_acc", "personalisation, balanced: mean over the participating "
+                         "clients of their mean per-class test accuracy (%)"),
 }
+
+
+def _metrics_of(records: list[dict[str, Any]], block: str) -> tuple[str, ...]:
+    """The tables' metrics: micro accuracy, and balanced accuracy where a run has it (runs score per class)."""
+    balanced = any(_block_value(r["summary"], block, "mean_client_test_balanced_acc") is not None for r in records)
+    return ("unseen", "clients", "unseen_balanced", "clients_balanced") if balanced else ("unseen", "clients")
 AVERAGE = "average"
 MISSING = "-"
 HELDOUT_HEADER = "held-out domain"
@@ -311,7 +321,7 @@ def sweep_markdown(records: list[dict[str, Any]], block: str, name: str = "sweep
     if status:
         parts.append(f"*{status}*\n")
     n = repeats(records)
-    for metric in ("unseen", "clients"):
+    for metric in _metrics_of(records, block):
         title = f"{METRICS[metric][1][0].upper()}{METRICS[metric][1][1:]}"
         h, rows = paper_table(records, block, metric)
         parts.append(to_markdown(h, rows, title + (f": mean over {n} seeds" if n > 1 else "")))
@@ -332,11 +342,12 @@ def sweep_markdown(records: list[dict[str, Any]], block: str, name: str = "sweep
 
 
 def sweep_csv(records: list[dict[str, Any]], block: str) -> str:
-    """Both paper tables of one block in one CSV: a leading ``metric`` column
-    (``unseen`` or ``clients``), then the paper table's columns."""
-    tables = [(m, paper_table(records, block, m)) for m in ("unseen", "clients")]
+    """The paper tables of one block in one CSV: a leading ``metric`` column (``unseen``, ``clients``, and
+    ``unseen_balanced``/``clients_balanced`` where the runs scored per class), then the paper table's columns."""
+    metrics = _metrics_of(records, block)
+    tables = [(m, paper_table(records, block, m)) for m in metrics]
     if repeats(records) > 1:  # repeats: the spread over the seeds too, as rows of metric unseen_std / clients_std
-        tables += [(f"{m}_std", spread_table(records, block, m)) for m in ("unseen", "clients")]
+        tables += [(f"{m}_std", spread_table(records, block, m)) for m in metrics]
     header = ["metric", *tables[0][1][0]]
     rows = [[m, *r] for m, (_, rs) in tables for r in rs]
     return to_csv(header, rows)
@@ -369,6 +380,40 @@ def pareto_table(records: list[dict[str, Any]], block: str = "selected") -> tupl
     return PARETO_HEADER, rows
 
 
+SHOTS_HEADER_TAIL = ("clients", "unseen")
+
+
+def _shots(summary: dict[str, Any]) -> int | None:
+    shots = ((summary.get("config") or {}).get("data") or {}).get("shots")
+    return shots if isinstance(shots, int) and not isinstance(shots, bool) else None
+
+
+def shots_table(records: list[dict[str, Any]], block: str = "selected") -> tuple[list[str], list[list]] | None:
+    """Accuracy against shots (CoOp's table): one row per method and split (the clients' mean test accuracy,
+    the unseen domains' mean), one column per ``data.shots`` value (``all``: every training image), each cell
+    the mean (%) over the method's runs with those shots (held-out domains, seeds). None when the sweep has
+    fewer than two shot settings."""
+    values = sorted({_shots(r["summary"]) for r in records}, key=lambda v: (v is None, v or 0))
+    if len(values) < 2:
+        return None
+
+    def method(r) -> str:
+        return " ".join(t for t in r["algorithm"].split() if not t.startswith("shots=")) or r["algorithm"]
+
+    header = ["method", "split", *(f"{v}-shot" if v is not None else "all" for v in values)]
+    rows: list[list] = []
+    for m in order_algorithms(method(r) for r in records):
+        for split, key in zip(SHOTS_HEADER_TAIL, ("mean_client_test_acc", "mean_unseen_acc")):
+            cells = []
+            for v in values:
+                got = [x for x in (_block_value(r["summary"], block, key) for r in records
+                                   if method(r) == m and _shots(r["summary"]) == v) if x is not None]
+                cells.append(100 * _mean(got) if got else None)
+            if any(c is not None for c in cells):
+                rows.append([m, split, *cells])
+    return header, rows
+
+
 def write_sweep_tables(sweep_dir: str | Path) -> list[Path]:
     """Write ``table_selected.md/.csv``, ``table_final.md/.csv`` and ``pareto.md/.csv`` (accuracy
     against bytes per round, one point per method) into ``sweep_dir``; return the written paths.
@@ -388,4 +433,12 @@ def write_sweep_tables(sweep_dir: str | Path) -> list[Path]:
         "bytes / client / round: what one client sends up per round (the same comes down). on the front: no "
         "method is at least as accurate on the unseen domains for at most the same bytes."]))
     (sweep_dir / "pareto.csv").write_text(to_csv(h, rows))
-    return written + [sweep_dir / "pareto.md", sweep_dir / "pareto.csv"]
+    written += [sweep_dir / "pareto.md", sweep_dir / "pareto.csv"]
+    shots = shots_table(records)
+    if shots is not None:
+        (sweep_dir / "shots.md").write_text(to_markdown(*shots, f"{sweep_dir.name}: test accuracy (%) against "
+                                                        "training images per class (data.shots), selected model, "
+                                                        "mean over each method's runs"))
+        (sweep_dir / "shots.csv").write_text(to_csv(*shots))
+        written += [sweep_dir / "shots.md", sweep_dir / "shots.csv"]
+    return written

@@ -15,6 +15,7 @@ per-round settings of its own.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,13 +33,42 @@ class SplitResult:
     accuracy: float
     loss: float
     n: int
+    # Images of each (true class, predicted class) pair, ``[C, C]``: per-class and balanced accuracy. None
+    # where a split was not scored per class (a local fit's training batches).
+    confusion: torch.Tensor | None = None
+
+    @property
+    def balanced(self) -> float:
+        """The mean over the classes present of their accuracy (balanced accuracy); NaN without a confusion."""
+        return balanced_accuracy(self.confusion)
 
     def as_row(self) -> torch.Tensor:
-        return torch.tensor([self.accuracy, self.loss, float(self.n)], dtype=torch.float64)
+        """``[accuracy, loss, n, confusion...]`` (float64; the confusion row-major, absent where it is None)."""
+        head = torch.tensor([self.accuracy, self.loss, float(self.n)], dtype=torch.float64)
+        return head if self.confusion is None else torch.cat([head, self.confusion.flatten().double()])
 
     @classmethod
     def from_row(cls, row: torch.Tensor) -> "SplitResult":
-        return cls(accuracy=float(row[0]), loss=float(row[1]), n=int(row[2]))
+        c = math.isqrt(len(row) - 3)
+        confusion = row[3:].reshape(c, c).round().long() if c and bool(row[3:].any()) else None
+        return cls(accuracy=float(row[0]), loss=float(row[1]), n=int(row[2]), confusion=confusion)
+
+
+def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[C, C]`` counts of (true class, predicted class), on the CPU."""
+    flat = targets.reshape(-1).long().cpu() * num_classes + preds.reshape(-1).long().cpu()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def balanced_accuracy(confusion: torch.Tensor | None) -> float:
+    """The mean, over the classes with images, of each class's accuracy (correct / its images)."""
+    if confusion is None:
+        return float("nan")
+    support = confusion.sum(dim=1)
+    present = support > 0
+    if not bool(present.any()):
+        return float("nan")
+    return float((confusion.diagonal()[present].double() / support[present].double()).mean())
 
 
 def batches(loader: DataLoader):
@@ -145,6 +175,7 @@ def evaluate_batches(fabric: Fabric, client: CLIPClient, batch_iter, stage: str)
     if n == 0:
         return SplitResult(accuracy=float("nan"), loss=float("nan"), n=0)
     # The inputs are ours (class indices from argmax and the data set): no argument checks.
-    acc = multiclass_accuracy(torch.cat(preds), torch.cat(targets), num_classes=client.num_classes,
-                              average="micro", validate_args=False)
-    return SplitResult(accuracy=float(acc), loss=float(loss_sum) / n, n=n)
+    preds, targets = torch.cat(preds), torch.cat(targets)
+    acc = multiclass_accuracy(preds, targets, num_classes=client.num_classes, average="micro", validate_args=False)
+    return SplitResult(accuracy=float(acc), loss=float(loss_sum) / n, n=n,
+                       confusion=confusion_matrix(preds, targets, client.num_classes))

@@ -604,9 +604,12 @@ class CLIPAlgorithm(Algorithm):
             slots = out.setdefault(p.index, {})
             for slot, pairs in plans[p.index].items():
                 got = [results[(id(model), p.index, split)] for model, split in pairs]
+                # Several models on one split (each image counted once a model): the mean accuracy and loss,
+                # and the summed confusion, whose balanced accuracy is the models' mean balanced accuracy.
                 slots[slot] = got[0] if len(got) == 1 else SplitResult(
                     accuracy=sum(r.accuracy for r in got) / len(got), loss=sum(r.loss for r in got) / len(got),
-                    n=got[0].n)
+                    n=got[0].n, confusion=None if any(r.confusion is None for r in got)
+                    else torch.stack([r.confusion for r in got]).sum(0))
         return out
 
     def _evaluate_side_by_side(self, models: dict[int, Any], jobs: list[tuple[int, int, str]]) -> dict:
@@ -625,11 +628,11 @@ class CLIPAlgorithm(Algorithm):
         scored = evaluate_side_by_side(rows, self.layout, sets, float(self.ctx.backbone.logit_scale), self.text,
                                        self.ctx.device)
         # The accuracy as torchmetrics computes it (float32 correct / total), for every job in one division.
-        acc = (torch.tensor([c for c, _, _ in scored], dtype=torch.float32) /
-               torch.tensor([n for _, _, n in scored], dtype=torch.float32)).tolist()
-        return {job: (SplitResult(accuracy=a, loss=loss / n, n=n) if n else
+        acc = (torch.tensor([c for c, _, _, _ in scored], dtype=torch.float32) /
+               torch.tensor([n for _, _, n, _ in scored], dtype=torch.float32)).tolist()
+        return {job: (SplitResult(accuracy=a, loss=loss / n, n=n, confusion=conf) if n else
                       SplitResult(accuracy=float("nan"), loss=float("nan"), n=0))
-                for job, a, (c, loss, n) in zip(jobs, acc, scored)}
+                for job, a, (c, loss, n, conf) in zip(jobs, acc, scored)}
 
     def _evaluate_together(self, client: CLIPClient, jobs: list[tuple[Participant, str]]) -> list[SplitResult]:
         """Each split through the client's ``validation_step``/``test_step`` in the batches ``evaluate``

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from ..config import CLASS_NAME_STYLES, ON_CORRUPT, SPLIT_MODES, Config, DataConfig
 from ..errors import DataError, Problems
 from .domains import DomainSet, Sample, scan_domains, verify_images
-from .partition import Task, official_split, partitioned_task, stable_seed
+from .partition import ClientSplit, Task, official_split, partitioned_task, stable_seed
 from .synthetic import default_cache_dir, ensure_synthetic_dataset
 
 
@@ -36,6 +36,8 @@ def scan(cfg: Config) -> DomainSet:
     d = cfg.data
     ds = scan_domains(resolve_root(cfg), d.domains, on_corrupt=d.on_corrupt, check_images=False,
                       single_domain_classes=d.single_domain_classes)
+    if d.classes.keep is not None or d.classes.count is not None:
+        ds = select_classes(ds, d.classes.keep, d.classes.count, d.classes.seed)
     if d.max_per_domain is not None:
         ds = subsample(ds, d.max_per_domain, cfg.seed)
     if d.check_images:  # only the images this run uses
@@ -49,7 +51,15 @@ def build_task(cfg: Config) -> tuple[Task, DomainSet]:
 
 
 def split_task(cfg: Config, ds: DomainSet) -> tuple[Task, DomainSet]:
-    """The scanned images ``ds`` as clients and unseen domains (``data.split``, ``data.partition``)."""
+    """The scanned images ``ds`` as clients and unseen domains (``data.split``, ``data.partition``), each
+    client's training images cut to ``data.shots`` per class where that is set."""
+    task, ds = _split_task(cfg, ds)
+    if cfg.data.shots is not None:
+        task = few_shot(task, cfg.data.shots, cfg.seed)
+    return task, ds
+
+
+def _split_task(cfg: Config, ds: DomainSet) -> tuple[Task, DomainSet]:
     d = cfg.data
     part = d.partition
     if d.split.mode == "official":
@@ -72,6 +82,60 @@ def subsample(ds: DomainSet, max_per_domain: int, seed: int) -> DomainSet:
             items = [items[i] for i in keep]
         samples[domain] = items
     return DomainSet(root=ds.root, classes=ds.classes, samples=samples, skipped=ds.skipped)
+
+
+def select_classes(ds: DomainSet, keep: list[str] | None, count: int | None, seed: int) -> DomainSet:
+    """``ds`` with only the classes ``keep`` names (``data.classes.keep``; None: all), or a seeded choice of
+    ``count`` of them (``data.classes.count``, seeded by ``data.classes.seed``): the other classes' images
+    left out, the labels those of the kept classes in the scan's (sorted) order."""
+    classes = list(ds.classes)
+    chosen = classes
+    if keep is not None:
+        unknown = [c for c in keep if c not in classes]
+        if unknown:
+            raise DataError(f"data.classes.keep: {unknown} not among the data set's classes under {ds.root} "
+                            f"({_names(classes)}). Fix: name class folders from that list.")
+        wanted = set(keep)
+        chosen = [c for c in classes if c in wanted]
+    if count is not None:
+        if count > len(chosen):
+            of = "data.classes.keep's" if keep is not None else "the data set's"
+            raise DataError(f"data.classes.count={count}: {of} {len(chosen)} classes are fewer. Fix: "
+                            f"data.classes.count={len(chosen)} or less.")
+        picked = set(random.Random(stable_seed(seed, "classes")).sample(chosen, count))
+        chosen = [c for c in chosen if c in picked]
+    if chosen == classes:
+        return ds
+    index = {classes.index(c): i for i, c in enumerate(chosen)}
+    samples = {d: [Sample(s.path, index[s.label], s.domain) for s in items if s.label in index]
+               for d, items in ds.samples.items()}
+    empty = [d for d, items in samples.items() if not items]
+    if empty:
+        raise DataError(f"data.classes: domain(s) {empty} hold no image of the kept classes {_names(chosen)}. Fix: "
+                        "keep classes those domains have, or leave them out of data.domains.")
+    return DomainSet(root=ds.root, classes=chosen, samples=samples, skipped=ds.skipped)
+
+
+def _names(classes: list[str], limit: int = 12) -> str:
+    return ", ".join(classes) if len(classes) <= limit else ", ".join(classes[:limit]) + f", ... ({len(classes)})"
+
+
+def few_shot(task: Task, shots: int, seed: int) -> Task:
+    """Each client's training images cut to at most ``shots`` of each class (``data.shots``, CoOp's k-shot
+    protocol), its validation and test images and the unseen domains untouched. A class's images are
+    shuffled with a seed of (run seed, client, class) and the first ``shots`` kept, in the split's order:
+    the same images in every process, and the 1-shot images among the 2-shot ones, and so on."""
+    clients = []
+    for c in task.clients:
+        by_class: dict[int, list[int]] = {}
+        for i, s in enumerate(c.train):
+            by_class.setdefault(s.label, []).append(i)
+        kept: set[int] = set()
+        for label, idx in by_class.items():
+            random.Random(stable_seed(seed, "shots", c.name, label)).shuffle(idx)
+            kept.update(idx[:shots])
+        clients.append(ClientSplit(c.name, [s for i, s in enumerate(c.train) if i in kept], c.val, c.test))
+    return Task(classes=task.classes, clients=clients, unseen=task.unseen)
 
 
 def with_classes(ds: DomainSet, classes: list[str]) -> DomainSet:
@@ -200,6 +264,22 @@ def check_config(d: DataConfig, p: Problems) -> None:
     positive_int("data.num_workers", d.num_workers, 0)
     if d.max_per_domain is not None:
         positive_int("data.max_per_domain", d.max_per_domain, 5)
+    if d.shots is not None:
+        positive_int("data.shots", d.shots)
+    c = d.classes
+    if c.keep is not None:
+        if len(c.keep) < 2:
+            bad("data.classes.keep", list(c.keep), "a classifier needs at least two classes",
+                "name two or more class folders, e.g. data.classes.keep=[dog,horse]")
+        elif len(set(c.keep)) != len(c.keep):
+            bad("data.classes.keep", list(c.keep), "a class is listed twice", "list each class once")
+    if c.count is not None:
+        positive_int("data.classes.count", c.count, 2)
+        if c.keep is not None and isinstance(c.count, int) and c.count > len(c.keep) >= 2:
+            bad("data.classes.count", c.count, f"more than the {len(c.keep)} classes of data.classes.keep",
+                f"data.classes.count={len(c.keep)} or less (or leave data.classes.keep out)")
+    if not isinstance(c.seed, int) or isinstance(c.seed, bool):
+        bad("data.classes.seed", c.seed, "must be a whole number", "e.g. data.classes.seed=0")
     p.choice("data.on_corrupt", d.on_corrupt, ON_CORRUPT)
     p.choice("data.class_names", d.class_names, CLASS_NAME_STYLES)
     if "{}" not in d.prompt:

@@ -20,13 +20,29 @@ from ..aggregation.rows import gather_rows
 SLOTS = ("train", "val", "test", "val_global", "test_global")
 
 
+# Each split's confusion matrix travels in the round's table (per-class and balanced accuracy) where the
+# table stays small: at most this many confusion values over every row (128 MiB); past it, none do.
+CONFUSION_VALUES = 1 << 24
+
+
+def confusion_classes(num_parts: int, num_classes: int) -> int:
+    """The classes whose confusion the table carries: all, or 0 where it would pass ``CONFUSION_VALUES``."""
+    return num_classes if len(SLOTS) * num_parts * num_classes ** 2 <= CONFUSION_VALUES else 0
+
+
+def table_width(parts, algorithm) -> int:
+    """A row of the round's table: accuracy, loss, n, a filled mark, then the confusion (``confusion_classes``)."""
+    return 4 + confusion_classes(len(parts), len(algorithm.ctx.task.classes)) ** 2
+
+
 def table_rows(parts, results: dict[int, dict[str, SplitResult]], train: dict[int, SplitResult],
                algorithm) -> dict[int, torch.Tensor]:
     """Rows of the round's table from participants' result slots (``results``: those evaluated here) and
     their train results of the round: slot-major, participant index within; a fourth column marks a row as
-    filled (a train row is absent in round 0, a participant that did not answer has none)."""
+    filled (a train row is absent in round 0, a participant that did not answer has none), the confusion
+    follows where the table carries it."""
     n = len(parts)
-    present = torch.ones(1, dtype=torch.float64)
+    width = table_width(parts, algorithm)
     out: dict[int, torch.Tensor] = {}
     for p in parts:
         if p.index not in results:
@@ -38,7 +54,12 @@ def table_rows(parts, results: dict[int, dict[str, SplitResult]], train: dict[in
             if slot not in SLOTS:
                 raise ValueError(f"{type(algorithm).__name__} returned the result slot {slot!r}; "
                                  f"the slots are {SLOTS}")
-            out[SLOTS.index(slot) * n + p.index] = torch.cat([res.as_row(), present])
+            row = torch.zeros(width, dtype=torch.float64)
+            row[:3] = torch.tensor([res.accuracy, res.loss, float(res.n)], dtype=torch.float64)
+            row[3] = 1.0
+            if width > 4 and res.confusion is not None:
+                row[4:] = res.confusion.flatten().double()
+            out[SLOTS.index(slot) * n + p.index] = row
     return out
 
 
@@ -51,12 +72,14 @@ class RoundEvaluator:
         evaluates its own participants, one gather assembles the table."""
         mine = [p for p in self.parts if p.rank == self.fabric.global_rank]
         rows = table_rows(self.parts, self.algorithm.evaluate_mine(self.clients, mine), train, self.algorithm)
-        return assemble_rows(self.fabric, server_round, self.parts, rows)
+        return assemble_rows(self.fabric, server_round, self.parts, rows, table_width(self.parts, self.algorithm))
 
 
-def assemble_rows(fabric, server_round: int, parts, rows: dict[int, torch.Tensor]) -> tuple[RoundMetrics, list[tuple], dict]:
-    """``assemble`` of the table whose rows each process holds a share of (``table_rows``), gathered."""
-    return assemble(server_round, parts, gather_rows(fabric, rows, len(SLOTS) * len(parts), 4, torch.float64))
+def assemble_rows(fabric, server_round: int, parts, rows: dict[int, torch.Tensor],
+                  width: int) -> tuple[RoundMetrics, list[tuple], dict]:
+    """``assemble`` of the table whose rows (``width`` values: ``table_width``) each process holds a share of
+    (``table_rows``), gathered."""
+    return assemble(server_round, parts, gather_rows(fabric, rows, len(SLOTS) * len(parts), width, torch.float64))
 
 
 def assemble(server_round: int, parts, table: torch.Tensor) -> tuple[RoundMetrics, list[tuple], dict]:
@@ -64,11 +87,19 @@ def assemble(server_round: int, parts, table: torch.Tensor) -> tuple[RoundMetric
     participant's rows in place). A participant without rows (it did not answer) is left out."""
     n = len(parts)
 
+    c = math.isqrt(table.shape[1] - 4)
+
     def row(s: str, i: int) -> SplitResult | None:
         j = SLOTS.index(s) * n + i
-        return SplitResult.from_row(table[j]) if table[j, 3] > 0 else None
+        if table[j, 3] <= 0:
+            return None
+        conf = table[j, 4:]
+        return SplitResult(float(table[j, 0]), float(table[j, 1]), int(table[j, 2]),
+                           conf.reshape(c, c).round().long() if c and bool(conf.any()) else None)
 
     acc: dict[str, dict[str, float]] = {s: {} for s in SLOTS}
+    balanced: dict[str, dict[str, float]] = {s: {} for s in ("val", "test", "unseen")}
+    confusions: dict[tuple[str, str], torch.Tensor] = {}
     unseen: dict[str, float] = {}
     csv_rows, logd, bad = [], {}, []
     for p in parts:
@@ -80,9 +111,13 @@ def assemble(server_round: int, parts, table: torch.Tensor) -> tuple[RoundMetric
                 if res.n > 0 and not math.isfinite(res.loss):
                     bad.append(f"{p.name} {s}")
                 acc[s][p.name] = res.accuracy
-                csv_rows.append((server_round, p.name, s, res.accuracy, res.loss))
+                csv_rows.append((server_round, p.name, s, res.accuracy, res.loss, res.balanced))
                 logd[f"client/{p.name}/{s}_acc"] = res.accuracy
                 logd[f"client/{p.name}/{s}_loss"] = res.loss
+                if s in ("val", "test") and res.confusion is not None:
+                    balanced[s][p.name] = res.balanced
+                    confusions[(p.name, s)] = res.confusion
+                    logd[f"client/{p.name}/{s}_balanced_acc"] = res.balanced
         else:
             te = row("test", p.index)
             if te is None:
@@ -90,14 +125,21 @@ def assemble(server_round: int, parts, table: torch.Tensor) -> tuple[RoundMetric
             if te.n > 0 and not math.isfinite(te.loss):
                 bad.append(f"{p.name} unseen")
             unseen[p.name] = te.accuracy
-            csv_rows.append((server_round, p.name, "unseen", te.accuracy, te.loss))
+            csv_rows.append((server_round, p.name, "unseen", te.accuracy, te.loss, te.balanced))
             logd[f"unseen/{p.name}/acc"] = te.accuracy
             logd[f"unseen/{p.name}/loss"] = te.loss
+            if te.confusion is not None:
+                balanced["unseen"][p.name] = te.balanced
+                confusions[(p.name, "unseen")] = te.confusion
+                logd[f"unseen/{p.name}/balanced_acc"] = te.balanced
     if bad:
         raise DivergedError(f"round {server_round}: the loss is not finite (NaN or inf) for {named(bad)}: "
                             "the model "
                             "diverged, and its accuracies are not results. The run stopped (summary.json: "
                             "failed). Fix: lower algorithm.lr, or the server-side settings that scale the "
                             "update (federation.server_optimizer.lr, federation.attack.scale).")
-    metrics = RoundMetrics(server_round, acc["val"], acc["test"], unseen, acc["val_global"], acc["test_global"])
+    metrics = RoundMetrics(server_round, acc["val"], acc["test"], unseen, acc["val_global"], acc["test_global"],
+                           client_val_balanced=balanced["val"], client_test_balanced=balanced["test"],
+                           unseen_balanced=balanced["unseen"])
+    metrics.confusions = confusions
     return metrics, csv_rows, logd

@@ -109,6 +109,21 @@ class RunOutputs:
             s.write(self.run_dir / "summary.json", durable=False)
             self._summary_written = now
 
+    def per_class(self, model: str, metrics: RoundMetrics) -> None:
+        """per_class.csv: each class's images, correct predictions, accuracy and confusion row for every
+        participant's split, of the selected round (``model="selected"``: rewritten when the selection
+        changes) and of zero-shot CLIP (at the end, where the run evaluates it); the other model's rows kept."""
+        if not (self.rank0 and metrics.confusions):
+            return
+        path = self.run_dir / PER_CLASS_FILE
+        kept = []
+        if path.is_file():
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines[1:] if not line.startswith(f"{model},")]
+        text = per_class_csv(self.summary.classes, model, metrics)
+        head, _, body = text.partition("\n")
+        atomic_write_text(path, head + "\n" + "".join(kept) + body)
+
     def _log(self, metrics: RoundMetrics, logd: dict) -> None:
         s = self.summary
         logd = {"round": metrics.round, **logd,
@@ -121,6 +136,11 @@ class RunOutputs:
             logd["mean/unseen_acc"] = metrics.mean_unseen_acc
         if metrics.client_test_acc_global:
             logd["mean/client_test_acc_global"] = metrics.mean_client_test_acc_global
+        if metrics.client_test_balanced:
+            logd["mean/client_test_balanced_acc"] = metrics.mean_client_test_balanced
+            logd["mean/client_val_balanced_acc"] = metrics.mean_client_val_balanced
+        if metrics.unseen_balanced:
+            logd["mean/unseen_balanced_acc"] = metrics.mean_unseen_balanced
         logd = {k: v for k, v in spread_of_many(logd, metrics).items() if not (isinstance(v, float) and math.isnan(v))}
         self.wandb.log_round(metrics.round, logd)
         for lg in self.other_loggers:
@@ -138,12 +158,18 @@ class RunOutputs:
     # -- end -----------------------------------------------------------------------------
     def _finish_plot_and_wandb(self, saved: list[str]) -> None:
         """The per-round accuracy plot; in W&B the final accuracies as a table and the models."""
-        from ..plots import plot_run
+        from ..plots import plot_confusion, plot_run
 
         try:
             plot_run(self.run_dir)
         except Exception as exc:  # noqa: BLE001 - a plot must never cost the run its results
             log.warning("could not draw %s: %s", self.run_dir / "accuracy.png", exc)
+        confusion = None
+        if (self.run_dir / PER_CLASS_FILE).is_file():
+            try:
+                confusion = plot_confusion(self.run_dir)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not draw %s: %s", self.run_dir / "confusion.png", exc)
         s = self.summary
         fin, sel = s.final, s.selected
         if fin is None:
@@ -153,7 +179,7 @@ class RunOutputs:
         rows += [[u, "unseen", None, sel.unseen_acc.get(u), None, fin.unseen_acc.get(u)] for u in s.unseen]
         columns = ["domain", "role", "selected_val_acc", "selected_test_acc", "final_val_acc", "final_test_acc"]
         try:
-            self.wandb.finish(s, saved, (columns, rows))
+            self.wandb.finish(s, saved, (columns, rows), per_class=self.run_dir / PER_CLASS_FILE, figure=confusion)
         except Exception as exc:  # noqa: BLE001 - the run's own files are written; W&B is a copy
             log.warning("could not log the end of the run to W&B: %s", exc)
 
@@ -183,8 +209,9 @@ class RunOutputs:
         print("\n" + format_table(self.summary))
         more = "".join(f", {name}" for name in saved)
         cfg = self.cfg
-        print(f"\nrun directory: {self.run_dir}\n  summary.json, metrics.csv, rounds.csv, accuracy.png, config.yaml, "
-              f"data_manifest.json{more}"
+        per_class = ", per_class.csv, confusion.png" if (self.run_dir / PER_CLASS_FILE).is_file() else ""
+        print(f"\nrun directory: {self.run_dir}\n  summary.json, metrics.csv, rounds.csv, accuracy.png{per_class}, "
+              f"config.yaml, data_manifest.json{more}"
               + (f", W&B run under {self.run_dir / 'wandb'}" if cfg.logger.name == "wandb" and
                  wandb_mode(cfg) != "disabled" else ""))
         if cfg.logger.name == "wandb" and wandb_mode(cfg) == "offline":
@@ -192,6 +219,30 @@ class RunOutputs:
                    "logger.wandb.mode=offline" if cfg.logger.wandb.mode == "offline" else "no W&B API key")
             print(f"W&B ran offline ({why}): nothing was uploaded. To upload this run (all its sessions, as one run):\n"
                   f"  wandb sync {self.run_dir / 'wandb'}/offline-run-*-{self.summary.wandb_id}")
+
+
+PER_CLASS_FILE = "per_class.csv"
+
+
+def per_class_csv(classes: list[str], model: str, m: RoundMetrics) -> str:
+    """per_class.csv's text: a row per (model, participant, split, class with images there): its images, correct
+    predictions, accuracy, and how many were predicted as each class (``as <class>`` columns: the confusion
+    row)."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["model", "round", "participant", "split", "class", "images", "correct", "accuracy",
+                *(f"as {c}" for c in classes)])
+    for (participant, split), conf in m.confusions.items():
+        for k, c in enumerate(classes):
+            counts = [int(v) for v in conf[k].tolist()]
+            images = sum(counts)
+            if images:  # a class the split has no image of has no accuracy
+                w.writerow([model, m.round, participant, split, c, images, counts[k], f"{counts[k] / images:.6f}",
+                            *counts])
+    return out.getvalue()
 
 
 # Past this many clients the logger (W&B, CSV) gets their spread each evaluated round, not six series per client
@@ -225,6 +276,9 @@ def print_header(cfg: Config, s: Summary, run_dir: Path, random_init: bool, fabr
         each = f"{train[0]}" if train[0] == train[-1] else f"{train[0]} to {train[-1]}"
         listed = f"{len(s.clients):,} ({named(s.clients, 3)}), {sum(train):,} training images, {each} a client"
     print(f"  clients: {listed}")
+    if cfg.data.shots is not None:
+        print(f"  few-shot: at most {cfg.data.shots} training image(s) of each class per client (data.shots); "
+              "validation and test images untouched")
     print(f"  unseen:  {', '.join(s.unseen) or '-'}")
     shown = ", ".join(s.classes[:12]) + (f", ... ({len(s.classes) - 12} more: summary.json)" if len(s.classes) > 12 else "")
     print(f"  classes: {len(s.classes)} ({shown})")

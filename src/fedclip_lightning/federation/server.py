@@ -144,6 +144,7 @@ class Server:
         t2 = time.perf_counter()
         self.phase_seconds["evaluate"] += t2 - t
         if self.selection.update(metrics):
+            self.outputs.per_class("selected", metrics)
             state = self.algorithm.selected_state()
             if state is not None and self.algorithm.trains:
                 self.outputs.save_state(f"{self.algorithm.state_file}_selected.pt", state, metrics.round)
@@ -168,6 +169,7 @@ class Server:
             zero_shot.setup(self.ctx)
             metrics, _, _ = self.transport.evaluate_with(zero_shot)
         self.phase_seconds["evaluate"] += time.perf_counter() - t
+        self.outputs.per_class("zero-shot", metrics)
         return metrics
 
     def end_round(self, server_round: int) -> bool:

@@ -115,8 +115,10 @@ class WandbTracking:
             self.journal.close()
             self.journal = None
 
-    def finish(self, summary: Summary, saved: list[str], table: tuple[list[str], list[list]]) -> None:
-        """The end-of-run table, the selected round in the run summary, the models as an artifact."""
+    def finish(self, summary: Summary, saved: list[str], table: tuple[list[str], list[list]],
+               per_class: Path | None = None, figure: Path | None = None) -> None:
+        """The end-of-run table, the per-class accuracies and confusion figure of the selected round, the
+        selected round in the run summary, the models as an artifact."""
         if self.exp is None:
             return
         import wandb
@@ -124,7 +126,16 @@ class WandbTracking:
         self._whole_run_summaries()
         sel, fin = summary.selected, summary.final
         columns, rows = table
-        self.exp.log({"summary_table": wandb.Table(columns=columns, data=rows)}, commit=True)
+        logged = {"summary_table": wandb.Table(columns=columns, data=rows)}
+        if per_class is not None and per_class.is_file():
+            import csv
+
+            with open(per_class, newline="") as f:
+                lines = list(csv.reader(f))
+            logged["per_class_table"] = wandb.Table(columns=lines[0][:8], data=[r[:8] for r in lines[1:]])
+        if figure is not None and figure.is_file():
+            logged["confusion"] = wandb.Image(str(figure))
+        self.exp.log(logged, commit=True)
         self.exp.summary.update({
             "selected_round": sel.round, "selected/mean_unseen_acc": sel.mean_unseen_acc,
             "selected/mean_client_test_acc": sel.mean_client_test_acc,
@@ -132,6 +143,9 @@ class WandbTracking:
             "final/mean_unseen_acc": fin.mean_unseen_acc, "final/mean_client_test_acc": fin.mean_client_test_acc,
             "trainable_params": summary.trainable_params, "bytes_up_total": summary.bytes_up_total,
             "bytes_total": summary.bytes_up_total + summary.bytes_down_total})
+        if sel.client_test_balanced:
+            self.exp.summary.update({"selected/mean_client_test_balanced_acc": sel.mean_client_test_balanced,
+                                     "selected/mean_unseen_balanced_acc": sel.mean_unseen_balanced})
         self._log_models(summary, saved)
 
     def _whole_run_summaries(self) -> None:

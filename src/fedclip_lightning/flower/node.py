@@ -323,7 +323,7 @@ class Node:
         algorithm.receive(state)
         algorithm.personalize(req.server_round, clients)
         slots = algorithm.evaluate_mine(clients, [built["p"]])[0]
-        return {k: [v.accuracy, v.loss, float(v.n)] for k, v in slots.items()}, self.identity(built)
+        return {k: v.as_row().tolist() for k, v in slots.items()}, self.identity(built)
 
 
 def data_digest(task) -> str:

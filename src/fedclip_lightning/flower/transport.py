@@ -24,7 +24,7 @@ from flwr.common.constant import ErrorCode
 from ..algorithms.base import ClientResult
 from ..config import Config
 from ..errors import ConfigError
-from ..federation.evaluation import assemble_rows, table_rows
+from ..federation.evaluation import assemble_rows, table_rows, table_width
 from ..training import SplitResult
 from . import messages
 from .node import Request, _key, check_overrides
@@ -55,6 +55,10 @@ def check_deployment(cfg: Config) -> None:
     if cfg.data.partition.scheme != "domain":
         problems.append(f"data.partition.scheme={cfg.data.partition.scheme!r}: in a deployment each node is one "
                         "client holding its own data. Fix: data.partition.scheme=domain")
+    if cfg.data.classes.count is not None:
+        problems.append(f"data.classes.count={cfg.data.classes.count}: each node would draw its classes from its own "
+                        "class folders, and the sites could disagree. Fix: name the classes with "
+                        "data.classes.keep=[...]")
     if cfg.fabric.devices not in (1, "1") or cfg.fabric.num_nodes != 1:
         problems.append("fabric.devices / fabric.num_nodes: the server of a deployment is one process (the clients "
                         "train on their nodes). Fix: fabric.devices=1 fabric.num_nodes=1")
@@ -287,12 +291,13 @@ class FlowerTransport:
         results = {}
         for i, r in replies.items():
             slots = r.content.array_records["slots"].to_torch_state_dict()
-            results[i] = {k: SplitResult(float(v[0]), float(v[1]), int(v[2])) for k, v in slots.items()}
+            results[i] = {k: SplitResult.from_row(v) for k, v in slots.items()}
         lost = [p.name for p in parts if p.index not in results]
         if lost:
             self.outputs.warn(f"round {server_round}: no evaluation from {', '.join(lost)} (no reply in "
                               f"{self.clients.round_timeout:g} s): left out of this round's means.")
-        return assemble_rows(self.ctx.fabric, server_round, parts, table_rows(parts, results, train, algorithm))
+        return assemble_rows(self.ctx.fabric, server_round, parts, table_rows(parts, results, train, algorithm),
+                             table_width(parts, algorithm))
 
     def evaluate(self, server_round: int, train: dict[int, SplitResult]):
         """Personalisation and evaluation run on the nodes (the evaluate message); the table is assembled here."""
