@@ -56,7 +56,7 @@ def test_run_writes_summary_metrics_and_table(one_process):
     s = read_summary(run_dir)
     _check_summary(s, rounds=3)
     rows = _read_metrics(run_dir / "metrics.csv")
-    assert list(rows[0]) == ["round", "client", "split", "accuracy", "loss"]
+    assert list(rows[0]) == ["round", "client", "split", "accuracy", "loss", "balanced_accuracy"]
     # per round: 3 clients x (train, val, test) + 1 unseen domain
     assert len(rows) == 3 * (3 * 3 + 1)
     final = {(r["client"], r["split"]): r for r in rows if r["round"] == "3"}

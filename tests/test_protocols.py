@@ -182,3 +182,10 @@ def test_per_class_outputs_agree_with_the_metrics(tmp_path):
     assert rounds and rounds[0]["mean/client_test_balanced_acc"] == pytest.approx(
         s["selected"]["mean_client_test_balanced_acc"])
     assert got["summary"]["selected/mean_unseen_balanced_acc"] == pytest.approx(s["selected"]["mean_unseen_balanced_acc"])
+
+
+def test_domainnet10_is_one_preset():
+    cfg = load_config(["data=domainnet10", "data.root=/data/DomainNet"])
+    assert cfg.data.classes.keep == ["bird", "feather", "headphones", "ice_cream", "teapot", "tiger", "whale",
+                                     "windmill", "wine_glass", "zebra"]
+    assert cfg.data.domains == ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]

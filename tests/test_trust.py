@@ -53,8 +53,9 @@ def test_evaluation_names_a_split_whose_loss_is_not_finite(tmp_path, monkeypatch
         out = rows_of(parts, results, train, algorithm)
         n = len(parts)
         for i, row in out.items():
-            if i // n == 1:  # the val slot: (accuracy, loss, n, filled)
-                out[i] = torch.tensor([row[0].item(), float("nan"), row[2].item(), 1.0], dtype=torch.float64)
+            if i // n == 1:  # the val slot: (accuracy, loss, n, filled, confusion...)
+                out[i] = row.clone()
+                out[i][1] = float("nan")
         return out
 
     monkeypatch.setattr(evaluation, "table_rows", nan_val)

@@ -110,16 +110,17 @@ def _disk_message(exc: OSError) -> str | None:
 
     if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
         return None
-    # The first write that failed is the one to name (writing summary.json afterwards may fail too).
-    first, seen = exc, set()
-    while first.__context__ is not None and id(first.__context__) not in seen:
-        seen.add(id(first.__context__))
-        if isinstance(first.__context__, OSError) and first.__context__.errno == exc.errno:
-            first = first.__context__
+    # The first write that failed is the one to name (writing summary.json afterwards may fail too); where
+    # that error names no file (a buffered flush inside torch.save), the file of the write it broke.
+    chain, seen = [exc], set()
+    while chain[-1].__context__ is not None and id(chain[-1].__context__) not in seen:
+        seen.add(id(chain[-1].__context__))
+        if isinstance(chain[-1].__context__, OSError) and chain[-1].__context__.errno == exc.errno:
+            chain.append(chain[-1].__context__)
         else:
             break
-    exc = first
-    path = exc.filename or "?"
+    exc = chain[-1]
+    path = next((e.filename for e in reversed(chain) if e.filename), None) or "?"
     where = Path(path).parent if path != "?" else Path(".")
     try:
         free = f"{shutil.disk_usage(where).free:,} bytes free there"

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,16 +150,29 @@ class MetricsCSV:
             self._f.flush()
 
     def write(self, rows: list[tuple[int, str, str, float, float, float]]) -> None:
-        for r, client, split, acc, loss, balanced in rows:
-            self._w.writerow([r, client, split, _fmt(acc), _fmt(loss), _fmt(balanced)])
-        self._f.flush()  # on disk as far as a crash of this process goes
+        with naming(self.path):
+            for r, client, split, acc, loss, balanced in rows:
+                self._w.writerow([r, client, split, _fmt(acc), _fmt(loss), _fmt(balanced)])
+            self._f.flush()  # on disk as far as a crash of this process goes
 
     def close(self) -> None:
         try:
-            self._f.flush()
-            os.fsync(self._f.fileno())
+            with naming(self.path):
+                self._f.flush()
+                os.fsync(self._f.fileno())
         finally:  # closed even when the disk is full (a run called from Python must not leak the file)
             self._f.close()
+
+
+@contextmanager
+def naming(path: Path):
+    """An OSError raised inside (a full disk, say) names ``path``: a buffered file's flush names none."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
 
 
 def keep_rows_up_to(path: Path, last_round: int) -> None:
@@ -183,6 +197,7 @@ class RoundsCSV:
     """rounds.csv: one row per evaluated round: mean accuracies, bytes sent, elapsed time."""
 
     def __init__(self, path: Path):
+        self.path = path
         new = not path.exists() or path.stat().st_size == 0
         self._f = open(path, "a", newline="")
         self._w = csv.writer(self._f)
@@ -192,15 +207,17 @@ class RoundsCSV:
 
     def write(self, m: "RoundMetrics", bytes_up: int, bytes_down: int, bytes_up_total: int, bytes_down_total: int,
               wall_time_s: float) -> None:
-        self._w.writerow([m.round, _fmt(m.mean_client_val_acc), _fmt(m.mean_client_test_acc),
-                          _fmt(m.mean_unseen_acc), bytes_up, bytes_down, bytes_up_total, bytes_down_total,
-                          f"{wall_time_s:.3f}"])
-        self._f.flush()
+        with naming(self.path):
+            self._w.writerow([m.round, _fmt(m.mean_client_val_acc), _fmt(m.mean_client_test_acc),
+                              _fmt(m.mean_unseen_acc), bytes_up, bytes_down, bytes_up_total, bytes_down_total,
+                              f"{wall_time_s:.3f}"])
+            self._f.flush()
 
     def close(self) -> None:
         try:
-            self._f.flush()
-            os.fsync(self._f.fileno())
+            with naming(self.path):
+                self._f.flush()
+                os.fsync(self._f.fileno())
         finally:  # closed even when the disk is full (a run called from Python must not leak the file)
             self._f.close()
 
