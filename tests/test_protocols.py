@@ -189,3 +189,67 @@ def test_domainnet10_is_one_preset():
     assert cfg.data.classes.keep == ["bird", "feather", "headphones", "ice_cream", "teapot", "tiger", "whale",
                                      "windmill", "wine_glass", "zebra"]
     assert cfg.data.domains == ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]
+
+
+# -- base-to-novel ----------------------------------------------------------------------------------------------
+
+def test_base_and_novel_classes_are_cocoops_halves():
+    from fedclip_lightning.data.pipeline import base_novel_classes
+    from fedclip_lightning.federation.base_novel import harmonic_mean
+
+    base, novel = base_novel_classes(["a", "b", "c", "d", "e", "f", "g"])
+    assert (base, novel) == (["a", "b", "c", "d"], ["e", "f", "g"])
+    assert not set(base) & set(novel)
+    assert harmonic_mean(0.8, 0.4) == pytest.approx(2 * 0.8 * 0.4 / 1.2)
+    assert harmonic_mean(0.0, 0.0) != harmonic_mean(0.0, 0.0)  # NaN
+
+
+def test_base_to_novel_trains_on_the_base_classes_and_scores_novel_as_a_run_on_them_alone(tmp_path):
+    """A base-to-novel run trains exactly as a run on the base classes alone (the same adapter, bit for bit),
+    and its zero-shot novel accuracy is that of a zero-shot run on the novel classes alone."""
+    import torch
+
+    base, novel = ["dog", "elephant", "giraffe", "guitar"], ["horse", "house", "person"]
+    common = [*PACS_MINI_ARGS, "logger=none", "federation.rounds=2"]
+    runs = {"b2n": ["data.classes.split=base_novel"], "base": [f"data.classes.keep=[{','.join(base)}]"],
+            "novel": ["algorithm=zeroshot", f"data.classes.keep=[{','.join(novel)}]"]}
+    for name, extra in runs.items():
+        proc = run_main([*common, f"run_name={name}", *extra], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "outputs"
+    b2n, alone, zs_novel = (read_summary(out / n) for n in runs)
+    assert b2n["classes"] == alone["classes"] == base
+    assert b2n["final"] == alone["final"] and b2n["selected_round"] == alone["selected_round"]
+    a, b = (torch.load(out / n / "adapter_final.pt", weights_only=True)["state"] for n in ("b2n", "base"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    bn = b2n["base_novel"]
+    assert (bn["base_classes"], bn["novel_classes"]) == (base, novel)
+    assert bn["final"]["clients"]["base"] == b2n["final"]["mean_client_test_acc"]
+    assert bn["zero_shot"]["clients"]["novel"] == pytest.approx(zs_novel["final"]["mean_client_test_acc"], nan_ok=True)
+    assert bn["zero_shot"]["unseen"]["novel"] == pytest.approx(zs_novel["final"]["mean_unseen_acc"])
+    for model in ("final", "zero_shot"):
+        for where in ("clients", "unseen"):
+            v = bn[model][where]
+            if v["base"] + v["novel"] > 0:
+                assert v["hm"] == pytest.approx(2 * v["base"] * v["novel"] / (v["base"] + v["novel"]))
+
+
+def test_base_to_novel_scores_a_learned_prompt_on_classes_it_never_saw(tmp_path):
+    proc = run_main([*PACS_MINI_ARGS, "logger=none", "federation.rounds=1", "algorithm=promptfl", "algorithm.n_ctx=4",
+                     "data.classes.split=base_novel", "run_name=p"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "base-to-novel, final round 1: 4 base classes" in proc.stdout
+    bn = read_summary(tmp_path / "outputs" / "p")["base_novel"]
+    assert 0.0 <= bn["final"]["unseen"]["novel"] <= 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("algorithm=linear_probe", "holds a weight for each training class"),
+    ("algorithm=fedclip_ft", "personalises its models"),
+    ("data.partition.scheme=dirichlet", "data.partition.scheme=domain with data.classes.split=base_novel"),
+    ("data.classes.split=half", "data.classes.split"),
+])
+def test_base_to_novel_refuses_what_it_cannot_score(tmp_path, override, message):
+    split = [] if override.startswith("data.classes.split") else ["data.classes.split=base_novel"]
+    proc = run_main([*PACS_MINI_ARGS, "logger=none", *split, override], tmp_path)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr

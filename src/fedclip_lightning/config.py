@@ -24,6 +24,7 @@ CLIENT_BATCHING = ("auto", "on", "off")
 SPLIT_MODES = ("random", "official")
 ON_CORRUPT = ("error", "skip")
 CLASS_NAME_STYLES = ("verbatim", "spaces")
+CLASS_SPLITS = ("all", "base_novel")
 LOGGERS = ("wandb", "csv", "none")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 PRECISIONS = ("auto", "fast", "fp32", "bf16", "fp16", "pure_fp16")
@@ -82,6 +83,10 @@ class ClassesConfig:
     count: int | None = None
     # The seed of the `count` choice: its own, so that repeats over the run's seed use the same classes.
     seed: int = 0
+    # all: train and evaluate on every kept class. base_novel (CoCoOp's base-to-novel): train and validate
+    # on the first half of the classes in sorted order (the base, rounded up), then score the final model
+    # on the base, the novel (the other half, with their own class prompts) and all classes.
+    split: str = "all"
 
 
 @dataclass

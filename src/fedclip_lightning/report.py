@@ -249,6 +249,8 @@ class Summary:
     final: RoundMetrics | None = None
     # Zero-shot CLIP on the same splits (federation.zero_shot_baseline), for comparison.
     zero_shot: RoundMetrics | None = None
+    # data.classes.split=base_novel: the final model (and zero-shot) on the base, novel and all classes.
+    base_novel: dict | None = None
     bytes_up_total: int = 0
     bytes_down_total: int = 0
     wall_time_s: float = 0.0
@@ -282,6 +284,7 @@ class Summary:
             "selected": self.selected.as_dict() if self.selected else None,
             "final": self.final.as_dict() if self.final else None,
             "zero_shot": self.zero_shot.as_dict() if self.zero_shot else None,
+            "base_novel": self.base_novel,
             "trainable_params": self.trainable_params,
             "communicated_params": self.communicated_params,
             "bytes_per_client_per_round": self.bytes_per_client_per_round,
@@ -379,4 +382,28 @@ def format_table(s: Summary) -> str:
         if per_class:
             lines.append(row("balanced (unseen)", [("", _pct(m.mean_unseen_balanced if m else None))
                                                    for _, m in groups]))
+    if s.base_novel:
+        lines += ["", base_novel_table(s.base_novel)]
+    return "\n".join(lines)
+
+
+def base_novel_table(b: dict) -> str:
+    """The base-to-novel block under the end-of-run table: test accuracy (%) of the final model (and zero-shot
+    CLIP) on the base classes, the novel ones (each with its own prompts), their harmonic mean, and all."""
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+
+    title = (f"base-to-novel, final round {b['round']}: {len(b['base_classes'])} base classes "
+             f"({listed(b['base_classes'])}), {len(b['novel_classes'])} novel ({listed(b['novel_classes'])})")
+    head = f"{'':26}{'base':>8} {'novel':>8} {'HM':>8} {'all':>8}"
+    lines = [title, head, "-" * len(head)]
+    for model, label in (("zero_shot", "zero-shot"), ("final", "final")):
+        if model not in b:
+            continue
+        for where in ("clients", "unseen"):
+            v = b[model][where]
+            if not any(x is not None and math.isfinite(x) for x in v.values()):
+                continue
+            name = f"{label} ({'clients, test' if where == 'clients' else 'unseen'})"
+            lines.append(f"{name:26}" + " ".join(_pct(v[k]).rjust(8) for k in ("base", "novel", "hm", "all")))
     return "\n".join(lines)

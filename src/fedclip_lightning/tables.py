@@ -414,6 +414,31 @@ def shots_table(records: list[dict[str, Any]], block: str = "selected") -> tuple
     return header, rows
 
 
+BASE_NOVEL_HEADER = ["method", "split", "base", "novel", "HM", "all"]
+
+
+def base_novel_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list]] | None:
+    """Base-to-novel (runs with ``data.classes.split=base_novel``): per method and split (clients' test, unseen
+    domains), the final model's accuracy (%) on the base and the novel classes, their harmonic mean and all
+    classes, each the mean over the method's runs; zero-shot CLIP first. None when no run scored it."""
+    runs = [r for r in records if isinstance(r["summary"].get("base_novel"), dict)]
+    if not runs:
+        return None
+    rows: list[list] = []
+    groups = [("zero-shot", "zero_shot", runs)] + [(a, "final", [r for r in runs if r["algorithm"] == a])
+                                                   for a in order_algorithms(r["algorithm"] for r in runs)]
+    for label, model, group in groups:
+        for split in ("clients", "unseen"):
+            cells = []
+            for key in ("base", "novel", "hm", "all"):
+                got = [x for x in (_number(((r["summary"]["base_novel"].get(model) or {}).get(split) or {}).get(key))
+                                   for r in group) if x is not None]
+                cells.append(100 * _mean(got) if got else None)
+            if any(c is not None for c in cells):
+                rows.append([label, split, *cells])
+    return BASE_NOVEL_HEADER, rows
+
+
 def write_sweep_tables(sweep_dir: str | Path) -> list[Path]:
     """Write ``table_selected.md/.csv``, ``table_final.md/.csv`` and ``pareto.md/.csv`` (accuracy
     against bytes per round, one point per method) into ``sweep_dir``; return the written paths.
@@ -434,6 +459,13 @@ def write_sweep_tables(sweep_dir: str | Path) -> list[Path]:
         "method is at least as accurate on the unseen domains for at most the same bytes."]))
     (sweep_dir / "pareto.csv").write_text(to_csv(h, rows))
     written += [sweep_dir / "pareto.md", sweep_dir / "pareto.csv"]
+    b2n = base_novel_table(records)
+    if b2n is not None:
+        (sweep_dir / "base_novel.md").write_text(to_markdown(*b2n, f"{sweep_dir.name}: base-to-novel, test accuracy "
+                                                             "(%) of the final model, mean over each method's runs",
+                                                             footnotes=["HM: the harmonic mean of base and novel."]))
+        (sweep_dir / "base_novel.csv").write_text(to_csv(*b2n))
+        written += [sweep_dir / "base_novel.md", sweep_dir / "base_novel.csv"]
     shots = shots_table(records)
     if shots is not None:
         (sweep_dir / "shots.md").write_text(to_markdown(*shots, f"{sweep_dir.name}: test accuracy (%) against "

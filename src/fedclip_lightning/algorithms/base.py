@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -333,6 +334,23 @@ class CLIPAlgorithm(Algorithm):
         self._setup_adam(ctx)
         self._setup_server(ctx)
         self._setup_side_by_side(head)
+
+    # -- another class vocabulary (base-to-novel) ---------------------------------------------------
+    # Whether the trained part scores any class by its prompt (an adapter, a shared context); False where it
+    # holds a weight per training class (a linear probe): it cannot score classes it did not train on.
+    scores_any_class: ClassVar[bool] = True
+
+    @contextmanager
+    def classes_of(self, ctx: RunContext):
+        """Evaluate on ``ctx`` (another task: other classes, their prompts, their data sets) with the models as
+        trained: inside, the class features and the clients made are those of ``ctx``'s classes."""
+        saved = self.ctx, self.text
+        self.ctx = ctx
+        self.text = ctx.backbone.text_features(ctx.prompts, self.prompt())
+        try:
+            yield
+        finally:
+            self.ctx, self.text = saved
 
     # -- clients side by side ----------------------------------------------------------------------
     def _setup_side_by_side(self, head) -> None:

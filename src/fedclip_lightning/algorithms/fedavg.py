@@ -10,6 +10,7 @@ process, shared by that process's clients in turn; the prompt is the paper's
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -80,6 +81,20 @@ class FedAvg(CLIPAlgorithm):
         self._setup_adam(ctx)
         self._setup_server(ctx)
         self._setup_side_by_side(self.work)  # one at a time: the working copy of CLIP trains
+
+    @contextmanager
+    def classes_of(self, ctx):
+        if not self.full_model:
+            with super().classes_of(ctx):
+                yield
+            return
+        saved = self.ctx, self.tokens
+        self.ctx = ctx
+        self.tokens = ctx.backbone.tokenizer([self.prompt().format(c) for c in ctx.prompts]).to(ctx.device)
+        try:
+            yield
+        finally:
+            self.ctx, self.tokens = saved
 
     def make_client(self, p: Participant) -> CLIPClient:
         if not self.full_model:

@@ -12,6 +12,7 @@ from .registry import register
 @register
 class LinearProbeAlgorithm(CLIPAlgorithm):
     name = "linear_probe"
+    scores_any_class = False  # a weight per training class
 
     @classmethod
     def what_trains(cls, config) -> str:

@@ -6,13 +6,14 @@ stops every rank with the same message and nothing half-starts).
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from ..config import CLASS_NAME_STYLES, ON_CORRUPT, SPLIT_MODES, Config, DataConfig
+from ..config import CLASS_NAME_STYLES, CLASS_SPLITS, ON_CORRUPT, SPLIT_MODES, Config, DataConfig
 from ..errors import DataError, Problems
 from .domains import DomainSet, Sample, scan_domains, verify_images
 from .partition import ClientSplit, Task, official_split, partitioned_task, stable_seed
@@ -46,8 +47,45 @@ def scan(cfg: Config) -> DomainSet:
 
 
 def build_task(cfg: Config) -> tuple[Task, DomainSet]:
-    """Scan the image folders named by ``cfg.data`` and split them into clients and unseen domains."""
-    return split_task(cfg, scan(cfg))
+    """Scan the image folders named by ``cfg.data`` and split them into clients and unseen domains (with
+    ``data.classes.split=base_novel``: the base classes' images, what the run trains on)."""
+    ds = scan(cfg)
+    if cfg.data.classes.split == "base_novel":
+        base, _ = base_novel_classes(ds.classes)
+        ds = select_classes(ds, base, None, 0)
+    return split_task(cfg, ds)
+
+
+def base_novel_classes(classes: list[str]) -> tuple[list[str], list[str]]:
+    """CoCoOp's base-to-novel split: the first half of the classes in sorted order (rounded up) are the
+    base, the rest the novel ones."""
+    m = math.ceil(len(classes) / 2)
+    return list(classes[:m]), list(classes[m:])
+
+
+def base_novel_tasks(cfg: Config) -> tuple[Task, Task, Task]:
+    """The base, novel and all-classes tasks of ``data.classes.split=base_novel``, each with its own class
+    vocabulary (labels index it): the base and the novel classes' images are split each on their own, so each
+    task is the one a run with ``data.classes.keep`` set to those classes splits; ``all`` joins the two."""
+    ds = scan(cfg)
+    base, novel = base_novel_classes(ds.classes)
+    tasks = []
+    for chosen in (base, novel):
+        index = {ds.classes.index(c): i for i, c in enumerate(chosen)}
+        part = DomainSet(root=ds.root, classes=chosen, skipped=ds.skipped,
+                         samples={d: [Sample(s.path, index[s.label], s.domain) for s in items if s.label in index]
+                                  for d, items in ds.samples.items()})
+        tasks.append(split_task(cfg, part)[0])
+    b, n = tasks
+    shift = len(base)
+
+    def joined(x: list[Sample], y: list[Sample]) -> list[Sample]:
+        return x + [Sample(s.path, s.label + shift, s.domain) for s in y]
+
+    whole = Task(classes=base + novel, clients=[ClientSplit(cb.name, joined(cb.train, cn.train), joined(cb.val, cn.val),
+                                                            joined(cb.test, cn.test)) for cb, cn in zip(b.clients, n.clients)],
+                 unseen={d: joined(b.unseen[d], n.unseen[d]) for d in b.unseen})
+    return b, n, whole
 
 
 def split_task(cfg: Config, ds: DomainSet) -> tuple[Task, DomainSet]:
@@ -278,6 +316,11 @@ def check_config(d: DataConfig, p: Problems) -> None:
         if c.keep is not None and isinstance(c.count, int) and c.count > len(c.keep) >= 2:
             bad("data.classes.count", c.count, f"more than the {len(c.keep)} classes of data.classes.keep",
                 f"data.classes.count={len(c.keep)} or less (or leave data.classes.keep out)")
+    p.choice("data.classes.split", c.split, CLASS_SPLITS)
+    if c.split == "base_novel" and d.partition.scheme != "domain":
+        bad("data.classes.split", c.split, f"base-to-novel compares each client on its base and novel classes, and "
+            f"data.partition.scheme={d.partition.scheme!r} draws other clients from each", "use "
+            "data.partition.scheme=domain with data.classes.split=base_novel")
     if not isinstance(c.seed, int) or isinstance(c.seed, bool):
         bad("data.classes.seed", c.seed, "must be a whole number", "e.g. data.classes.seed=0")
     p.choice("data.on_corrupt", d.on_corrupt, ON_CORRUPT)

@@ -35,6 +35,7 @@ from .datasets import build_datasets
 from .outputs import RunOutputs
 from .placement import assign
 from .preemption import Preempted, Preemption, requeue
+from . import base_novel
 from .transport import Clients, FabricTransport
 from .server import Server
 from ..runlock import RunLock
@@ -305,6 +306,8 @@ def _run_rounds(cfg: Config, fabric: Fabric, task, domains, run_dir: Path, start
                      parts, data_digest=manifest_digest(manifest), remote_clients=remote is not None)
     algorithm = registry.get(cfg.algorithm.name)(cfg)
     algorithm.setup(ctx)
+    if cfg.data.classes.split == "base_novel":
+        base_novel.check(cfg, algorithm)
     summary = make_summary(cfg, fabric, backbone, task, domains, algorithm, random_init)
     summary.wandb_id = wandb_id
     outputs = RunOutputs(cfg, fabric, run_dir, summary, started)
@@ -339,6 +342,8 @@ def _run_rounds(cfg: Config, fabric: Fabric, task, domains, run_dir: Path, start
         saved = server.save_final()
         if cfg.federation.zero_shot_baseline and algorithm.trains:
             summary.zero_shot = server.evaluate_zero_shot()
+        if cfg.data.classes.split == "base_novel" and summary.final is not None:
+            summary.base_novel = base_novel.evaluate(cfg, ctx, algorithm, summary.final, summary.zero_shot)
         summary.status = "finished"
     except Preempted as exc:
         summary.error = str(exc)

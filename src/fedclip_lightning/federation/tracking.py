@@ -143,6 +143,10 @@ class WandbTracking:
             "final/mean_unseen_acc": fin.mean_unseen_acc, "final/mean_client_test_acc": fin.mean_client_test_acc,
             "trainable_params": summary.trainable_params, "bytes_up_total": summary.bytes_up_total,
             "bytes_total": summary.bytes_up_total + summary.bytes_down_total})
+        if summary.base_novel:
+            self.exp.summary.update({f"base_novel/{model}/{where}_{k}": v
+                                     for model in ("final", "zero_shot") if model in summary.base_novel
+                                     for where, vals in summary.base_novel[model].items() for k, v in vals.items()})
         if sel.client_test_balanced:
             self.exp.summary.update({"selected/mean_client_test_balanced_acc": sel.mean_client_test_balanced,
                                      "selected/mean_unseen_balanced_acc": sel.mean_unseen_balanced})

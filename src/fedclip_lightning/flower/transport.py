@@ -59,6 +59,10 @@ def check_deployment(cfg: Config) -> None:
         problems.append(f"data.classes.count={cfg.data.classes.count}: each node would draw its classes from its own "
                         "class folders, and the sites could disagree. Fix: name the classes with "
                         "data.classes.keep=[...]")
+    if cfg.data.classes.split != "all":
+        problems.append(f"data.classes.split={cfg.data.classes.split!r}: base-to-novel is scored in simulation runs "
+                        "(each node would need the novel classes' images split as the server's run does). Fix: "
+                        "data.classes.split=all")
     if cfg.fabric.devices not in (1, "1") or cfg.fabric.num_nodes != 1:
         problems.append("fabric.devices / fabric.num_nodes: the server of a deployment is one process (the clients "
                         "train on their nodes). Fix: fabric.devices=1 fabric.num_nodes=1")
