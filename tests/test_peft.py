@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from fedclip_lightning.config import BackboneConfig
 from fedclip_lightning.model.adapter import AdapterFunction, AttentionAdapter
 from fedclip_lightning.model.backbone import load_backbone
-from fedclip_lightning.model.heads import LinearProbe, PromptLearner, ResidualMLPAdapter
+from fedclip_lightning.model.heads import LinearProbe, PromptGenerator, PromptLearner, ResidualMLPAdapter
 from helpers import PACS_MINI_ARGS, num_adapter_params, read_summary, run_main
 
 CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
@@ -44,6 +44,63 @@ def test_prompt_sequence_is_coops_construction(tiny):
         assert torch.equal(emb[i, 1:5], learner.ctx)  # the context, in positions 1..n_ctx
         assert torch.equal(emb[i, 5:], ref[i, 5:])  # the class tokens, '.', EOS and padding after it
         assert learner.tokens[i].argmax() == eot
+
+
+def test_class_specific_context_is_coops_csc(tiny):
+    """CoOp's CSC: a context of its own for each class (C x n_ctx x width parameters, all of them what
+    travels), each class's prompt built from its own, and a class's features moved by its context alone."""
+    torch.manual_seed(0)
+    model, tok = tiny.clip.model, tiny.tokenizer
+    learner = PromptLearner(model, tok, CLASSES, n_ctx=4, csc=True)
+    width = model.token_embedding.weight.shape[1]
+    assert learner.ctx.shape == (len(CLASSES), 4, width)
+    assert [k for k, _ in learner.named_parameters()] == ["ctx"] and list(learner.state_dict()) == ["ctx"]
+    assert learner.ctx.std().item() == pytest.approx(0.02, rel=0.3)
+    assert not torch.equal(learner.ctx[0], learner.ctx[1])  # each class drew its own
+    emb = learner.prompts()
+    for i in range(len(CLASSES)):
+        assert torch.equal(emb[i, 1:5], learner.ctx[i])
+    with torch.no_grad():
+        before = learner.class_features(None).clone()
+        learner.ctx[2] += 0.5
+        after = learner.class_features(None)
+    moved = [(after[i] - before[i]).abs().max().item() > 0 for i in range(len(CLASSES))]
+    assert moved == [i == 2 for i in range(len(CLASSES))]
+    # from a phrase, every class's context starts as the phrase: untrained, zero-shot CLIP's features
+    phrase = PromptLearner(model, tok, CLASSES, init="a picture of a", csc=True)
+    assert phrase.ctx.shape == (len(CLASSES), 4, width)
+    with torch.no_grad():
+        torch.testing.assert_close(phrase.class_features(None), tiny.text_features(CLASSES, "a picture of a {}."),
+                                   atol=1e-6, rtol=0)
+
+
+def test_prompt_generator_is_fedtpgs(tiny):
+    """FedTPG's generator: learned queries attend to the class names' text features, an MLP makes the context;
+    its parameters (what travels) hold nothing per class, so a state trained on some classes prompts others,
+    with a context generated from their names."""
+    model, tok = tiny.clip.model, tiny.tokenizer
+    width, e, h = model.token_embedding.weight.shape[1], tiny.embed_dim, 16
+    torch.manual_seed(0)
+    gen = PromptGenerator(model, tok, CLASSES, tiny.text_features(CLASSES), n_ctx=4, hidden=h)
+    shapes = {k: tuple(v.shape) for k, v in gen.state_dict().items()}
+    assert shapes == {"query": (4, h), "key.weight": (h, e), "value.weight": (h, e), "mlp.0.weight": (h, h),
+                      "mlp.0.bias": (h,), "mlp.2.weight": (width, h), "mlp.2.bias": (width,)}
+    assert sum(p.numel() for p in gen.parameters()) == 4 * h + 2 * e * h + h * h + h + h * width + width
+    # the context is the cross-attention of the queries over the names, through the MLP
+    k, v = gen.names @ gen.key.weight.T, gen.names @ gen.value.weight.T
+    want = gen.mlp(torch.softmax(gen.query @ k.T / h ** 0.5, dim=-1) @ v)
+    torch.testing.assert_close(gen.ctx, want)
+    emb = gen.prompts()
+    assert all(torch.equal(emb[i, 1:5], gen.ctx) for i in range(len(CLASSES)))  # shared by the task's classes
+    gen.class_features(None).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters())
+    # other classes: the same state, another context (from their names), their own class features
+    novel = ["horse", "house", "person"]
+    other = PromptGenerator(model, tok, novel, tiny.text_features(novel), n_ctx=4, hidden=h)
+    other.load_state_dict(gen.state_dict())
+    assert not torch.allclose(other.ctx, gen.ctx)
+    with torch.no_grad():
+        assert other.class_features(None).shape == (3, e)
 
 
 def test_prompt_from_a_phrase_untrained_gives_the_zero_shot_logits(tiny):
@@ -105,8 +162,10 @@ def test_bottleneck_adapter_gradients_match_autograd():
 
 # -- end to end --------------------------------------------------------------------------------------
 
-NEW = ["promptfl", "clip_adapter", "linear_probe", "fedclip_small"]
-EXTRA = {"promptfl": ["algorithm=promptfl", "algorithm.n_ctx=4"], "clip_adapter": ["algorithm=clip_adapter"],
+NEW = ["promptfl", "promptfl_csc", "fedtpg", "clip_adapter", "linear_probe", "fedclip_small"]
+EXTRA = {"promptfl": ["algorithm=promptfl", "algorithm.n_ctx=4"], "fedtpg": ["algorithm=fedtpg", "algorithm.hidden=16"],
+         "promptfl_csc": ["algorithm=promptfl", "algorithm.n_ctx=4", "algorithm.csc=true"],
+         "clip_adapter": ["algorithm=clip_adapter"],
          "linear_probe": ["algorithm=linear_probe"], "fedclip_small": ["algorithm.adapter_hidden=8"]}
 BASE = [*PACS_MINI_ARGS, "logger=none", "federation.rounds=4", "federation.checkpoint_min_seconds=0",
         "federation.keep_checkpoints=4", "algorithm.local_epochs=2"]
@@ -153,3 +212,11 @@ def test_promptfl_ft_reports_personal_and_global_context_accuracies(tmp_path):
     with open(tmp_path / "outputs" / "p" / "metrics.csv") as f:
         splits = {r["split"] for r in csv.DictReader(f)}
     assert {"val_global", "test_global", "val", "test"} <= splits
+
+
+def test_class_specific_context_trains_and_sends_one_context_per_class(straight):
+    s = read_summary(straight["promptfl_csc"])
+    assert s["trainable_params"] == 7 * 4 * 32  # classes x n_ctx x the text width
+    assert s["bytes_per_client_per_round"] == 4 * s["trainable_params"]
+    ctx = torch.load(straight["promptfl_csc"] / "adapter_final.pt", weights_only=True)["state"]["ctx"]
+    assert ctx.shape == (7, 4, 32)

@@ -115,7 +115,7 @@ def test_a_sweep_over_shots_gives_the_accuracy_against_shots_table_and_plot(tmp_
     from helpers import runs_in_process
 
     runs_in_process(monkeypatch)
-    cmd = ["--algorithms", "fedclip,local", "--heldout", "sketch", "--name", "shots", "--set", "data.shots=1,2",
+    cmd = ["--algorithms", "local,fedclip", "--heldout", "sketch", "--name", "shots", "--set", "data.shots=1,2",
            *PACS_MINI_ARGS, "logger=none", "federation.rounds=1"]
     proc = run_main(cmd, tmp_path, main=sweep_cli.main)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -234,8 +234,10 @@ def test_base_to_novel_trains_on_the_base_classes_and_scores_novel_as_a_run_on_t
                 assert v["hm"] == pytest.approx(2 * v["base"] * v["novel"] / (v["base"] + v["novel"]))
 
 
-def test_base_to_novel_scores_a_learned_prompt_on_classes_it_never_saw(tmp_path):
-    proc = run_main([*PACS_MINI_ARGS, "logger=none", "federation.rounds=1", "algorithm=promptfl", "algorithm.n_ctx=4",
+@pytest.mark.parametrize("method", [["algorithm=promptfl", "algorithm.n_ctx=4"], ["algorithm=fedtpg", "algorithm.hidden=16"]],
+                         ids=["promptfl", "fedtpg"])
+def test_base_to_novel_scores_a_learned_prompt_on_classes_it_never_saw(tmp_path, method):
+    proc = run_main([*PACS_MINI_ARGS, "logger=none", "federation.rounds=1", *method,
                      "data.classes.split=base_novel", "run_name=p"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "base-to-novel, final round 1: 4 base classes" in proc.stdout
@@ -244,12 +246,50 @@ def test_base_to_novel_scores_a_learned_prompt_on_classes_it_never_saw(tmp_path)
 
 
 @pytest.mark.parametrize("override, message", [
-    ("algorithm=linear_probe", "holds a weight for each training class"),
+    ("algorithm=linear_probe", "a part for each training class"),
+    ("algorithm=promptfl algorithm.n_ctx=4 algorithm.csc=true", "a part for each training class"),
     ("algorithm=fedclip_ft", "personalises its models"),
     ("data.partition.scheme=dirichlet", "data.partition.scheme=domain with data.classes.split=base_novel"),
     ("data.classes.split=half", "data.classes.split"),
 ])
 def test_base_to_novel_refuses_what_it_cannot_score(tmp_path, override, message):
     split = [] if override.startswith("data.classes.split") else ["data.classes.split=base_novel"]
-    proc = run_main([*PACS_MINI_ARGS, "logger=none", *split, override], tmp_path)
+    proc = run_main([*PACS_MINI_ARGS, "logger=none", *split, *override.split()], tmp_path)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("extra", [
+    ["algorithm=fedtpg", "algorithm.hidden=16", "data.classes.split=base_novel", "data.shots=2"],
+    ["algorithm=promptfl", "algorithm.n_ctx=4", "algorithm.csc=true", "data.classes.count=5"],
+], ids=["fedtpg-base_novel-shots", "promptfl_csc-count"])
+def test_protocols_in_two_processes_equal_one(tmp_path, extra):
+    """The protocols and CoOp's class-specific context on two ranks: the numbers of one process (the
+    base-to-novel scoring gathered across ranks like the rounds' evaluation)."""
+    import torch
+
+    from helpers import run_cli
+
+    common = [*PACS_MINI_ARGS, "logger=none", "federation.rounds=2", *extra]
+    one = run_main([*common, "run_name=one"], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_cli([*common, "run_name=two", "fabric.devices=2"], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = read_summary(tmp_path / "outputs" / "one"), read_summary(tmp_path / "outputs" / "two")
+    assert (a["world_size"], b["world_size"]) == (1, 2)
+    assert a["num_samples"] == b["num_samples"] and a["classes"] == b["classes"]
+    for block in ("selected", "final"):
+        for key in ("client_test_acc", "unseen_acc", "client_test_balanced_acc"):
+            assert b[block][key] == pytest.approx(a[block][key], abs=1e-6)
+    assert _close(a["base_novel"], b["base_novel"]), (a["base_novel"], b["base_novel"])
+    s1 = torch.load(tmp_path / "outputs" / "one" / "adapter_final.pt", weights_only=True)["state"]
+    s2 = torch.load(tmp_path / "outputs" / "two" / "adapter_final.pt", weights_only=True)["state"]
+    for k in s1:
+        torch.testing.assert_close(s1[k], s2[k], atol=1e-6, rtol=0)
+
+
+def _close(x, y) -> bool:
+    if isinstance(x, dict):
+        return isinstance(y, dict) and x.keys() == y.keys() and all(_close(x[k], y[k]) for k in x)
+    if isinstance(x, float):
+        return x == pytest.approx(y, abs=1e-6, nan_ok=True)
+    return x == y

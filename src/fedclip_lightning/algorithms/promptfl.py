@@ -1,6 +1,6 @@
 """PromptFL (Guo et al. 2023): federated CoOp. Each client learns ``n_ctx`` context vectors that replace
-the prompt's first words (``[SOS] ctx_1..ctx_n <class>. [EOS]``, one context for all classes, class
-token at the end); the frozen text encoder turns them into class features once per step, the image side
+the prompt's first words (``[SOS] ctx_1..ctx_n <class>. [EOS]``, one context for all classes, or with
+``csc=true`` CoOp's class-specific context, one per class; class token at the end); the frozen text encoder turns them into class features once per step, the image side
 stays frozen (cached features), and only the context travels (16 x 512 = 8,192 values for ViT-B-32).
 
 CoOp's hyperparameters: SGD, lr 0.002, momentum 0.9, weight decay 5e-4, cosine decay (here over the
@@ -37,6 +37,9 @@ class PromptFLConfig(AlgorithmConfig):
     lr_schedule: str = "cosine"  # over the rounds; or constant
     n_ctx: int = 16
     ctx_init: str | None = None  # e.g. 'a picture of a' (then n_ctx = its number of tokens)
+    # CoOp's class-specific context (CSC): a context of its own for each class (C x n_ctx x width values
+    # travel), instead of one shared by all classes. It cannot prompt classes it did not train on.
+    csc: bool = False
 
 
 @register
@@ -46,7 +49,11 @@ class PromptFL(CLIPAlgorithm):
 
     @classmethod
     def what_trains(cls, config) -> str:
-        return "the prompt context (CoOp)"
+        return "a prompt context per class (CoOp, CSC)" if getattr(config, "csc", False) else "the prompt context (CoOp)"
+
+    @property
+    def scores_any_class(self) -> bool:  # type: ignore[override]
+        return not self.config.csc  # a class-specific context exists for the training classes only
 
     @classmethod
     def check(cls, config: PromptFLConfig, bad) -> None:
@@ -57,22 +64,29 @@ class PromptFL(CLIPAlgorithm):
                 "use algorithm.optimizer_state=reset with SGD, or algorithm.optimizer=adam")
         if config.lr_schedule not in ("cosine", "constant"):
             bad("algorithm.lr_schedule", config.lr_schedule, "unknown schedule", "use cosine or constant")
+        if not isinstance(config.csc, bool):
+            bad("algorithm.csc", config.csc, "must be true or false", "algorithm.csc=true (CoOp's class-specific context)")
         if not isinstance(config.n_ctx, int) or config.n_ctx < 1:
             bad("algorithm.n_ctx", config.n_ctx, "must be a whole number >= 1", "e.g. algorithm.n_ctx=16")
 
-    def make_head(self):
+    def check_text_tower(self) -> None:
         from ..errors import ConfigError
 
         backbone = self.ctx.backbone
         model = backbone.clip.model
         if getattr(model, "text_pool_type", "argmax") != "argmax" or not hasattr(model, "token_embedding"):
-            raise ConfigError(f"algorithm=promptfl: the text tower of backbone {backbone.name!r} is not CLIP's "
+            raise ConfigError(f"algorithm={self.name}: the text tower of backbone {backbone.name!r} is not CLIP's "
                               "(token embedding, argmax pooling). Fix: use an OpenAI-style CLIP backbone.")
+
+    def make_head(self):
+        self.check_text_tower()
+        backbone = self.ctx.backbone
+        model = backbone.clip.model
         seed = stable_seed(self.cfg.seed, "prompt-context")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return PromptLearner(model, backbone.tokenizer, self.ctx.prompts, self.config.n_ctx,
-                                 self.config.ctx_init)
+                                 self.config.ctx_init, csc=self.config.csc)
 
     def fit_plan(self, p: Participant, server_round: int, loader) -> FitPlan:
         plan = super().fit_plan(p, server_round, loader)

@@ -30,10 +30,12 @@ from .transport import Clients, FabricTransport
 
 def check(cfg: Config, algorithm) -> None:
     """What base-to-novel cannot score, said before the run trains."""
-    if not isinstance(algorithm, CLIPAlgorithm) or not type(algorithm).scores_any_class:
-        raise ConfigError(f"data.classes.split=base_novel: algorithm={algorithm.name} holds a weight for each "
-                          "training class and cannot score the novel ones. Fix: use an algorithm that scores "
-                          "classes by their prompts (fedclip, promptfl, clip_adapter, ...), or data.classes.split=all.")
+    if not isinstance(algorithm, CLIPAlgorithm) or not algorithm.scores_any_class:
+        trains = algorithm.what_trains(algorithm.config)
+        raise ConfigError(f"data.classes.split=base_novel: algorithm={algorithm.name} trains {trains}, a part for "
+                          "each training class, and cannot score the novel ones. Fix: use an algorithm that scores "
+                          "classes by their prompts (fedclip, promptfl without csc, clip_adapter, ...), or "
+                          "data.classes.split=all.")
     if type(algorithm).personalize is not CLIPAlgorithm.personalize:
         raise ConfigError(f"data.classes.split=base_novel: algorithm={algorithm.name} personalises its models on "
                           "each client's training images at evaluation, and base-to-novel is scored for models "

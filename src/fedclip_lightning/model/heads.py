@@ -14,8 +14,9 @@ normalised class features that they are compared with (``text``: the frozen prom
 * ``PromptLearner`` (CoOp, Zhou et al. 2022; federated: PromptFL, Guo et al. 2023): ``n_ctx``
   learnable context vectors of the text encoder's width take the place of the prompt's first words,
   ``[SOS] ctx_1 ... ctx_n <class name tokens> . [EOS]`` (class token at the end, one context shared by
-  all classes); the frozen text encoder turns them into class features, once per step for all classes.
-  ``n_ctx x width`` parameters (16 x 512 = 8,192 for ViT-B-32).
+  all classes, or with ``csc`` one per class: CoOp's class-specific context); the frozen text encoder turns
+  them into class features, once per step for all classes. ``n_ctx x width`` parameters (16 x 512 = 8,192
+  for ViT-B-32), ``C x n_ctx x width`` with ``csc``.
 """
 
 from __future__ import annotations
@@ -75,14 +76,15 @@ def _check_fits(tokenizer, texts: list[str], class_names: list[str], length: int
 
 
 class PromptLearner(nn.Module):
-    """CoOp's unified context on a frozen open_clip text tower (not a submodule: only ``ctx`` is state).
+    """CoOp's context on a frozen open_clip text tower (not a submodule: only ``ctx`` is state): unified
+    (``ctx [n_ctx, width]``, shared by all classes), or class-specific (``csc``: ``ctx [C, n_ctx, width]``).
 
     ``init``: a phrase whose token embeddings start the context (``n_ctx`` = its number of tokens), or
     None for CoOp's random init (normal, std 0.02, seeded by the caller).
     """
 
     def __init__(self, clip: nn.Module, tokenizer, class_names: list[str], n_ctx: int = 16,
-                 init: str | None = None):
+                 init: str | None = None, csc: bool = False):
         super().__init__()
         object.__setattr__(self, "clip", clip)
         emb = clip.token_embedding
@@ -95,10 +97,11 @@ class PromptLearner(nn.Module):
         _check_fits(tokenizer, texts, class_names, tokens.shape[1], n_ctx, init)
         with torch.no_grad():
             embedded = emb(tokens).float()
-            if init:
-                ctx = emb(init_tokens[1:1 + n_ctx].to(emb.weight.device)).float()
+            shape = (len(class_names), n_ctx, embedded.shape[-1]) if csc else (n_ctx, embedded.shape[-1])
+            if init:  # the phrase's embeddings; with csc every class's context starts from them
+                ctx = emb(init_tokens[1:1 + n_ctx].to(emb.weight.device)).float().expand(shape).clone()
             else:
-                ctx = torch.empty(n_ctx, embedded.shape[-1]).normal_(std=0.02)
+                ctx = torch.empty(shape).normal_(std=0.02)
         self.ctx = nn.Parameter(ctx.to(emb.weight.device))
         self.n_ctx = n_ctx
         self.register_buffer("tokens", tokens, persistent=False)
@@ -109,7 +112,8 @@ class PromptLearner(nn.Module):
     def prompts(self) -> torch.Tensor:
         """The prompt embeddings ``[C, L, width]``: SOS, the context, the class name and what follows."""
         c = self.prefix.shape[0]
-        return torch.cat([self.prefix, self.ctx.unsqueeze(0).expand(c, -1, -1), self.suffix], dim=1)
+        ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.unsqueeze(0).expand(c, -1, -1)
+        return torch.cat([self.prefix, ctx, self.suffix], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x.float(), dim=-1)
@@ -132,3 +136,41 @@ class PromptLearner(nn.Module):
         proj = m.text_projection
         x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
         return F.normalize(x.float(), dim=-1)
+
+
+class PromptGenerator(PromptLearner):
+    """FedTPG's text-driven prompt generator (Qiu et al., ICLR 2024): the context is not learned directly but
+    generated from the text embeddings of the task's class names, so it can prompt classes no client saw.
+
+    ``n_ctx`` learned queries attend to the class names' frozen text features ``T [C, e]`` (cross-attention:
+    ``softmax(Q (T W_k)^T / sqrt(h)) (T W_v)``, width ``h``), and a two-layer MLP maps each attended vector to
+    a context vector of the text tower's width; the context, shared by the task's classes, then prompts each
+    class as CoOp's does. Parameters: ``n_ctx h + 2 e h + (h h + h) + (h w + w)``, none of them per class.
+    """
+
+    def __init__(self, clip: nn.Module, tokenizer, class_names: list[str], names: torch.Tensor, n_ctx: int = 4,
+                 hidden: int = 128):
+        super().__init__(clip, tokenizer, class_names, n_ctx)
+        del self.ctx  # generated, not learned
+        width = self.prefix.shape[-1]
+        e = names.shape[-1]
+        self.register_buffer("names", names.detach().float(), persistent=False)  # the class names' features
+        self.query = nn.Parameter(torch.empty(n_ctx, hidden).normal_(std=0.02))
+        self.key = nn.Linear(e, hidden, bias=False)
+        self.value = nn.Linear(e, hidden, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    @property
+    def ctx(self) -> torch.Tensor:  # type: ignore[override]
+        """The context ``[n_ctx, width]`` generated from the class names."""
+        k, v = self.key(self.names), self.value(self.names)
+        attn = torch.softmax(self.query @ k.T / k.shape[-1] ** 0.5, dim=-1)
+        return self.mlp(attn @ v)
+
+    def class_features(self, text: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 - made from the class names
+        if not torch.is_grad_enabled():  # evaluation: once per state of the generator, not once per batch
+            version = tuple(p._version for p in self.parameters())
+            if self._cache is None or self._cache[0] != version:
+                self._cache = (version, self._encode())
+            return self._cache[1]
+        return self._encode()
