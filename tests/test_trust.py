@@ -172,8 +172,15 @@ def test_a_sweep_reruns_a_finished_run_whose_results_would_differ_and_resumes_a_
         action, why = _rerun_plan(tmp_path / "r", [*ov, change])
         assert action == "fresh" and f"finished earlier with other settings ({key}" in why, (change, why)
     assert _rerun_plan(tmp_path / "r", [*ov, "progress=true", "features.num_workers=1"]) == ("skip", "")
-    # killed after its checkpoint of round 2: the sweep resumes it instead of starting at round 0
+    # a run older than a key: the same where the key is wanted at its default (the behaviour from before it)
     summary = tmp_path / "r" / "summary.json"
+    s = json.loads(summary.read_text())
+    del s["config"]["data"]["classes"], s["config"]["data"]["shots"]
+    summary.write_text(json.dumps(s))
+    assert _rerun_plan(tmp_path / "r", ov) == ("skip", "")
+    action, why = _rerun_plan(tmp_path / "r", [*ov, "data.shots=4"])
+    assert action == "fresh" and "data.shots: then None, now 4" in why
+    # killed after its checkpoint of round 2: the sweep resumes it instead of starting at round 0
     summary.write_text(summary.read_text().replace('"status": "finished"', '"status": "running"'))
     assert _rerun_plan(tmp_path / "r", ov) == ("resume", "stopped after round 2: resumed from its checkpoint")
     assert _rerun_plan(tmp_path / "r", [*ov, "algorithm.lr=1e-3"])[0] == "fresh"

@@ -236,11 +236,30 @@ def _rerun_plan(run_dir: Path, ov: list[str]) -> tuple[str, str]:
 
 
 def _differences(saved: dict, want: dict) -> list[str]:
+    """The settings in which a saved run's config differs from the one wanted. A key the saved config does not
+    have (the run is older than the key) is the same where the wanted value is the key's default: a new key's
+    default is the behaviour from before it (``algorithm.csc=false``, ``data.classes.split=all``)."""
     from .checkpoint import _flatten
 
     a, b = _flatten(saved), _flatten(want)
+    defaults = _flatten(_default_config(want))
     return [f"{k}: then {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if not any(k == r or k.startswith(r + ".") for r in NOT_COMPARED) and a.get(k) != b.get(k)]
+            if not any(k == r or k.startswith(r + ".") for r in NOT_COMPARED) and a.get(k) != b.get(k)
+            and not (k not in a and k in defaults and b.get(k) == defaults[k])]
+
+
+def _default_config(want: dict) -> dict:
+    """The schema's defaults, with the wanted algorithm's own keys (``Config()`` and its config class)."""
+    import dataclasses
+
+    from .algorithms import registry
+    from .config import Config, to_dict
+
+    out = to_dict(Config())
+    name = (want.get("algorithm") or {}).get("name")
+    if name in registry.names():
+        out["algorithm"] = dataclasses.asdict(registry.get(name).config_class(name=name))
+    return out
 
 
 def _die_with_parent() -> None:
