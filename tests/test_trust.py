@@ -53,7 +53,7 @@ def test_evaluation_names_a_split_whose_loss_is_not_finite(tmp_path, monkeypatch
         out = rows_of(parts, results, train, algorithm)
         n = len(parts)
         for i, row in out.items():
-            if i // n == 1:  # the val slot: (accuracy, loss, n, filled, confusion...)
+            if i // n == 1:  # the val slot: (accuracy, loss, n, confusion..., filled)
                 out[i] = row.clone()
                 out[i][1] = float("nan")
         return out

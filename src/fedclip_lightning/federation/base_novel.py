@@ -17,15 +17,14 @@ import math
 
 import torch
 
-from ..algorithms import registry
 from ..algorithms.base import CLIPAlgorithm
 from ..config import Config
-from ..configure import algorithm_config
 from ..data.pipeline import base_novel_tasks, class_prompt_names
 from ..errors import ConfigError
 from ..report import RoundMetrics
 from .datasets import build_datasets
-from .transport import Clients, FabricTransport
+from .server import zero_shot_algorithm
+from .transport import evaluate_once
 
 
 def check(cfg: Config, algorithm) -> None:
@@ -68,13 +67,11 @@ def evaluate(cfg: Config, ctx, algorithm, final: RoundMetrics, zero_shot: RoundM
             vctx.datasets, _ = build_datasets(cfg, ctx.fabric, ctx.backbone, task, vctx.mine)
             vctx.prepare_eval_loaders()
             with algorithm.classes_of(vctx):
-                scored["final"][name] = FabricTransport(vctx, algorithm, Clients(algorithm.make_client, vctx.mine)) \
-                    .evaluate(0, {})[0]
+                scored["final"][name] = evaluate_once(vctx, algorithm)[0]
             if zero_shot is not None:
-                zs = registry.get("zeroshot")(dataclasses.replace(cfg, algorithm=algorithm_config({"name": "zeroshot"})))
+                zs = zero_shot_algorithm(cfg)
                 zs.setup(vctx)
-                scored["zero_shot"][name] = FabricTransport(vctx, zs, Clients(zs.make_client, vctx.mine)) \
-                    .evaluate(0, {})[0]
+                scored["zero_shot"][name] = evaluate_once(vctx, zs)[0]
     out = {"base_classes": list(base_task.classes), "novel_classes": list(novel_task.classes), "round": final.round,
            "final": _block(final, scored["final"]["novel"], scored["final"]["all"])}
     if zero_shot is not None:

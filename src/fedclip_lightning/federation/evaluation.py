@@ -31,16 +31,16 @@ def confusion_classes(num_parts: int, num_classes: int) -> int:
 
 
 def table_width(parts, algorithm) -> int:
-    """A row of the round's table: accuracy, loss, n, a filled mark, then the confusion (``confusion_classes``)."""
+    """A row of the round's table: ``SplitResult.as_row`` (accuracy, loss, n, the confusion where the table
+    carries it: ``confusion_classes``), then a filled mark."""
     return 4 + confusion_classes(len(parts), len(algorithm.ctx.task.classes)) ** 2
 
 
 def table_rows(parts, results: dict[int, dict[str, SplitResult]], train: dict[int, SplitResult],
                algorithm) -> dict[int, torch.Tensor]:
     """Rows of the round's table from participants' result slots (``results``: those evaluated here) and
-    their train results of the round: slot-major, participant index within; a fourth column marks a row as
-    filled (a train row is absent in round 0, a participant that did not answer has none), the confusion
-    follows where the table carries it."""
+    their train results of the round: slot-major, participant index within; the last column marks a row as
+    filled (a train row is absent in round 0, a participant that did not answer has none)."""
     n = len(parts)
     width = table_width(parts, algorithm)
     out: dict[int, torch.Tensor] = {}
@@ -55,10 +55,9 @@ def table_rows(parts, results: dict[int, dict[str, SplitResult]], train: dict[in
                 raise ValueError(f"{type(algorithm).__name__} returned the result slot {slot!r}; "
                                  f"the slots are {SLOTS}")
             row = torch.zeros(width, dtype=torch.float64)
-            row[:3] = torch.tensor([res.accuracy, res.loss, float(res.n)], dtype=torch.float64)
-            row[3] = 1.0
-            if width > 4 and res.confusion is not None:
-                row[4:] = res.confusion.flatten().double()
+            values = res.as_row() if width > 4 else res.as_row()[:3]  # without a confusion the table cannot hold
+            row[:len(values)] = values
+            row[-1] = 1.0
             out[SLOTS.index(slot) * n + p.index] = row
     return out
 
@@ -87,15 +86,9 @@ def assemble(server_round: int, parts, table: torch.Tensor) -> tuple[RoundMetric
     participant's rows in place). A participant without rows (it did not answer) is left out."""
     n = len(parts)
 
-    c = math.isqrt(table.shape[1] - 4)
-
     def row(s: str, i: int) -> SplitResult | None:
         j = SLOTS.index(s) * n + i
-        if table[j, 3] <= 0:
-            return None
-        conf = table[j, 4:]
-        return SplitResult(float(table[j, 0]), float(table[j, 1]), int(table[j, 2]),
-                           conf.reshape(c, c).round().long() if c and bool(conf.any()) else None)
+        return SplitResult.from_row(table[j, :-1]) if table[j, -1] > 0 else None
 
     acc: dict[str, dict[str, float]] = {s: {} for s in SLOTS}
     balanced: dict[str, dict[str, float]] = {s: {} for s in ("val", "test", "unseen")}
@@ -111,13 +104,14 @@ def assemble(server_round: int, parts, table: torch.Tensor) -> tuple[RoundMetric
                 if res.n > 0 and not math.isfinite(res.loss):
                     bad.append(f"{p.name} {s}")
                 acc[s][p.name] = res.accuracy
-                csv_rows.append((server_round, p.name, s, res.accuracy, res.loss, res.balanced))
+                bal = res.balanced
+                csv_rows.append((server_round, p.name, s, res.accuracy, res.loss, bal))
                 logd[f"client/{p.name}/{s}_acc"] = res.accuracy
                 logd[f"client/{p.name}/{s}_loss"] = res.loss
                 if s in ("val", "test") and res.confusion is not None:
-                    balanced[s][p.name] = res.balanced
+                    balanced[s][p.name] = bal
                     confusions[(p.name, s)] = res.confusion
-                    logd[f"client/{p.name}/{s}_balanced_acc"] = res.balanced
+                    logd[f"client/{p.name}/{s}_balanced_acc"] = bal
         else:
             te = row("test", p.index)
             if te is None:
@@ -125,13 +119,14 @@ def assemble(server_round: int, parts, table: torch.Tensor) -> tuple[RoundMetric
             if te.n > 0 and not math.isfinite(te.loss):
                 bad.append(f"{p.name} unseen")
             unseen[p.name] = te.accuracy
-            csv_rows.append((server_round, p.name, "unseen", te.accuracy, te.loss, te.balanced))
+            bal = te.balanced
+            csv_rows.append((server_round, p.name, "unseen", te.accuracy, te.loss, bal))
             logd[f"unseen/{p.name}/acc"] = te.accuracy
             logd[f"unseen/{p.name}/loss"] = te.loss
             if te.confusion is not None:
-                balanced["unseen"][p.name] = te.balanced
+                balanced["unseen"][p.name] = bal
                 confusions[(p.name, "unseen")] = te.confusion
-                logd[f"unseen/{p.name}/balanced_acc"] = te.balanced
+                logd[f"unseen/{p.name}/balanced_acc"] = bal
     if bad:
         raise DivergedError(f"round {server_round}: the loss is not finite (NaN or inf) for {named(bad)}: "
                             "the model "

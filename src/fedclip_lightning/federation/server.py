@@ -163,7 +163,7 @@ class Server:
         val, test and unseen splits, through the same evaluation as the rounds: the baseline beside the trained
         model in the end-of-run table. Run after training, on its own random stream, so it changes nothing
         the rounds compute."""
-        zero_shot = registry.get("zeroshot")(dataclasses.replace(self.cfg, algorithm=algorithm_config({"name": "zeroshot"})))
+        zero_shot = zero_shot_algorithm(self.cfg)
         t = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             zero_shot.setup(self.ctx)
@@ -247,3 +247,8 @@ class Server:
     def close(self) -> None:
         self.writer.close()  # a checkpoint being written still lands: a resume starts from it
         self.summary.phase_seconds = {k: round(v, 3) for k, v in self.phase_seconds.items()}
+
+
+def zero_shot_algorithm(cfg):
+    """Zero-shot CLIP as an algorithm of this run's config (set it up on a context to evaluate it)."""
+    return registry.get("zeroshot")(dataclasses.replace(cfg, algorithm=algorithm_config({"name": "zeroshot"})))

@@ -55,7 +55,7 @@ class FabricTransport:
     def evaluate_with(self, algorithm) -> tuple[RoundMetrics, list[tuple], dict]:
         """Every participant evaluated once (round 0) with another algorithm, set up on this run's context
         (the zero-shot baseline): its own clients, built here."""
-        return FabricTransport(self.ctx, algorithm, Clients(algorithm.make_client, self.ctx.mine)).evaluate(0, {})
+        return evaluate_once(self.ctx, algorithm)
 
     def client_states(self) -> dict[str, dict]:
         """What this rank's clients keep between rounds (kept Adam state, own adapters), by client name."""
@@ -63,6 +63,12 @@ class FabricTransport:
 
     def load_client_states(self, states: dict[str, dict]) -> None:
         self.algorithm.load_client_states(states)
+
+
+def evaluate_once(ctx, algorithm) -> tuple[RoundMetrics, list[tuple], dict]:
+    """Every participant of ``ctx`` evaluated once (round 0) by ``algorithm``, with clients of its own made
+    here: ``(metrics, metrics.csv rows, values to log)``, the same on every rank."""
+    return FabricTransport(ctx, algorithm, Clients(algorithm.make_client, ctx.mine)).evaluate(0, {})
 
 
 class Clients(dict):
