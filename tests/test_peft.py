@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from fedclip_lightning.config import BackboneConfig
 from fedclip_lightning.model.adapter import AdapterFunction, AttentionAdapter
 from fedclip_lightning.model.backbone import load_backbone
-from fedclip_lightning.model.heads import LinearProbe, PromptGenerator, PromptLearner, ResidualMLPAdapter
+from fedclip_lightning.model.heads import (ConditionalPromptLearner, LinearProbe, PromptGenerator, PromptLearner,
+                                          ResidualMLPAdapter)
 from helpers import PACS_MINI_ARGS, num_adapter_params, read_summary, run_main
 
 CLASSES = ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
@@ -103,6 +104,71 @@ def test_prompt_generator_is_fedtpgs(tiny):
         assert other.class_features(None).shape == (3, e)
 
 
+def test_conditional_prompt_is_cocoops(tiny):
+    """CoCoOp: the meta-net (e -> e/16 -> width, with biases) shifts the shared context by one vector per image;
+    image i's class features are exactly those of CoOp's context ``ctx + meta_net(f_i)``, written out here; the
+    context and the meta-net are what trains and travels, nothing per class."""
+    model, tok = tiny.clip.model, tiny.tokenizer
+    width, e = model.token_embedding.weight.shape[1], tiny.embed_dim
+    h = e // 16
+    torch.manual_seed(0)
+    cc = ConditionalPromptLearner(model, tok, CLASSES, e, n_ctx=4)
+    shapes = {k: tuple(v.shape) for k, v in cc.state_dict().items()}
+    assert shapes == {"ctx": (4, width), "meta_net.linear1.weight": (h, e), "meta_net.linear1.bias": (h,),
+                      "meta_net.linear2.weight": (width, h), "meta_net.linear2.bias": (width,)}
+    assert sum(p.numel() for p in cc.parameters()) == 4 * width + e * h + h + h * width + width
+    feats = F.normalize(torch.randn(3, e), dim=-1)
+    with torch.no_grad():
+        got = cc.class_features_for(feats)
+        assert got.shape == (3, len(CLASSES), e)
+        shift = cc.meta_net.linear2(F.relu(cc.meta_net.linear1(feats)))  # pi_i, one vector per image
+        for i in range(3):
+            coop = PromptLearner(model, tok, CLASSES, n_ctx=4)
+            coop.ctx.copy_(cc.ctx + shift[i])  # the same shift in every context position
+            torch.testing.assert_close(got[i], coop.class_features(None), atol=2e-6, rtol=0)
+        assert not torch.allclose(got[0], got[1])  # each image its own class features
+    # the training path (one text-tower call for all prompts) equals evaluation's chunked calls
+    cc.PROMPTS_PER_CALL = len(CLASSES)  # one image a call
+    with torch.no_grad():
+        torch.testing.assert_close(cc.class_features_for(feats), got, atol=2e-6, rtol=0)
+    loss = F.cross_entropy(tiny.logit_scale * torch.einsum("bd,bcd->bc", feats, cc.class_features_for(feats)),
+                           torch.tensor([0, 1, 2]))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cc.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    # other classes: the same state prompts them (nothing per class)
+    novel = ["horse", "house", "person"]
+    other = ConditionalPromptLearner(model, tok, novel, e, n_ctx=4)
+    other.load_state_dict(cc.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(other.class_features_for(feats), got[:, 4:], atol=2e-6, rtol=0)
+
+
+def test_cocoop_starts_from_its_phrase_and_a_zero_shift_is_zero_shot(tiny):
+    """From CoCoOp's 'a photo of a' with the meta-net's output layer at zero, every image's class features are
+    zero-shot CLIP's with that prompt, and a client's logits are zero-shot CLIP's logits."""
+    from fedclip_lightning.client import AdapterClient
+    from fedclip_lightning.algorithms.cocoop import CoCoOpConfig
+
+    cc = ConditionalPromptLearner(tiny.clip.model, tiny.tokenizer, CLASSES, tiny.embed_dim, init="a photo of a")
+    assert cc.n_ctx == 4
+    with torch.no_grad():
+        cc.meta_net.linear2.weight.zero_()
+        cc.meta_net.linear2.bias.zero_()
+    zero_shot = tiny.text_features(CLASSES, "a photo of a {}.")
+    x = torch.randn(5, tiny.embed_dim)
+    client = AdapterClient("c", tiny, zero_shot, CoCoOpConfig(), head=cc)
+    with torch.no_grad():
+        text = client.class_features_for(F.normalize(x, dim=-1))
+        assert text.shape == (5, len(CLASSES), tiny.embed_dim)
+        torch.testing.assert_close(text, zero_shot.expand(5, -1, -1), atol=1e-6, rtol=0)
+        torch.testing.assert_close(client(x), tiny.logit_scale * F.normalize(x, dim=-1) @ zero_shot.T, atol=1e-5,
+                                   rtol=0)
+    out = client.training_step((x, torch.arange(5)), 0)
+    torch.testing.assert_close(out["loss"], F.cross_entropy(client(x), torch.arange(5)), atol=1e-6, rtol=0)
+    assert out["correct"] == (client(x).argmax(dim=-1) == torch.arange(5)).sum()
+
+
 def test_prompt_from_a_phrase_untrained_gives_the_zero_shot_logits(tiny):
     learner = PromptLearner(tiny.clip.model, tiny.tokenizer, CLASSES, init="a picture of a")
     assert learner.n_ctx == 4
@@ -142,8 +208,11 @@ def test_parameter_counts_for_vit_b_32():
                                                          n_ctx=16).parameters()),
         "clip_adapter": sum(p.numel() for p in ResidualMLPAdapter(d, 4).parameters()),
         "linear_probe": sum(p.numel() for p in LinearProbe(torch.zeros(7, d)).parameters()),
+        "cocoop": sum(p.numel() for p in ConditionalPromptLearner(model, open_clip.get_tokenizer("ViT-B-32"), CLASSES,
+                                                                  d, init="a photo of a").parameters()),
     }
-    assert counts == {"fedclip": 525_312, "promptfl": 8_192, "clip_adapter": 131_072, "linear_probe": 3_584}
+    assert counts == {"fedclip": 525_312, "promptfl": 8_192, "clip_adapter": 131_072, "linear_probe": 3_584,
+                      "cocoop": 35_360}
     assert width == 512
     sizes = {h: num_adapter_params(d, h) for h in (512, 256, 128, 64, 32)}
     assert sizes == {512: 525_312, 256: 262_912, 128: 131_712, 64: 66_112, 32: 33_312}
@@ -162,8 +231,9 @@ def test_bottleneck_adapter_gradients_match_autograd():
 
 # -- end to end --------------------------------------------------------------------------------------
 
-NEW = ["promptfl", "promptfl_csc", "fedtpg", "clip_adapter", "linear_probe", "fedclip_small"]
+NEW = ["promptfl", "promptfl_csc", "fedtpg", "cocoop", "clip_adapter", "linear_probe", "fedclip_small"]
 EXTRA = {"promptfl": ["algorithm=promptfl", "algorithm.n_ctx=4"], "fedtpg": ["algorithm=fedtpg", "algorithm.hidden=16"],
+         "cocoop": ["algorithm=cocoop"],
          "promptfl_csc": ["algorithm=promptfl", "algorithm.n_ctx=4", "algorithm.csc=true"],
          "clip_adapter": ["algorithm=clip_adapter"],
          "linear_probe": ["algorithm=linear_probe"], "fedclip_small": ["algorithm.adapter_hidden=8"]}
@@ -220,3 +290,13 @@ def test_class_specific_context_trains_and_sends_one_context_per_class(straight)
     assert s["bytes_per_client_per_round"] == 4 * s["trainable_params"]
     ctx = torch.load(straight["promptfl_csc"] / "adapter_final.pt", weights_only=True)["state"]["ctx"]
     assert ctx.shape == (7, 4, 32)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("algorithm.csc=true", "CoCoOp shifts one context shared by the classes"),
+    ("algorithm.loss=contrastive", "only the cross-entropy over the classes applies"),
+])
+def test_cocoop_refuses_what_it_cannot_do(tmp_path, override, message):
+    proc = run_main([*PACS_MINI_ARGS, "logger=none", "algorithm=cocoop", override], tmp_path)
+    assert proc.returncode != 0 and message in proc.stderr and override.split("=")[0] in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -233,8 +233,8 @@ def test_base_to_novel_trains_on_the_base_classes_and_scores_novel_as_a_run_on_t
                 assert v["hm"] == pytest.approx(2 * v["base"] * v["novel"] / (v["base"] + v["novel"]))
 
 
-@pytest.mark.parametrize("method", [["algorithm=promptfl", "algorithm.n_ctx=4"], ["algorithm=fedtpg", "algorithm.hidden=16"]],
-                         ids=["promptfl", "fedtpg"])
+@pytest.mark.parametrize("method", [["algorithm=promptfl", "algorithm.n_ctx=4"], ["algorithm=fedtpg", "algorithm.hidden=16"],
+                                    ["algorithm=cocoop"]], ids=["promptfl", "fedtpg", "cocoop"])
 def test_base_to_novel_scores_a_learned_prompt_on_classes_it_never_saw(tmp_path, method):
     proc = run_main([*PACS_MINI_ARGS, "logger=none", "federation.rounds=1", *method,
                      "data.classes.split=base_novel", "run_name=p"], tmp_path)
@@ -257,12 +257,14 @@ def test_base_to_novel_refuses_what_it_cannot_score(tmp_path, override, message)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_protocols_in_two_processes_equal_one(tmp_path):
-    """FedTPG with few-shot clients and base-to-novel on two ranks: the numbers of one
+@pytest.mark.parametrize("method", [["algorithm=fedtpg", "algorithm.hidden=16"], ["algorithm=cocoop"]],
+                         ids=["fedtpg", "cocoop"])
+def test_protocols_in_two_processes_equal_one(tmp_path, method):
+    """FedTPG and CoCoOp with few-shot clients and base-to-novel on two ranks: the numbers of one
     process (the base-to-novel scoring gathered across ranks like the rounds' evaluation). CoOp's
     class-specific context travels and averages as promptfl's context does, whose two-process golden case
     holds it (tests/golden.py: TWO_PROCESS)."""
-    extra = ["algorithm=fedtpg", "algorithm.hidden=16", "data.classes.split=base_novel", "data.shots=2"]
+    extra = [*method, "data.classes.split=base_novel", "data.shots=2"]
     import torch
 
     from helpers import run_cli

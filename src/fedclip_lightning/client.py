@@ -57,8 +57,18 @@ class CLIPClient(L.LightningModule):
         self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits ``exp(logit_scale) * I* @ T^T``."""
-        return self.scale * self.features(x) @ self.class_features().T
+        """Class logits ``exp(logit_scale) * I* @ T^T`` (each image against its own class features where the
+        head conditions them on the image: CoCoOp)."""
+        feats = self.features(x)
+        text = self.class_features_for(feats)
+        if text.dim() == 3:
+            return torch.einsum("bd,bcd->bc", self.scale * feats, text)
+        return self.scale * feats @ text.T
+
+    def class_features_for(self, feats: torch.Tensor) -> torch.Tensor:
+        """The class features the images ``feats [B, d]`` are scored against: ``[C, d]``, the same for every
+        image, or ``[B, C, d]``, each image's own (a head with ``conditioned``, CoCoOp's)."""
+        return self.class_features()
 
     # -- Lightning hooks -----------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int,
@@ -68,12 +78,17 @@ class CLIPClient(L.LightningModule):
         x, y = batch
         if y.numel() < 2:  # the reference skips batches of one
             return None
-        feats, text = self.features(x), self.class_features()
-        loss = clip_loss(self.config.loss, self.scale, feats, text, y)
+        feats = self.features(x)
+        text = self.class_features_for(feats)
+        if text.dim() == 3:  # each image's own class features (CoCoOp): cross-entropy over the classes
+            sims = torch.einsum("bd,bcd->bc", feats, text)
+            loss = F.cross_entropy(self.scale * sims, y)
+        else:
+            loss = clip_loss(self.config.loss, self.scale, feats, text, y)
         if plan is not None and plan.anchor is not None:
             loss = loss + proximal_term(plan.mu, self.trainable(), plan.anchor)
         with torch.no_grad():
-            correct = ((feats @ text.T).argmax(dim=-1) == y).sum()
+            correct = ((sims if text.dim() == 3 else feats @ text.T).argmax(dim=-1) == y).sum()
         return {"loss": loss, "correct": correct}
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
@@ -133,6 +148,11 @@ class AdapterClient(CLIPClient):
         if self.adapter is not None and hasattr(self.adapter, "class_features"):
             return self.adapter.class_features(self.text_features)
         return self.text_features
+
+    def class_features_for(self, feats: torch.Tensor) -> torch.Tensor:
+        if getattr(self.adapter, "conditioned", False):
+            return self.adapter.class_features_for(feats)
+        return self.class_features()
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return dict(self.adapter.named_parameters()) if self.adapter is not None else {}

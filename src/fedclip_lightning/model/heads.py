@@ -17,6 +17,9 @@ normalised class features that they are compared with (``text``: the frozen prom
   all classes, or with ``csc`` one per class: CoOp's class-specific context); the frozen text encoder turns
   them into class features, once per step for all classes. ``n_ctx x width`` parameters (16 x 512 = 8,192
   for ViT-B-32), ``C x n_ctx x width`` with ``csc``.
+* ``PromptGenerator`` (FedTPG): the context generated from the class names' text features.
+* ``ConditionalPromptLearner`` (CoCoOp): the context shifted for each image by a small meta-net of its
+  features, so the class features are the image's own (``class_features_for(feats) -> [B, C, d]``).
 """
 
 from __future__ import annotations
@@ -125,14 +128,16 @@ class PromptLearner(nn.Module):
             return self._cache[1]
         return self._encode()
 
-    def _encode(self) -> torch.Tensor:
-        """open_clip's ``encode_text`` from the embeddings on (argmax pooling: the EOS token)."""
+    def _encode(self, prompts: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """open_clip's ``encode_text`` from the embeddings on (argmax pooling: the EOS token), of this context's
+        ``prompts()`` or of the ``prompts`` given (with their ``tokens``)."""
         m = self.clip
         dtype = m.transformer.get_cast_dtype()
-        x = self.prompts().to(dtype) + m.positional_embedding.to(dtype)
+        prompts, tokens = (self.prompts(), self.tokens) if prompts is None else (prompts, tokens)
+        x = prompts.to(dtype) + m.positional_embedding.to(dtype)
         x = m.transformer(x, attn_mask=m.attn_mask)
         x = m.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), self.tokens.argmax(dim=-1)]
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
         proj = m.text_projection
         x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
         return F.normalize(x.float(), dim=-1)
@@ -174,3 +179,52 @@ class PromptGenerator(PromptLearner):
                 self._cache = (version, self._encode())
             return self._cache[1]
         return self._encode()
+
+
+class ConditionalPromptLearner(PromptLearner):
+    """CoCoOp's image-conditioned context (Zhou et al., CVPR 2022, github.com/KaiyangZhou/CoOp ``cocoop.py``):
+    CoOp's unified context ``ctx [n_ctx, width]`` plus, for each image, a shift ``pi = meta_net(f)`` of its
+    normalised features ``f [e]``: the meta-net is ``linear2(relu(linear1(f)))``, ``e -> e/16 -> width``
+    (with biases). Image ``i`` prompts every class with ``ctx + pi_i`` (the same shift in every context
+    position), so its class features ``T_i [C, d]`` are its own and its logits are ``s f_i . T_i[c]``: the text
+    tower runs ``B x C`` prompts for a batch of ``B`` images. Parameters: ``n_ctx w + e (e/16) + e/16 +
+    (e/16) w + w`` (35,360 for ViT-B/32), none of them per class, so it prompts new classes."""
+
+    conditioned = True
+    PROMPTS_PER_CALL = 1024  # without gradients (evaluation): the text tower's batch of prompts at most
+
+    def __init__(self, clip: nn.Module, tokenizer, class_names: list[str], embed_dim: int, n_ctx: int = 4,
+                 init: str | None = None):
+        super().__init__(clip, tokenizer, class_names, n_ctx, init)
+        from collections import OrderedDict
+
+        width, hidden = self.ctx.shape[-1], max(1, embed_dim // 16)
+        self.meta_net = nn.Sequential(OrderedDict([("linear1", nn.Linear(embed_dim, hidden)), ("relu", nn.ReLU()),
+                                                   ("linear2", nn.Linear(hidden, width))]))
+        self.meta_net.to(self.ctx.device)
+
+    def shifted(self, feats: torch.Tensor) -> torch.Tensor:
+        """Each image's context ``ctx + meta_net(f)``: ``[B, n_ctx, width]``."""
+        return self.ctx.unsqueeze(0) + self.meta_net(feats.float()).unsqueeze(1)
+
+    def class_features(self, text: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 - made from the context
+        """The class features of the unshifted context (``pi = 0``): not what CoCoOp scores with (that is
+        ``class_features_for``); for inspection."""
+        return self._encode()
+
+    def class_features_for(self, feats: torch.Tensor) -> torch.Tensor:
+        """Normalised class features of each image's own prompts: ``[B, C, d]`` for ``feats [B, e]`` (the
+        normalised image features). Without gradients the prompts go through the text tower in calls of at
+        most ``PROMPTS_PER_CALL``."""
+        c = self.prefix.shape[0]
+        ctx = self.shifted(feats)  # [B, n_ctx, w]
+        step = len(feats) if torch.is_grad_enabled() else max(1, self.PROMPTS_PER_CALL // c)
+        out = []
+        for i in range(0, len(feats), step):
+            part = ctx[i:i + step]
+            b = part.shape[0]
+            prompts = torch.cat([self.prefix.expand(b, -1, -1, -1).reshape(b * c, 1, -1),
+                                 part.unsqueeze(1).expand(-1, c, -1, -1).reshape(b * c, self.n_ctx, -1),
+                                 self.suffix.expand(b, -1, -1, -1).reshape(b * c, self.suffix.shape[1], -1)], dim=1)
+            out.append(self._encode(prompts, self.tokens.repeat(b, 1)).view(b, c, -1))
+        return torch.cat(out)
