@@ -48,6 +48,13 @@ def test_few_shot_keeps_k_images_of_each_class_per_client_and_nothing_else_chang
         assert set(c1.train) <= set(c2.train) <= set(c4.train)
     # fewer images than shots: a class keeps what it has
     assert few_shot(task, 100, seed=0) == task
+    # a class's shots are its own, whatever other classes the run keeps
+    relabel = {1: 0, 3: 1}  # dog, owl
+    subset = Task(classes=["dog", "owl"], unseen={}, clients=[
+        ClientSplit(c.name, [Sample(x.path, relabel[x.label], x.domain) for x in c.train if x.label in relabel], [], [])
+        for c in task.clients])
+    for whole, part in zip(four.clients, few_shot(subset, 4, seed=0).clients):
+        assert [x.path for x in part.train] == [x.path for x in whole.train if x.label in relabel]
 
 
 def test_class_subset_by_name_or_seeded_count():

@@ -161,8 +161,9 @@ def _names(classes: list[str], limit: int = 12) -> str:
 def few_shot(task: Task, shots: int, seed: int) -> Task:
     """Each client's training images cut to at most ``shots`` of each class (``data.shots``, CoOp's k-shot
     protocol), its validation and test images and the unseen domains untouched. A class's images are
-    shuffled with a seed of (run seed, client, class) and the first ``shots`` kept, in the split's order:
-    the same images in every process, and the 1-shot images among the 2-shot ones, and so on."""
+    shuffled with a seed of (run seed, client, class name) and the first ``shots`` kept, in the split's order:
+    the same images in every process and whatever other classes a run keeps, and the 1-shot images among
+    the 2-shot ones, and so on."""
     clients = []
     for c in task.clients:
         by_class: dict[int, list[int]] = {}
@@ -170,7 +171,7 @@ def few_shot(task: Task, shots: int, seed: int) -> Task:
             by_class.setdefault(s.label, []).append(i)
         kept: set[int] = set()
         for label, idx in by_class.items():
-            random.Random(stable_seed(seed, "shots", c.name, label)).shuffle(idx)
+            random.Random(stable_seed(seed, "shots", c.name, task.classes[label])).shuffle(idx)
             kept.update(idx[:shots])
         clients.append(ClientSplit(c.name, [s for i, s in enumerate(c.train) if i in kept], c.val, c.test))
     return Task(classes=task.classes, clients=clients, unseen=task.unseen)
