@@ -300,3 +300,10 @@ def test_cocoop_refuses_what_it_cannot_do(tmp_path, override, message):
     proc = run_main([*PACS_MINI_ARGS, "logger=none", "algorithm=cocoop", override], tmp_path)
     assert proc.returncode != 0 and message in proc.stderr and override.split("=")[0] in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_cocoop_warns_when_a_step_runs_many_prompts(tmp_path):
+    proc = run_main([*PACS_MINI_ARGS, "logger=none", "algorithm=cocoop", "federation.rounds=1", "data.batch_size=600",
+                     "run_name=w"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "600 x 7 = 4,200 prompts through the text tower" in proc.stdout + proc.stderr

@@ -47,6 +47,19 @@ class CoCoOp(PromptFL):
             bad("algorithm.loss", config.loss, "CoCoOp scores each image against its own class features, so "
                 "only the cross-entropy over the classes applies", "algorithm.loss=prototype")
 
+    # Prompts a training step runs through the text tower with gradients, above which the run is warned: their
+    # activations are kept for the backward pass (ViT-B's text tower: about 2 MB a prompt, fp32).
+    PROMPTS_WARN = 4096
+
+    def warnings(self) -> list[str]:
+        out = super().warnings()
+        n = self.cfg.data.batch_size * len(self.ctx.prompts)
+        if n > self.PROMPTS_WARN:
+            out.append(f"CoCoOp runs data.batch_size x classes = {self.cfg.data.batch_size} x {len(self.ctx.prompts)} = "
+                       f"{n:,} prompts through the text tower in each training step, their activations kept for the "
+                       "backward pass (CoCoOp's own batch is one image): if memory runs out, lower data.batch_size")
+        return out
+
     def make_head(self):
         self.check_text_tower()
         backbone = self.ctx.backbone
