@@ -167,6 +167,25 @@ def _check_across(cfg: Config, p: Problems) -> None:
               "sends nothing to a server", "drop the federation.* server options, or choose an algorithm that aggregates")
 
 
+_STORED: dict[tuple[str | None, str], type] = {}  # what this process put in Hydra's ConfigStore: (group, name) -> class
+
+
+def _store_schemas(store) -> None:
+    """The typed schema under conf/config.yaml, so every key exists (with its default) whatever a preset spells
+    out, and types are checked as Hydra composes; and each algorithm's config class as
+    ``algorithm/<name>_schema``, so its YAML states only what differs from it. Stored once per process (and
+    again for an algorithm registered since, or a class that changed): a structured config costs about 10 ms
+    to store, and a run composes its config more than once."""
+    want = {(None, "fedclip_schema"): (Config, Config),
+            **{("algorithm", f"{n}_schema"): (registry.get(n).config_class, None) for n in registry.names()}}
+    for (group, name), (cls, node) in want.items():
+        there = store.repo if group is None else store.repo.get(group, {})
+        if _STORED.get((group, name)) is cls and f"{name}.yaml" in there:
+            continue
+        store.store(group=group, name=name, node=node if node is not None else cls(name=name[:-len("_schema")]))
+        _STORED[(group, name)] = cls
+
+
 def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> Config:
     """Compose ``conf/<config_name>.yaml`` with Hydra overrides, type it and check it."""
     from hydra import compose, initialize_config_dir
@@ -175,13 +194,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = 
 
     from hydra.core.config_store import ConfigStore
 
-    # The typed schema underlies conf/config.yaml, so every key exists (with its
-    # default) whatever a preset spells out, and types are checked as Hydra composes.
-    store = ConfigStore.instance()
-    store.store(name="fedclip_schema", node=Config)
-    # Each algorithm's config class as algorithm/<name>_schema: its YAML states only what differs from it.
-    for name in registry.names():
-        store.store(group="algorithm", name=f"{name}_schema", node=registry.get(name).config_class(name=name))
+    _store_schemas(ConfigStore.instance())
     renamed = renamed_overrides(overrides)
     if renamed:
         raise ConfigError(renamed)
