@@ -36,6 +36,16 @@ def offline_wandb(tmp_path, monkeypatch):
         wandb.finish()
 
 
+def read_finished(run_dir):
+    """The run as read once wandb-core has written its exit record: it (another process) may close the file a
+    moment after ``finish()`` returns when the machine is busy (two test workers), as a sweep reads a run's files
+    after its process ended."""
+    deadline = time.monotonic() + 30
+    while (got := read_offline_run(run_dir))["exit_code"] is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return got
+
+
 def test_reader_returns_logged_values(offline_wandb):
     run = wandb.init(
         project="p", name="n", group="g", job_type="fedclip", dir=offline_wandb,
@@ -48,7 +58,7 @@ def test_reader_returns_logged_values(offline_wandb):
     run.finish()
 
     (run_dir,) = find_offline_runs(offline_wandb)
-    got = read_offline_run(run_dir)
+    got = read_finished(run_dir)
     assert (got["id"], got["name"], got["group"], got["job_type"], got["project"]) == (
         run_id, "n", "g", "fedclip", "p",
     )  # fmt: skip
@@ -80,7 +90,7 @@ def test_lightning_wandb_logger_offline(offline_wandb):
     logger.experiment.finish()
 
     (run_dir,) = find_offline_runs(offline_wandb)
-    got = read_offline_run(run_dir)
+    got = read_finished(run_dir)
     assert (got["name"], got["group"], got["job_type"]) == ("n", "g", "fedclip")
     assert got["config"] == {"a": 1, "nested": {"b": 2}}
     # WandbLogger does not pass step= to wandb: `_step` is wandb's own 0,1,2,...
@@ -102,10 +112,5 @@ def test_unfinished_run_has_no_exit_code(offline_wandb):
     got = read_offline_run(run_dir)
     assert got["exit_code"] is None and got["id"] in (None, run.id)
     run.finish(exit_code=3)
-    # wandb-core (another process) may close the file a moment after finish() returns when the machine is busy
-    # (two test workers): the reader is read again until the exit record is there, as a sweep reads a run's
-    # files after its process ended.
-    deadline = time.monotonic() + 30
-    while (got := read_offline_run(run_dir))["exit_code"] is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+    got = read_finished(run_dir)
     assert got["exit_code"] == 3 and got["history"][0]["x"] == 1
