@@ -12,8 +12,9 @@ from pathlib import Path
 
 from conftest import PACS_MINI
 
-# The real PACS_mini, a tiny random backbone, 3 rounds: seconds on the CPU.
-PACS_MINI_ARGS = ["experiment=pacs_mini_debug", f"data.root={PACS_MINI}", "progress=false"]
+# The real PACS_mini, a tiny random backbone, 3 rounds: seconds on the CPU. No end-of-run figures (half of such a
+# run's time): the golden cases (every algorithm), the demo and test_tables_plots draw them and check them.
+PACS_MINI_ARGS = ["experiment=pacs_mini_debug", f"data.root={PACS_MINI}", "progress=false", "plots=false"]
 
 
 def cli_env(tmp_path: Path) -> dict[str, str]:

@@ -16,7 +16,7 @@ ADAPTER_PARAMS = 2 * (64 * 64 + 64)
 
 
 def _run(tmp_path, name, *more, rounds=2):
-    cfg = load_config(["experiment=pacs_mini_debug", f"data.root={PACS_MINI}", "progress=false", "logger=none",
+    cfg = load_config(["experiment=pacs_mini_debug", f"data.root={PACS_MINI}", "progress=false", "plots=false", "logger=none",
                        f"output_dir={tmp_path / 'outputs'}", f"run_name={name}", f"federation.rounds={rounds}",
                        f"features.dir={tmp_path / 'features'}", *more])
     return run(cfg), tmp_path / "outputs" / name

@@ -32,7 +32,7 @@ def mini_copy(tmp_path):
 
 
 def _args(root, *more):
-    return ["experiment=pacs_mini_debug", f"data.root={root}", "progress=false", "logger=none",
+    return ["experiment=pacs_mini_debug", f"data.root={root}", "progress=false", "plots=false", "logger=none",
             "output_dir=" + str(root.parent / "outputs"), *more]
 
 

@@ -17,7 +17,7 @@ import torch
 from conftest import PACS_MINI
 from helpers import cli_env, read_summary, run_main
 
-BASE = ["experiment=pacs_mini_debug", "progress=false", "logger=none"]
+BASE = ["experiment=pacs_mini_debug", "progress=false", "plots=false", "logger=none"]
 
 
 @pytest.fixture()

@@ -20,7 +20,7 @@ from fedclip_lightning.model.features import FeatureCache, encode_images, model_
 
 
 def _run(tmp_path, name, root=PACS_MINI, *more):
-    cfg = load_config(["experiment=pacs_mini_debug", f"data.root={root}", "progress=false", "logger=none",
+    cfg = load_config(["experiment=pacs_mini_debug", f"data.root={root}", "progress=false", "plots=false", "logger=none",
                        f"output_dir={tmp_path / 'outputs'}", f"run_name={name}",
                        f"features.dir={tmp_path / 'features'}", *more])
     return run(cfg)

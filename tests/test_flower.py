@@ -28,7 +28,7 @@ DOMAINS = ["art_painting", "cartoon", "photo", "sketch"]
 
 
 def base(alg: str, *extra: str) -> list[str]:
-    return ["experiment=pacs_mini_debug", f"algorithm={alg}", "progress=false", "logger=none",
+    return ["experiment=pacs_mini_debug", f"algorithm={alg}", "progress=false", "plots=false", "logger=none",
             "federation.rounds=2", *extra]
 
 

@@ -135,7 +135,7 @@ def test_the_plugins_first_rounds_by_hand(plugin):
 
 
 def _config(tmp_path, name, *more):
-    return load_config(["experiment=pacs_mini_debug", f"data.root={PACS_MINI}", "progress=false", "logger=none",
+    return load_config(["experiment=pacs_mini_debug", f"data.root={PACS_MINI}", "progress=false", "plots=false", "logger=none",
                         f"output_dir={tmp_path / 'out'}", f"run_name={name}", f"features.dir={tmp_path / 'f'}",
                         "algorithm.lr=1e-3", "federation.server_optimizer.name=nesterov", "federation.server_optimizer.lr=0.5",
                         "federation.server_optimizer.beta1=0.8", *more])

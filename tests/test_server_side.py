@@ -163,7 +163,7 @@ def test_epsilon_is_opacus_rdp_accountant():
 # -- end to end on PACS_mini ---------------------------------------------------------------------------------
 
 def _run(tmp_path, name, *more, rounds=2):
-    cfg = load_config(["experiment=pacs_mini_debug", f"data.root={PACS_MINI}", "progress=false", "logger=none",
+    cfg = load_config(["experiment=pacs_mini_debug", f"data.root={PACS_MINI}", "progress=false", "plots=false", "logger=none",
                        f"output_dir={tmp_path / 'outputs'}", f"run_name={name}", f"federation.rounds={rounds}",
                        f"features.dir={tmp_path / 'features'}", "algorithm.lr=1e-3", *more])
     return run(cfg), tmp_path / "outputs" / name

@@ -290,9 +290,17 @@ def test_plot_run_on_a_real_run(tmp_path: Path, pacs_mini: Path):
                      f"output_dir={tmp_path / 'runs'}", "run_name=demo"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     run = tmp_path / "runs" / "demo"
+    check_png(run / "accuracy.png")  # drawn by the run
+    check_png(run / "confusion.png")
     path = plots.plot_run(run)
     assert path == run / "accuracy.png"
     check_png(path)
+    proc = run_main(["experiment=pacs_mini_debug", f"data.root={pacs_mini}", "logger=none", "progress=false",
+                     f"output_dir={tmp_path / 'runs'}", "run_name=none", "plots=false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    none = tmp_path / "runs" / "none"
+    assert not list(none.glob("*.png")) and (none / "per_class.csv").is_file() and (none / "metrics.csv").is_file()
+    assert (none / "metrics.csv").read_text() == (run / "metrics.csv").read_text()
 
 
 def test_end_of_run_table_gives_the_spread_of_many_clients():

@@ -14,7 +14,7 @@ from fedclip_lightning.configure import load_config
 from fedclip_lightning.errors import ConfigError, DivergedError
 from fedclip_lightning.federation.orchestrator import run
 
-PM = ["experiment=pacs_mini_debug", f"data.root={PACS_MINI}", "progress=false", "logger=none"]
+PM = ["experiment=pacs_mini_debug", f"data.root={PACS_MINI}", "progress=false", "plots=false", "logger=none"]
 
 
 def _run(tmp_path, *more, name="r"):

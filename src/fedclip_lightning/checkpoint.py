@@ -41,7 +41,7 @@ COMPLETE = "COMPLETE"
 
 # Config keys that may differ between a run and its resumption: they change
 # neither the arithmetic nor the result.
-RESUMABLE_DIFFERENCES = ("progress", "run_name", "output_dir", "resume", "fabric", "logger", "features", "note", "label",
+RESUMABLE_DIFFERENCES = ("progress", "plots", "run_name", "output_dir", "resume", "fabric", "logger", "features", "note", "label",
                          "federation.rounds", "federation.checkpoint_interval", "federation.keep_checkpoints",
                          "federation.checkpoint_min_seconds",
                          "data.num_workers", "data.eval_batch_size", "backbone.download", "backbone.cache_dir")

@@ -299,6 +299,9 @@ class Config:
     output_dir: str = "outputs"
     run_name: str | None = None
     progress: bool = True
+    # Draw accuracy.png and confusion.png at the end (false: not drawn, e.g. the runs of a large sweep, whose own
+    # plots compare them; every CSV and the summary are written either way).
+    plots: bool = True
     # never: start afresh (a previous run in the same run directory is replaced); auto: continue from
     # the newest checkpoint in the run directory if there is one; or a checkpoint folder to continue from.
     resume: str = "never"

@@ -200,7 +200,7 @@ def _check_each(runs) -> None:
 
 # Settings that change nothing a sweep compares (where and how a run prints or stores, not its numbers). A run that
 # finished with other values of anything else is run again: its rounds, features, processes, logger, label.
-NOT_COMPARED = ("progress", "run_name", "resume", "note", "features.dir", "features.num_workers", "data.num_workers",
+NOT_COMPARED = ("progress", "plots", "run_name", "resume", "note", "features.dir", "features.num_workers", "data.num_workers",
                 "fabric.timeout_minutes", "backbone.download", "backbone.cache_dir", "federation.checkpoint_interval",
                 "federation.keep_checkpoints", "federation.checkpoint_min_seconds")
 

@@ -160,12 +160,13 @@ class RunOutputs:
         """The per-round accuracy plot; in W&B the final accuracies as a table and the models."""
         from ..plots import plot_confusion, plot_run
 
-        try:
-            plot_run(self.run_dir)
-        except Exception as exc:  # noqa: BLE001 - a plot must never cost the run its results
-            log.warning("could not draw %s: %s", self.run_dir / "accuracy.png", exc)
+        if self.cfg.plots:
+            try:
+                plot_run(self.run_dir)
+            except Exception as exc:  # noqa: BLE001 - a plot must never cost the run its results
+                log.warning("could not draw %s: %s", self.run_dir / "accuracy.png", exc)
         confusion = None
-        if (self.run_dir / PER_CLASS_FILE).is_file():
+        if self.cfg.plots and (self.run_dir / PER_CLASS_FILE).is_file():
             try:
                 confusion = plot_confusion(self.run_dir)
             except Exception as exc:  # noqa: BLE001
