@@ -158,7 +158,7 @@ def test_per_class_outputs_agree_with_the_metrics(tmp_path):
 
     from fedclip_lightning.wandb_files import find_offline_runs, read_offline_run
 
-    proc = run_main([*PACS_MINI_ARGS, "logger=wandb", "run_name=r"], tmp_path)
+    proc = run_main([*PACS_MINI_ARGS, "logger=wandb", "plots=true", "run_name=r"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "outputs" / "r"
     s = read_summary(run)

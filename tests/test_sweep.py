@@ -22,7 +22,7 @@ def _sweep(args, tmp_path):
 def test_sweep_writes_tables_plots_and_a_wandb_group(tmp_path, monkeypatch):
     runs_in_process(monkeypatch)
     cmd = ["--algorithms", "fedclip,fedavg", "--heldout", "sketch,photo", "--name", "s", *PACS_MINI_ARGS,
-           "logger=wandb", "federation.rounds=1"]
+           "logger=wandb", "plots=true", "federation.rounds=1"]
     proc = _sweep(cmd, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = tmp_path / "outputs" / "s"
