@@ -90,12 +90,17 @@ CASES: dict[str, list[str]] = {
     "linear_probe": ["algorithm=linear_probe"],
     "fedclip_hidden8": ["algorithm=fedclip", "algorithm.adapter_hidden=8"],
     "promptfl_ft": ["algorithm=promptfl_ft", "algorithm.n_ctx=4", "algorithm.personal_epochs=2"],
+    "promptfl_csc": ["algorithm=promptfl", "algorithm.n_ctx=4", "algorithm.csc=true"],
+    # the evaluation protocols (few-shot clients, base-to-novel) with the prompt methods they are known for
+    "fedtpg_protocols": ["algorithm=fedtpg", "algorithm.hidden=16", "data.shots=2", "data.classes.split=base_novel"],
+    "cocoop_protocols": ["algorithm=cocoop", "data.shots=2", "data.classes.split=base_novel"],
 }
 
 # Cases also run on two processes (in one launch of two ranks): one of each code path across ranks.
 TWO_PROCESS = ("fedclip_keep", "fedclip_half", "fedavg", "fedprox_adapter", "local_keep", "fedclip_ft", "zeroshot",
                "server_adam_unreliable", "krum_sign_flip", "dp_server_momentum", "promptfl", "clip_adapter",
-               "linear_probe", "promptfl_ft", "fedclip_hidden8", "fedclip_samples")
+               "linear_probe", "promptfl_ft", "fedclip_hidden8", "fedclip_samples", "promptfl_csc", "fedtpg_protocols",
+               "cocoop_protocols")
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -124,6 +129,13 @@ def _recorded_keys(block: dict | None) -> dict | None:
     return None if block is None else {k: v for k, v in block.items() if "balanced" not in k}
 
 
+def _nan_as_text(x):
+    """NaN (a split with no image of those classes) as "nan", so that records compare equal with ``==``."""
+    if isinstance(x, dict):
+        return {k: _nan_as_text(v) for k, v in x.items()}
+    return "nan" if isinstance(x, float) and x != x else x
+
+
 def record_of(run_dir: Path) -> dict:
     """What a run directory says, reduced to the numbers that must never drift."""
     s = json.loads((run_dir / "summary.json").read_text())
@@ -138,6 +150,8 @@ def record_of(run_dir: Path) -> dict:
         "selected": _recorded_keys(s["selected"]), "final": _recorded_keys(s["final"]),
         "selected_round": s["selected_round"],
         "bytes": [s["bytes_up_total"], s["bytes_down_total"], s["bytes_per_client_per_round"]],
+        # base-to-novel's scores where the case has them (a case without them records no such key)
+        **({"base_novel": _nan_as_text(s["base_novel"])} if s.get("base_novel") else {}),
         "params": [s["trainable_params"], s["communicated_params"]],
         "states": states,
         "values": values,
@@ -269,8 +283,8 @@ def compare_within(got: dict, want: dict, name: str, tol: dict | None = None) ->
     difference; returns the largest deviations seen (for reports)."""
     tol = TOLERANCE if tol is None else tol
     problems: list[str] = []
-    for key in ("status", "selected", "final", "selected_round", "bytes", "params"):
-        if got[key] != want[key]:
+    for key in ("status", "selected", "final", "selected_round", "bytes", "params", "base_novel"):
+        if key in want and got.get(key) != want[key]:
             problems.append(f"{key}: now {got[key]} / was {want[key]}")
     if len(got["metrics"]) != len(want["metrics"]) or got["metrics"][0] != want["metrics"][0]:
         problems.append(f"metrics.csv: {len(got['metrics'])} rows now, {len(want['metrics'])} before")

@@ -264,39 +264,6 @@ def test_base_to_novel_refuses_what_it_cannot_score(tmp_path, override, message)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("method", [["algorithm=fedtpg", "algorithm.hidden=16"], ["algorithm=cocoop"]],
-                         ids=["fedtpg", "cocoop"])
-def test_protocols_in_two_processes_equal_one(tmp_path, method):
-    """FedTPG and CoCoOp with few-shot clients and base-to-novel on two ranks: the numbers of one
-    process (the base-to-novel scoring gathered across ranks like the rounds' evaluation). CoOp's
-    class-specific context travels and averages as promptfl's context does, whose two-process golden case
-    holds it (tests/golden.py: TWO_PROCESS)."""
-    extra = [*method, "data.classes.split=base_novel", "data.shots=2"]
-    import torch
-
-    from helpers import run_cli
-
-    common = [*PACS_MINI_ARGS, "logger=none", "federation.rounds=2", *extra]
-    one = run_main([*common, "run_name=one"], tmp_path)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = run_cli([*common, "run_name=two", "fabric.devices=2"], tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = read_summary(tmp_path / "outputs" / "one"), read_summary(tmp_path / "outputs" / "two")
-    assert (a["world_size"], b["world_size"]) == (1, 2)
-    assert a["num_samples"] == b["num_samples"] and a["classes"] == b["classes"]
-    for block in ("selected", "final"):
-        for key in ("client_test_acc", "unseen_acc", "client_test_balanced_acc"):
-            assert b[block][key] == pytest.approx(a[block][key], abs=1e-6)
-    assert _close(a["base_novel"], b["base_novel"]), (a["base_novel"], b["base_novel"])
-    s1 = torch.load(tmp_path / "outputs" / "one" / "adapter_final.pt", weights_only=True)["state"]
-    s2 = torch.load(tmp_path / "outputs" / "two" / "adapter_final.pt", weights_only=True)["state"]
-    for k in s1:
-        torch.testing.assert_close(s1[k], s2[k], atol=1e-6, rtol=0)
-
-
-def _close(x, y) -> bool:
-    if isinstance(x, dict):
-        return isinstance(y, dict) and x.keys() == y.keys() and all(_close(x[k], y[k]) for k in x)
-    if isinstance(x, float):
-        return x == pytest.approx(y, abs=1e-6, nan_ok=True)
-    return x == y
+# One process against two for the protocols: the golden cases fedtpg_protocols and cocoop_protocols (few-shot
+# clients, base-to-novel, its scores in the record) run on two ranks bit for bit as on one (tests/golden.py:
+# TWO_PROCESS), in the one launch of two processes that runs every two-process case.
