@@ -63,6 +63,17 @@ def test_sweep_writes_tables_plots_and_a_wandb_group(tmp_path, monkeypatch):
     # a rerun skips what finished
     again = _sweep(cmd, tmp_path)
     assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 4
+    # the table job reads the logger from sweep.json (no composition, no torch); an older sweep.json without it
+    # has the config composed again
+    import json
+
+    from fedclip_lightning.sweep_results import PLAN, report
+
+    plan = json.loads((sweep / PLAN).read_text())
+    assert plan["logger"]["name"] == "wandb" and plan["logger"]["wandb"]["project"] == "fedclip-lightning"
+    del plan["logger"]
+    (sweep / PLAN).write_text(json.dumps(plan))
+    assert "W&B: run s-tables in group s (offline)" in report(sweep)
 
 
 def test_sweep_rejects_unknown_algorithm_and_domain(tmp_path):

@@ -32,7 +32,11 @@ def has_wandb_api_key() -> bool:
 
 def wandb_mode(cfg: Config) -> str:
     """online, offline or disabled: what the run will actually do."""
-    mode = cfg.logger.wandb.mode
+    return wandb_mode_of(cfg.logger.wandb.mode)
+
+
+def wandb_mode_of(mode: str) -> str:
+    """``logger.wandb.mode`` as it will be: online, offline or disabled."""
     env = os.environ.get("WANDB_MODE")
     if mode == "auto":
         if env in ("offline", "dryrun", "disabled"):

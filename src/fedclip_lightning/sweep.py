@@ -323,9 +323,12 @@ def submit_slurm(args: argparse.Namespace, sweep_dir: Path, runs) -> None:
 
 
 def save_plan(sweep_dir: Path, overrides: list[str], runs) -> None:
-    """sweep.json: what the sweep runs, its settings and its W&B run id (the table job reads it)."""
+    """sweep.json: what the sweep runs, its settings, its W&B run id and logger (the table job reads it, and so
+    needs neither torch nor the config's composition: seconds, not the ten of a run's imports)."""
+    import dataclasses
     import secrets
 
+    from .configure import load_config
     from .files import atomic_write_text
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -333,9 +336,11 @@ def save_plan(sweep_dir: Path, overrides: list[str], runs) -> None:
         old = json.loads((sweep_dir / PLAN).read_text())
     except (OSError, ValueError):
         old = {}
+    # The logger as the runs have it (a run's overrides: the sweep's alone may not validate, an axis completing them).
+    logger = dataclasses.asdict(load_config(runs[0][2] if runs else overrides).logger)
     atomic_write_text(sweep_dir / PLAN, json.dumps({
         "name": sweep_dir.name, "overrides": overrides, "runs": [f"{a}-{h}" for a, h, _ in runs],
-        "wandb_id": old.get("wandb_id") or secrets.token_hex(4)}, indent=1))
+        "wandb_id": old.get("wandb_id") or secrets.token_hex(4), "logger": logger}, indent=1))
 
 
 @quiet_on_closed_pipe

@@ -36,23 +36,30 @@ def report(sweep_dir: Path) -> str:
 
 def log_to_wandb(sweep_dir: Path, paths: list[Path]) -> str:
     """The tables and plots as an artifact (type ``sweep-results``) of a W&B run in the sweep's group."""
-    from .configure import load_config
-    from .loggers import wandb_mode
+    from .config import WandbConfig
+    from .loggers import wandb_mode_of
 
     try:
         plan = json.loads((sweep_dir / PLAN).read_text())
-        cfg = load_config(plan["overrides"])
-    except (OSError, ValueError, KeyError, UserError):
+        if "logger" in plan:  # the sweep's logger settings, as the sweep composed them
+            logger, w = plan["logger"]["name"], WandbConfig(**plan["logger"]["wandb"])
+        else:  # a sweep.json from before they were kept there: compose them (imports the package, torch)
+            from .configure import load_config
+
+            cfg = load_config(plan["overrides"])
+            logger, w = cfg.logger.name, cfg.logger.wandb
+    except (OSError, ValueError, KeyError, TypeError, UserError):
         return ""  # a sweep directory from before sweep.json: its runs say where W&B is
-    if cfg.logger.name != "wandb" or wandb_mode(cfg) == "disabled":
+    mode = wandb_mode_of(w.mode)
+    if logger != "wandb" or mode == "disabled":
         return ""
     import wandb
 
-    w, name = cfg.logger.wandb, sweep_dir.name
+    name = sweep_dir.name
     if wandb.run is not None:
         wandb.finish()
     run = wandb.init(project=w.project, entity=w.entity, group=name, job_type="sweep", name=f"{name}-tables",
-                     id=plan["wandb_id"], resume="allow", dir=str(sweep_dir), mode=wandb_mode(cfg),
+                     id=plan["wandb_id"], resume="allow", dir=str(sweep_dir), mode=mode,
                      config={"runs": plan["runs"], "overrides": plan["overrides"]})
     try:
         art = wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]+", "-", f"sweep-{name}"), type="sweep-results",
@@ -72,4 +79,4 @@ def log_to_wandb(sweep_dir: Path, paths: list[Path]) -> str:
         run.log_artifact(art)
     finally:
         run.finish()
-    return f"\nW&B: run {name}-tables in group {name} ({wandb_mode(cfg)}), artifact {art.name}"
+    return f"\nW&B: run {name}-tables in group {name} ({mode}), artifact {art.name}"
