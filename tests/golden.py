@@ -52,7 +52,9 @@ GOLDEN_FILE = Path(__file__).resolve().parent / "golden" / "pacs_mini.json"
 # A learning rate high enough that three rounds move every tensor well past float noise.
 # The clients one at a time (federation.client_batching=off): the numbers these cases have always recorded; side by
 # side equals them to float rounding (tests/test_batched.py).
-COMMON = ["experiment=pacs_mini_debug", f"data.root={PACS_MINI}", "progress=false", "logger=none",
+# No end-of-run figures (they change no number; test_tables_plots and the PEFT tests draw them for each layout of
+# metrics.csv).
+COMMON = ["experiment=pacs_mini_debug", f"data.root={PACS_MINI}", "progress=false", "plots=false", "logger=none",
           "federation.rounds=3", "algorithm.lr=1e-3", "federation.client_batching=off"]
 
 CASES: dict[str, list[str]] = {

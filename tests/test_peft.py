@@ -274,8 +274,10 @@ def test_resume_from_round_2_is_bitwise_the_straight_run(straight, tmp_path, nam
 
 def test_promptfl_ft_reports_personal_and_global_context_accuracies(tmp_path):
     proc = run_main([*PACS_MINI_ARGS, "logger=none", "algorithm=promptfl_ft", "algorithm.n_ctx=4",
-                    "algorithm.personal_epochs=2", "run_name=p"], tmp_path)
+                    "algorithm.personal_epochs=2", "run_name=p", "plots=true"], tmp_path)
     assert proc.returncode == 0, proc.stderr
+    for png in ("accuracy.png", "confusion.png"):  # drawn for a personalising run's splits (val_global, ...)
+        assert (tmp_path / "outputs" / "p" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     s = read_summary(tmp_path / "outputs" / "p")
     assert s["algorithm"] == "promptfl_ft" and s["trainable_params"] == 4 * 32  # n_ctx x the text width
     assert set(s["final"]["client_test_acc_global"]) == set(s["clients"])
