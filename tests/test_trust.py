@@ -109,6 +109,9 @@ def test_promptfl_refuses_a_context_that_pushes_the_class_name_out(tmp_path):
         _run(tmp_path, "algorithm=promptfl", "algorithm.n_ctx=74", "federation.rounds=1")
     with pytest.raises(ConfigError, match=r"algorithm.ctx_init='(x ){73}x' \(74 tokens\): .* Fix: use at most"):
         _run(tmp_path, "algorithm=promptfl", f"algorithm.ctx_init='{' '.join(['x'] * 74)}'", "federation.rounds=1")
+    # a phrase longer than the context itself: counted whole, not as the part that fits
+    with pytest.raises(ConfigError, match=r"algorithm.ctx_init='(x ){79}x' \(80 tokens\): .* needs 8\d tokens"):
+        _run(tmp_path, "algorithm=promptfl", f"algorithm.ctx_init='{' '.join(['x'] * 80)}'", "federation.rounds=1")
 
 
 def test_resume_refuses_to_change_rounds_that_a_schedule_was_planned_for(tmp_path):

@@ -78,6 +78,17 @@ def _check_fits(tokenizer, texts: list[str], class_names: list[str], length: int
                       f"off and their prompts could not tell the classes apart. Fix: {fix}.")
 
 
+def _phrase_tokens(tokenizer, phrase: str):
+    """A phrase's tokens, SOS and EOS included, all of them: open_clip's tokenizer cuts at the text tower's context,
+    which would count a phrase too long for it as shorter than it is (``_check_fits`` then refuses it by its
+    true length). Other tokenizers: as they tokenize."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    if isinstance(tokenizer, SimpleTokenizer):  # a token is at least one character
+        return tokenizer([phrase], context_length=max(tokenizer.context_length, len(phrase) + 2))[0]
+    return tokenizer([phrase])[0]
+
+
 class PromptLearner(nn.Module):
     """CoOp's context on a frozen open_clip text tower (not a submodule: only ``ctx`` is state): unified
     (``ctx [n_ctx, width]``, shared by all classes), or class-specific (``csc``: ``ctx [C, n_ctx, width]``).
@@ -92,7 +103,7 @@ class PromptLearner(nn.Module):
         object.__setattr__(self, "clip", clip)
         emb = clip.token_embedding
         if init:
-            init_tokens = tokenizer([init])[0]
+            init_tokens = _phrase_tokens(tokenizer, init)
             n_ctx = int((init_tokens > 0).sum()) - 2  # without SOS and EOS
         placeholder = " ".join(["X"] * n_ctx)
         texts = [f"{placeholder} {name}." for name in class_names]
