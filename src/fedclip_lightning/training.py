@@ -44,14 +44,23 @@ class SplitResult:
 
     def as_row(self) -> torch.Tensor:
         """``[accuracy, loss, n, confusion...]`` (float64; the confusion row-major, absent where it is None)."""
-        head = torch.tensor([self.accuracy, self.loss, float(self.n)], dtype=torch.float64)
-        return head if self.confusion is None else torch.cat([head, self.confusion.flatten().double()])
+        return torch.tensor(self.as_values(), dtype=torch.float64)
+
+    def as_values(self) -> list[float]:
+        """``as_row`` as a list of Python floats (every value exact in float64)."""
+        head = [float(self.accuracy), float(self.loss), float(self.n)]
+        return head if self.confusion is None else head + [float(x) for x in self.confusion.flatten().tolist()]
 
     @classmethod
-    def from_row(cls, row: torch.Tensor) -> "SplitResult":
-        c = math.isqrt(len(row) - 3)
-        confusion = row[3:].reshape(c, c).round().long() if c and bool(row[3:].any()) else None
-        return cls(accuracy=float(row[0]), loss=float(row[1]), n=int(row[2]), confusion=confusion)
+    def from_row(cls, row: torch.Tensor | list[float]) -> "SplitResult":
+        """The inverse of ``as_row``, from the tensor or its ``tolist()`` (a table of many rows is read as lists:
+        one conversion, not a dozen small tensor operations a row)."""
+        values = row.tolist() if isinstance(row, torch.Tensor) else row
+        c = math.isqrt(len(values) - 3)
+        counts = values[3:]
+        confusion = (torch.tensor([round(x) for x in counts], dtype=torch.long).reshape(c, c)
+                     if c and any(counts) else None)
+        return cls(accuracy=float(values[0]), loss=float(values[1]), n=int(values[2]), confusion=confusion)
 
 
 def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -64,11 +73,10 @@ def balanced_accuracy(confusion: torch.Tensor | None) -> float:
     """The mean, over the classes with images, of each class's accuracy (correct / its images)."""
     if confusion is None:
         return float("nan")
-    support = confusion.sum(dim=1)
-    present = support > 0
-    if not bool(present.any()):
-        return float("nan")
-    return float((confusion.diagonal()[present].double() / support[present].double()).mean())
+    # Each class's share correct, correctly rounded (integer counts); their exact mean (math.fsum), so the value
+    # does not depend on a reduction's order.
+    shares = [row[i] / total for i, row in enumerate(confusion.tolist()) if (total := sum(row)) > 0]
+    return math.fsum(shares) / len(shares) if shares else float("nan")
 
 
 def batches(loader: DataLoader):
