@@ -83,7 +83,7 @@ def assemble(server_round: int, parts, table: torch.Tensor) -> tuple[RoundMetric
     """The round's ``(metrics, metrics.csv rows, values to log)`` from its table (``table_rows``, every
     participant's rows in place). A participant without rows (it did not answer) is left out."""
     n = len(parts)
-    values = table.tolist()  # once: rows as lists, not a tensor operation per value (10,000 clients: 3 s -> 0.5 s)
+    values = table.tolist()  # once: rows as lists, not tensor operations a row (10,000 clients, profiled: 3.7 -> 1.3 s)
 
     def row(s: str, i: int) -> SplitResult | None:
         v = values[SLOTS.index(s) * n + i]
