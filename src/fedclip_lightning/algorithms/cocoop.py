@@ -53,11 +53,12 @@ class CoCoOp(PromptFL):
 
     def warnings(self) -> list[str]:
         out = super().warnings()
-        n = self.cfg.data.batch_size * len(self.ctx.prompts)
+        batch, classes = self.cfg.data.batch_size, len(self.ctx.prompts)
+        n = batch * classes
         if n > self.PROMPTS_WARN:
-            out.append(f"CoCoOp runs data.batch_size x classes = {self.cfg.data.batch_size} x {len(self.ctx.prompts)} = "
-                       f"{n:,} prompts through the text tower in each training step, their activations kept for the "
-                       "backward pass (CoCoOp's own batch is one image): if memory runs out, lower data.batch_size")
+            out.append(f"CoCoOp runs data.batch_size x classes = {batch} x {classes} = {n:,} prompts through the "
+                       "text tower in each training step, their activations kept for the backward pass (CoCoOp's "
+                       "own batch is one image): if memory runs out, lower data.batch_size")
         return out
 
     def make_head(self):
