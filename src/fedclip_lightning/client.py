@@ -40,6 +40,12 @@ if TYPE_CHECKING:
     from .fit_plan import FitPlan
 
 
+def scores(feats: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``feats [B, d]`` against the class features: ``feats @ T^T`` for ``T [C, d]``, or each image against its own
+    (``[B, C, d]``, a conditioned head's) -> ``[B, C]``."""
+    return torch.einsum("bd,bcd->bc", feats, text) if text.dim() == 3 else feats @ text.T
+
+
 class CLIPClient(L.LightningModule):
     """What every client shares: the CLIP losses, the evaluation step, Adam, and the tensors that travel.
 
@@ -60,10 +66,7 @@ class CLIPClient(L.LightningModule):
         """Class logits ``exp(logit_scale) * I* @ T^T`` (each image against its own class features where the
         head conditions them on the image: CoCoOp)."""
         feats = self.features(x)
-        text = self.class_features_for(feats)
-        if text.dim() == 3:
-            return torch.einsum("bd,bcd->bc", self.scale * feats, text)
-        return self.scale * feats @ text.T
+        return scores(self.scale * feats, self.class_features_for(feats))
 
     def class_features_for(self, feats: torch.Tensor) -> torch.Tensor:
         """The class features the images ``feats [B, d]`` are scored against: ``[C, d]``, the same for every
@@ -81,14 +84,13 @@ class CLIPClient(L.LightningModule):
         feats = self.features(x)
         text = self.class_features_for(feats)
         if text.dim() == 3:  # each image's own class features (CoCoOp): cross-entropy over the classes
-            sims = torch.einsum("bd,bcd->bc", feats, text)
-            loss = F.cross_entropy(self.scale * sims, y)
+            loss = F.cross_entropy(self.scale * scores(feats, text), y)
         else:
             loss = clip_loss(self.config.loss, self.scale, feats, text, y)
         if plan is not None and plan.anchor is not None:
             loss = loss + proximal_term(plan.mu, self.trainable(), plan.anchor)
         with torch.no_grad():
-            correct = ((sims if text.dim() == 3 else feats @ text.T).argmax(dim=-1) == y).sum()
+            correct = (scores(feats, text).argmax(dim=-1) == y).sum()
         return {"loss": loss, "correct": correct}
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:

@@ -121,7 +121,7 @@ class PromptLearner(nn.Module):
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("prefix", embedded[:, :1], persistent=False)  # SOS
         self.register_buffer("suffix", embedded[:, 1 + n_ctx:], persistent=False)  # class tokens, '.', EOS, pad
-        self._cache: tuple[int, torch.Tensor] | None = None
+        self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     def prompts(self) -> torch.Tensor:
         """The prompt embeddings ``[C, L, width]``: SOS, the context, the class name and what follows."""
@@ -132,10 +132,11 @@ class PromptLearner(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x.float(), dim=-1)
 
-    def class_features(self, text: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 - made from the context
-        if not torch.is_grad_enabled():  # evaluation: once per state of the context, not once per batch
-            if self._cache is None or self._cache[0] != self.ctx._version:
-                self._cache = (self.ctx._version, self._encode())
+    def class_features(self, text: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 - made from the parameters
+        if not torch.is_grad_enabled():  # evaluation: once per state of the parameters, not once per batch
+            version = tuple(p._version for p in self.parameters())
+            if self._cache is None or self._cache[0] != version:
+                self._cache = (version, self._encode())
             return self._cache[1]
         return self._encode()
 
@@ -182,14 +183,6 @@ class PromptGenerator(PromptLearner):
         k, v = self.key(self.names), self.value(self.names)
         attn = torch.softmax(self.query @ k.T / k.shape[-1] ** 0.5, dim=-1)
         return self.mlp(attn @ v)
-
-    def class_features(self, text: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 - made from the class names
-        if not torch.is_grad_enabled():  # evaluation: once per state of the generator, not once per batch
-            version = tuple(p._version for p in self.parameters())
-            if self._cache is None or self._cache[0] != version:
-                self._cache = (version, self._encode())
-            return self._cache[1]
-        return self._encode()
 
 
 class ConditionalPromptLearner(PromptLearner):
